@@ -1,0 +1,351 @@
+//! Connections: one client's state, from negotiate to the end.
+//!
+//! A [`Connection`] holds the client's bounded outbound queue ([`Outbox`]), its inbound
+//! byte channel, the transport it is bound to, and whether a transport request is active.
+//! [`Connections`] is the instance's registry (by token), starts each connection's
+//! protocol session ([`session`]) when its transport starts, and drops connections that
+//! have had no active transport request for `DISCONNECT_TIMEOUT` (ASP.NET's 1 s scan with
+//! its 15 s default, `HttpConnectionManager.Scan`), which also covers negotiated
+//! connections that never start and long-polling clients that stopped polling.
+
+pub mod session;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch, OwnedMutexGuard};
+
+use crate::hub::{Caller, HubHost};
+use crate::metrics::Metrics;
+use crate::outbox::{closed, Closing, Outbox};
+use crate::protocol::negotiate::TransportKind;
+use crate::protocol::token::{ConnectionId, ConnectionToken};
+
+pub use session::SessionConfig;
+
+/// Byte chunks (POST bodies, WebSocket frames) waiting for the session.
+const INBOUND_CHUNKS: usize = 64;
+
+/// A transport request that the connection's state does not allow. The texts are
+/// ASP.NET's, and the HTTP layer maps each to the status the SignalR client expects.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectionError {
+    /// The connection started on another transport (400).
+    #[error("Cannot change transports mid-connection")]
+    WrongTransport,
+    /// A WebSocket or SSE stream is already open for it (409).
+    #[error("Another request is already active for this connection")]
+    AlreadyActive,
+    /// It is closed or closing (404).
+    #[error("No Connection with that ID")]
+    Gone,
+    /// POST on a WebSocket connection (405).
+    #[error("POST requests are not allowed for WebSocket connections.")]
+    PostToWebSocket,
+    /// DELETE on a connection that is not long polling (400).
+    #[error("Cannot terminate this connection using the DELETE endpoint.")]
+    DeleteNotLongPolling,
+}
+
+#[derive(Debug)]
+struct State {
+    transport: Option<TransportKind>,
+    active: usize,
+    idle_since: Instant,
+}
+
+/// One client's connection.
+#[derive(Debug)]
+pub struct Connection {
+    /// The public id.
+    pub id: ConnectionId,
+    /// The token the client presents as `?id=`.
+    pub token: ConnectionToken,
+    outbox: Outbox,
+    outbound: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
+    inbound_tx: mpsc::Sender<Bytes>,
+    inbound_rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
+    state: Mutex<State>,
+    polls: watch::Sender<u64>,
+}
+
+/// A transport request holding a connection; dropping it marks the connection idle.
+#[derive(Debug)]
+pub struct Activation {
+    connection: Arc<Connection>,
+    /// True for the request that bound the connection to its transport.
+    pub first: bool,
+}
+
+impl Drop for Activation {
+    fn drop(&mut self) {
+        let mut state = self.connection.lock_state();
+        state.active = state.active.saturating_sub(1);
+        state.idle_since = Instant::now();
+    }
+}
+
+impl Connection {
+    fn new(id: ConnectionId, token: ConnectionToken, queue_length: usize) -> Self {
+        let (outbox, outbound) = Outbox::new(queue_length);
+        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CHUNKS);
+        Self {
+            id,
+            token,
+            outbox,
+            outbound: Arc::new(tokio::sync::Mutex::new(outbound)),
+            inbound_tx,
+            inbound_rx: Mutex::new(Some(inbound_rx)),
+            state: Mutex::new(State {
+                transport: None,
+                active: 0,
+                idle_since: Instant::now(),
+            }),
+            polls: watch::channel(0).0,
+        }
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        // State updates are single assignments; a poisoned lock still holds a usable value.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The outbound queue and close signal.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// The transport the connection is bound to, once one started.
+    pub fn transport(&self) -> Option<TransportKind> {
+        self.lock_state().transport
+    }
+
+    /// Claims the connection for one request of transport `kind`.
+    ///
+    /// The first request binds the transport. A connection never changes transport
+    /// (400), a WebSocket or SSE connection has exactly one stream (409), and long polling
+    /// may come back as often as it likes.
+    pub fn activate(self: &Arc<Self>, kind: TransportKind) -> Result<Activation, ConnectionError> {
+        if self.outbox.is_closing() {
+            return Err(ConnectionError::Gone);
+        }
+        let mut state = self.lock_state();
+        let first = match state.transport {
+            None => {
+                state.transport = Some(kind);
+                true
+            }
+            Some(bound) if bound != kind => return Err(ConnectionError::WrongTransport),
+            Some(TransportKind::LongPolling) => false,
+            Some(_) => return Err(ConnectionError::AlreadyActive),
+        };
+        state.active += 1;
+        drop(state);
+        Ok(Activation {
+            connection: self.clone(),
+            first,
+        })
+    }
+
+    /// Hands bytes from the client to the session, waiting while its inbound queue is full.
+    pub async fn receive(&self, bytes: Bytes) -> Result<(), ConnectionError> {
+        let mut closing = self.outbox.closing();
+        tokio::select! {
+            sent = self.inbound_tx.send(bytes) => sent.map_err(|_| ConnectionError::Gone),
+            _ = closed(&mut closing) => Err(ConnectionError::Gone),
+        }
+    }
+
+    /// The outbound queue's receiving end, for the one transport request that drains it.
+    pub async fn outbound(&self) -> OwnedMutexGuard<mpsc::Receiver<Bytes>> {
+        self.outbound.clone().lock_owned().await
+    }
+
+    /// Starts a new long poll: returns its number and a receiver that changes when a newer
+    /// poll starts, which ends this one (ASP.NET `HttpConnectionContext.CancelPreviousPoll`).
+    pub fn begin_poll(&self) -> (u64, watch::Receiver<u64>) {
+        let mut number = 0;
+        self.polls.send_modify(|current| {
+            *current += 1;
+            number = *current;
+        });
+        (number, self.polls.subscribe())
+    }
+
+    fn idle_for(&self) -> Option<Duration> {
+        let state = self.lock_state();
+        (state.active == 0).then(|| state.idle_since.elapsed())
+    }
+}
+
+/// This instance's connections, and what their sessions need.
+pub struct Connections {
+    by_token: RwLock<HashMap<String, Arc<Connection>>>,
+    host: Arc<HubHost>,
+    metrics: Arc<Metrics>,
+    config: SessionConfig,
+}
+
+impl Connections {
+    /// An empty registry whose sessions run `host`'s hub.
+    pub fn new(host: Arc<HubHost>, metrics: Arc<Metrics>, config: SessionConfig) -> Self {
+        Self {
+            by_token: RwLock::new(HashMap::new()),
+            host,
+            metrics,
+            config,
+        }
+    }
+
+    /// Registers a new connection.
+    pub fn create(&self, id: ConnectionId, token: ConnectionToken) -> Arc<Connection> {
+        let connection = Arc::new(Connection::new(id, token, self.config.outbound_queue_length));
+        self.by_token
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(connection.token.as_str().to_owned(), connection.clone());
+        connection
+    }
+
+    /// The connection with this token, if it is here.
+    pub fn get(&self, token: &str) -> Option<Arc<Connection>> {
+        self.by_token
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token)
+            .cloned()
+    }
+
+    /// Closes a connection and forgets it at once.
+    pub fn dispose(&self, connection: &Connection) {
+        connection.outbox.close(Closing::silent());
+        self.by_token
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(connection.token.as_str());
+    }
+
+    /// Connections registered (negotiated or running).
+    pub fn len(&self) -> usize {
+        self.by_token.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no connection is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Asks every connection to close, e.g. with a Close message at shutdown.
+    pub fn close_all(&self, closing: Closing) {
+        let all: Vec<Arc<Connection>> = self
+            .by_token
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for connection in all {
+            connection.outbox.close(closing.clone());
+        }
+    }
+
+    /// Starts the protocol session of a connection whose transport just started.
+    pub fn start(self: &Arc<Self>, connection: &Arc<Connection>, transport: TransportKind, user: Option<String>) {
+        let inbound = connection
+            .inbound_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(inbound) = inbound else {
+            return; // Already started: `activate` makes this unreachable, but stay safe.
+        };
+        let caller = Caller {
+            connection_id: connection.id.clone(),
+            user,
+            transport,
+        };
+        tokio::spawn(session::run(self.clone(), connection.clone(), caller, inbound));
+    }
+
+    /// Drops connections idle for longer than the disconnect timeout; returns how many.
+    pub fn sweep(&self) -> usize {
+        let stale: Vec<Arc<Connection>> = self
+            .by_token
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|c| c.idle_for().is_some_and(|idle| idle > self.config.disconnect_timeout))
+            .cloned()
+            .collect();
+        for connection in &stale {
+            log::debug!("connection {} dropped after {:?} without a transport request", connection.id, self.config.disconnect_timeout);
+            self.dispose(connection);
+        }
+        stale.len()
+    }
+
+    /// Sweeps once a second, forever.
+    pub async fn run_sweeper(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            self.sweep();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::InProcess;
+    use crate::clients::LocalClients;
+    use crate::config::Settings;
+    use crate::hub::Hub;
+    use crate::protocol::token::InstanceId;
+
+    fn connections(disconnect_timeout: Duration) -> Arc<Connections> {
+        let metrics = Arc::new(Metrics::default());
+        let local = Arc::new(LocalClients::new(metrics.clone()));
+        let host = HubHost::new(Hub::builder("t").build(), local, Arc::new(InProcess), InstanceId::parse("i").unwrap());
+        let mut config = SessionConfig::from_settings(&Settings::for_tests());
+        config.disconnect_timeout = disconnect_timeout;
+        Arc::new(Connections::new(Arc::new(host), metrics, config))
+    }
+
+    fn connection(registry: &Connections) -> Arc<Connection> {
+        registry.create(ConnectionId::random(), ConnectionToken::from_trusted(ConnectionId::random().to_string()))
+    }
+
+    #[test]
+    fn a_connection_never_changes_transport() {
+        let registry = connections(Duration::from_secs(15));
+        let c = connection(&registry);
+        let first = c.activate(TransportKind::LongPolling).unwrap();
+        assert!(first.first);
+        assert!(!c.activate(TransportKind::LongPolling).unwrap().first);
+        assert_eq!(c.activate(TransportKind::WebSockets).unwrap_err(), ConnectionError::WrongTransport);
+    }
+
+    #[test]
+    fn a_second_stream_is_a_conflict() {
+        let registry = connections(Duration::from_secs(15));
+        let c = connection(&registry);
+        let _sse = c.activate(TransportKind::ServerSentEvents).unwrap();
+        assert_eq!(c.activate(TransportKind::ServerSentEvents).unwrap_err(), ConnectionError::AlreadyActive);
+    }
+
+    #[test]
+    fn idle_connections_are_swept_but_active_ones_stay() {
+        let registry = connections(Duration::ZERO);
+        let idle = connection(&registry);
+        let busy = connection(&registry);
+        let _active = busy.activate(TransportKind::LongPolling).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(registry.sweep(), 1);
+        assert!(registry.get(idle.token.as_str()).is_none());
+        assert!(registry.get(busy.token.as_str()).is_some());
+        assert_eq!(idle.activate(TransportKind::LongPolling).unwrap_err(), ConnectionError::Gone);
+    }
+}

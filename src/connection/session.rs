@@ -1,0 +1,406 @@
+//! A connection's protocol session: the task that reads the client's records and runs
+//! the hub for it.
+//!
+//! One task per connection (DESIGN.md example 8): a `select!` loop over inbound bytes,
+//! the method currently running, a one-second tick, and the close signal. It
+//!
+//! - waits for the handshake (`HANDSHAKE_TIMEOUT`) and answers it;
+//! - runs invocations **one at a time, in order**, as ASP.NET does by default
+//!   (`MaximumParallelInvocationsPerClient = 1`), so one sender's messages keep their
+//!   order; streams run in their own tasks so that they do not block the connection;
+//! - answers each invocation that has an id with exactly one Completion, and never
+//!   answers one without (HubProtocol.md, "Invocations");
+//! - sends a Ping when nothing was queued for `KEEP_ALIVE_INTERVAL`, and closes a client
+//!   silent for `CLIENT_TIMEOUT` once it has sent its first Ping (ASP.NET starts that
+//!   check only then); neither applies to long polling, which keeps itself alive;
+//! - closes the connection with a Close message on malformed or oversized input.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::{Connection, Connections};
+use crate::config::Settings;
+use crate::hub::{Caller, HubContext, Method};
+use crate::metrics::Metrics;
+use crate::outbox::{closed, now_millis, Closing, Outbox, Pushed};
+use crate::protocol::framing::{FrameError, RecordBuffer};
+use crate::protocol::handshake::{self, HandshakeError, HandshakeRequest};
+use crate::protocol::message::{ping_record, HubMessage, Outcome};
+
+/// Invocations read ahead of the one running; past this the session stops reading, and
+/// the transport's backpressure reaches the client.
+const MAX_PENDING_INVOCATIONS: usize = 256;
+
+/// Timing and size limits of sessions.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Time allowed for the handshake.
+    pub handshake_timeout: Duration,
+    /// Ping after this long without sending.
+    pub keep_alive_interval: Duration,
+    /// Close a client silent this long (after its first Ping).
+    pub client_timeout: Duration,
+    /// Drop connections without an active transport request after this long.
+    pub disconnect_timeout: Duration,
+    /// Largest record accepted from a client.
+    pub max_message_size: usize,
+    /// Records queued for a client before it counts as too slow.
+    pub outbound_queue_length: usize,
+}
+
+impl SessionConfig {
+    /// The session settings of an instance.
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            handshake_timeout: settings.handshake_timeout,
+            keep_alive_interval: settings.keep_alive_interval,
+            client_timeout: settings.client_timeout,
+            disconnect_timeout: settings.disconnect_timeout,
+            max_message_size: settings.max_message_size as usize,
+            outbound_queue_length: settings.outbound_queue_length as usize,
+        }
+    }
+}
+
+/// Runs a connection's session until it closes, then forgets the connection.
+pub(super) async fn run(
+    connections: Arc<Connections>,
+    connection: Arc<Connection>,
+    caller: Caller,
+    mut inbound: mpsc::Receiver<Bytes>,
+) {
+    let config = &connections.config;
+    let metrics = &connections.metrics;
+    let outbox = connection.outbox().clone();
+    let mut closing = outbox.closing();
+    let mut records = RecordBuffer::new(config.max_message_size);
+    metrics.connection_opened(caller.transport);
+    log::debug!("connection {} started on {}", caller.connection_id, caller.transport.name());
+
+    let handshake = tokio::select! {
+        result = read_handshake(&mut inbound, &mut records) => result,
+        _ = tokio::time::sleep(config.handshake_timeout) => Some(Err(HandshakeError::TimedOut)),
+        _ = closed(&mut closing) => None,
+    };
+    match handshake {
+        Some(Ok(_)) => {
+            outbox.push(handshake::success_reply());
+            connections.host.connect(&caller, outbox.clone()).await;
+            let mut session = Session {
+                connections: &connections,
+                outbox: &outbox,
+                metrics,
+                context: connections.host.context(&caller),
+                streams: HashMap::new(),
+                pending: VecDeque::new(),
+                pinged: false,
+                last_received: Instant::now(),
+            };
+            session.run(&mut inbound, &mut records, &mut closing).await;
+            for (_, stream) in session.streams.drain() {
+                stream.abort();
+            }
+            connections.host.disconnect(&caller).await;
+        }
+        Some(Err(error)) => {
+            log::debug!("connection {}: handshake refused: {error}", caller.connection_id);
+            outbox.push(handshake::error_reply(&error));
+            outbox.close(Closing::silent());
+        }
+        None => {}
+    }
+    connections.dispose(&connection);
+    metrics.connection_closed(caller.transport);
+    log::debug!("connection {} ended", caller.connection_id);
+}
+
+/// Reads until the first record; `None` if the transport went away first.
+async fn read_handshake(
+    inbound: &mut mpsc::Receiver<Bytes>,
+    records: &mut RecordBuffer,
+) -> Option<Result<HandshakeRequest, HandshakeError>> {
+    loop {
+        match records.next_record() {
+            Ok(Some(record)) => return Some(HandshakeRequest::parse(&record)),
+            Ok(None) => records.extend(&inbound.recv().await?),
+            Err(error) => return Some(Err(HandshakeError::Malformed(error.to_string()))),
+        }
+    }
+}
+
+struct Session<'a> {
+    connections: &'a Connections,
+    outbox: &'a Outbox,
+    metrics: &'a Metrics,
+    context: HubContext,
+    streams: HashMap<String, JoinHandle<()>>,
+    pending: VecDeque<HubMessage>,
+    pinged: bool,
+    last_received: Instant,
+}
+
+/// What handling a record asks of the loop.
+enum Next {
+    Continue,
+    Stop,
+}
+
+impl Session<'_> {
+    async fn run(
+        &mut self,
+        inbound: &mut mpsc::Receiver<Bytes>,
+        records: &mut RecordBuffer,
+        closing: &mut tokio::sync::watch::Receiver<Option<Closing>>,
+    ) {
+        let config = &self.connections.config;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut running: Option<BoxFuture<'static, ()>> = None;
+        // Records that came in the same chunk as the handshake.
+        if let Next::Stop = self.take_records(records) {
+            return;
+        }
+        loop {
+            if running.is_none() {
+                running = self.pending.pop_front().and_then(|message| self.start(message));
+            }
+            let reading = self.pending.len() < MAX_PENDING_INVOCATIONS;
+            tokio::select! {
+                _ = async { running.as_mut().expect("guarded by is_some").await }, if running.is_some() => {
+                    running = None;
+                }
+                chunk = inbound.recv(), if reading => {
+                    let Some(chunk) = chunk else { return };
+                    self.last_received = Instant::now();
+                    records.extend(&chunk);
+                    if let Next::Stop = self.take_records(records) {
+                        return;
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Next::Stop = self.keep_alive(config.keep_alive_interval, config.client_timeout) {
+                        return;
+                    }
+                }
+                _ = closed(closing) => return,
+            }
+        }
+    }
+
+    fn push(&self, record: Bytes) -> bool {
+        match self.outbox.push(record) {
+            Pushed::Queued => {
+                self.metrics.message_sent();
+                true
+            }
+            Pushed::Overflowed => {
+                self.metrics.slow_consumer();
+                false
+            }
+            Pushed::Closed => false,
+        }
+    }
+
+    fn complete(&self, invocation_id: String, outcome: Outcome) {
+        self.push(
+            HubMessage::Completion {
+                invocation_id,
+                outcome,
+            }
+            .encode(),
+        );
+    }
+
+    fn fail(&self, error: String) -> Next {
+        log::debug!("connection {}: closing: {error}", self.context.connection_id);
+        self.outbox.close(Closing::with_message(
+            Some(format!("Connection closed with an error. {error}")),
+            false,
+        ));
+        Next::Stop
+    }
+
+    fn take_records(&mut self, records: &mut RecordBuffer) -> Next {
+        loop {
+            let record = match records.next_record() {
+                Ok(Some(record)) => record,
+                Ok(None) => return Next::Continue,
+                Err(error @ FrameError::TooLarge { .. }) => {
+                    return self.fail(format!("InvalidDataException: {error}"));
+                }
+                Err(error) => return self.fail(format!("InvalidDataException: {error}")),
+            };
+            self.metrics.message_received();
+            let message = match HubMessage::parse(&record) {
+                Ok(Some(message)) => message,
+                Ok(None) => continue,
+                Err(error) => return self.fail(format!("InvalidDataException: {error}")),
+            };
+            match message {
+                HubMessage::Invocation { .. } | HubMessage::StreamInvocation { .. } => {
+                    self.pending.push_back(message)
+                }
+                HubMessage::CancelInvocation { invocation_id } => {
+                    if let Some(stream) = self.streams.remove(&invocation_id) {
+                        stream.abort();
+                    }
+                }
+                HubMessage::Ping => self.pinged = true,
+                HubMessage::Close { .. } => {
+                    // The client is leaving (it sends a bare Close in `stop()`).
+                    self.outbox.close(Closing::silent());
+                    return Next::Stop;
+                }
+                // Client-to-server stream items and completions (client results) belong to
+                // features this server does not offer; stateful reconnect is not offered
+                // either, so Ack and Sequence cannot be meant for it.
+                HubMessage::StreamItem { .. }
+                | HubMessage::Completion { .. }
+                | HubMessage::Ack { .. }
+                | HubMessage::Sequence { .. } => {}
+            }
+        }
+    }
+
+    fn keep_alive(&mut self, interval: Duration, client_timeout: Duration) -> Next {
+        self.streams.retain(|_, stream| !stream.is_finished());
+        if self.context.transport.has_inherent_keep_alive() {
+            return Next::Continue;
+        }
+        if self.pinged && self.last_received.elapsed() > client_timeout {
+            return self.fail(format!(
+                "The client sent nothing for {}s (client timeout).",
+                client_timeout.as_secs()
+            ));
+        }
+        if now_millis().saturating_sub(self.outbox.last_queued_ms()) >= interval.as_millis() as u64 {
+            self.push(ping_record());
+        }
+        Next::Continue
+    }
+
+    /// Starts one invocation; returns the future to drive for a unary method.
+    fn start(&mut self, message: HubMessage) -> Option<BoxFuture<'static, ()>> {
+        let (invocation_id, target, arguments, stream_ids, streaming) = match message {
+            HubMessage::Invocation {
+                invocation_id,
+                target,
+                arguments,
+                stream_ids,
+            } => (invocation_id, target, arguments, stream_ids, false),
+            HubMessage::StreamInvocation {
+                invocation_id,
+                target,
+                arguments,
+                stream_ids,
+            } => (Some(invocation_id), target, arguments, stream_ids, true),
+            _ => return None,
+        };
+        let error = |text: String| {
+            if let Some(id) = &invocation_id {
+                self.complete(id.clone(), Outcome::Error(text));
+            }
+            None
+        };
+        if !stream_ids.is_empty() {
+            return error(format!(
+                "Failed to invoke '{target}': client-to-server streaming is not supported by this server."
+            ));
+        }
+        let method = self.connections.host.hub().method(&target).cloned();
+        match (method, streaming) {
+            (None, _) => error(format!("Unknown hub method '{target}'")),
+            (Some((name, Method::Stream(_))), false) => error(format!(
+                "The client attempted to invoke the streaming '{name}' method with a non-streaming invocation."
+            )),
+            (Some((name, Method::Unary(_))), true) => error(format!(
+                "The client attempted to invoke the non-streaming '{name}' method with a streaming invocation."
+            )),
+            (Some((_, Method::Unary(call))), false) => {
+                let future = call(self.context.clone(), arguments);
+                let outbox = self.outbox.clone();
+                let metrics = self.metrics_handle();
+                let connection_id = self.context.connection_id.clone();
+                Some(
+                    async move {
+                        let result = future.await;
+                        let Some(invocation_id) = invocation_id else {
+                            if let Err(error) = result {
+                                log::debug!("connection {connection_id}: {target} failed: {error}");
+                            }
+                            return;
+                        };
+                        let outcome = match result {
+                            Ok(serde_json::Value::Null) => Outcome::Void,
+                            Ok(value) => Outcome::Result(value),
+                            Err(error) => Outcome::Error(error.to_string()),
+                        };
+                        let record = HubMessage::Completion {
+                            invocation_id,
+                            outcome,
+                        }
+                        .encode();
+                        if outbox.push(record) == Pushed::Queued {
+                            metrics.message_sent();
+                        }
+                    }
+                    .boxed(),
+                )
+            }
+            (Some((_, Method::Stream(call))), true) => {
+                let invocation_id = invocation_id.unwrap_or_default();
+                match call(self.context.clone(), arguments) {
+                    Ok(items) => {
+                        let task = tokio::spawn(stream_items(
+                            items,
+                            invocation_id.clone(),
+                            self.outbox.clone(),
+                            self.metrics_handle(),
+                        ));
+                        self.streams.insert(invocation_id, task);
+                    }
+                    Err(failure) => self.complete(invocation_id, Outcome::Error(failure.to_string())),
+                }
+                None
+            }
+        }
+    }
+
+    fn metrics_handle(&self) -> Arc<Metrics> {
+        self.connections.metrics.clone()
+    }
+}
+
+/// Sends a stream's items, then its Completion (which has no result: HubProtocol.md,
+/// "Streaming").
+async fn stream_items(
+    mut items: futures_util::stream::BoxStream<'static, serde_json::Value>,
+    invocation_id: String,
+    outbox: Outbox,
+    metrics: Arc<Metrics>,
+) {
+    while let Some(item) = items.next().await {
+        let record = HubMessage::StreamItem {
+            invocation_id: invocation_id.clone(),
+            item,
+        }
+        .encode();
+        if outbox.push(record) != Pushed::Queued {
+            return;
+        }
+        metrics.message_sent();
+    }
+    let done = HubMessage::Completion {
+        invocation_id,
+        outcome: Outcome::Void,
+    };
+    if outbox.push(done.encode()) == Pushed::Queued {
+        metrics.message_sent();
+    }
+}

@@ -1,0 +1,321 @@
+//! The HTTP surface: `{hub}/negotiate`, `{hub}` (GET, POST, DELETE), `/healthz` and
+//! `/metrics`, and the one mapping of every error to the status the SignalR client
+//! expects (TransportProtocols.md; DESIGN.md example 6).
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use actix_web::http::header::CONTENT_TYPE;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use serde_json::json;
+
+use crate::backplane::Backplane;
+use crate::config::Settings;
+use crate::connection::{Connection, ConnectionError, Connections};
+use crate::forwarding::Forwarder;
+use crate::hub::UserIdProvider;
+use crate::metrics::Metrics;
+use crate::protocol::negotiate::{self, NegotiateResponse};
+use crate::protocol::token::{ClusterKey, ConnectionId, ConnectionToken, InstanceId, TokenClaims};
+use crate::routing::{RequestKind, Route, Router, PROBE_HEADER};
+use crate::transport::{long_polling, receive_post, sse, websocket};
+
+/// Everything the handlers share.
+pub struct AppState {
+    /// The instance's settings.
+    pub settings: Settings,
+    /// The instance's id.
+    pub instance: InstanceId,
+    /// The cluster key.
+    pub key: ClusterKey,
+    /// The connection registry.
+    pub connections: Arc<Connections>,
+    /// The routing policy.
+    pub router: Router,
+    /// The counters.
+    pub metrics: Arc<Metrics>,
+    /// The backplane.
+    pub backplane: Arc<dyn Backplane>,
+    /// The user hook.
+    pub user_id: UserIdProvider,
+}
+
+/// A request the hub endpoint refuses. The texts are ASP.NET's where it has one.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No `id` on a request that needs one.
+    #[error("Connection ID required")]
+    MissingId,
+    /// The id is unknown, forged, or its connection is gone.
+    #[error("No Connection with that ID")]
+    UnknownConnection,
+    /// The connection's state refuses the request.
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
+    /// A body above the limit.
+    #[error("Request body too large: the limit is {0} bytes")]
+    TooLarge(usize),
+    /// A method the endpoint does not take.
+    #[error("Method not allowed")]
+    MethodNotAllowed,
+    /// The request body broke off.
+    #[error("Reading the request body failed: {0}")]
+    Body(String),
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::MissingId | Self::Body(_) => StatusCode::BAD_REQUEST,
+            Self::UnknownConnection => StatusCode::NOT_FOUND,
+            Self::Connection(ConnectionError::WrongTransport | ConnectionError::DeleteNotLongPolling) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::Connection(ConnectionError::AlreadyActive) => StatusCode::CONFLICT,
+            Self::Connection(ConnectionError::Gone) => StatusCode::NOT_FOUND,
+            Self::Connection(ConnectionError::PostToWebSocket) | Self::MethodNotAllowed => {
+                StatusCode::METHOD_NOT_ALLOWED
+            }
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status_code())
+            .insert_header((CONTENT_TYPE, "text/plain; charset=utf-8"))
+            .body(self.to_string())
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A query parameter, by name ignoring case as ASP.NET does.
+fn query_param(req: &HttpRequest, name: &str) -> Option<String> {
+    web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+        .ok()?
+        .into_inner()
+        .into_iter()
+        .find(|(key, _)| key.eq_ignore_ascii_case(name))
+        .map(|(_, value)| value)
+}
+
+/// Largest POST body: several records may share one (the client batches its sends).
+pub fn max_body_size(settings: &Settings) -> usize {
+    settings.max_message_size as usize * 8
+}
+
+async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::Body(e.to_string()))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::TooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Registers the routes of hub `hub`.
+pub fn routes(hub: &str) -> impl FnOnce(&mut web::ServiceConfig) + '_ {
+    move |cfg| {
+        cfg.service(
+            web::resource(format!("/{hub}/negotiate"))
+                .route(web::post().to(negotiate))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource(format!("/{hub}"))
+                .route(web::get().to(hub_get))
+                .route(web::post().to(hub_post))
+                .route(web::delete().to(hub_delete))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .route("/healthz", web::get().to(healthz))
+        .route("/metrics", web::get().to(metrics));
+    }
+}
+
+async fn method_not_allowed() -> HttpResponse {
+    ApiError::MethodNotAllowed.error_response()
+}
+
+/// `POST {hub}/negotiate`: a new connection, owned by this instance.
+async fn negotiate(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let version = match negotiate::negotiate_version(query_param(&req, "negotiateVersion").as_deref()) {
+        Ok(version) => version,
+        // The client reads errors only from a 200 with `{"error"}`.
+        Err(error) => return HttpResponse::Ok().json(negotiate::error_body(&error.to_string())),
+    };
+    let (id, token) = state.mint();
+    state.connections.create(id.clone(), token.clone());
+    state.metrics.negotiated();
+    HttpResponse::Ok().json(NegotiateResponse::new(version, &id, &token))
+}
+
+impl AppState {
+    fn mint(&self) -> (ConnectionId, ConnectionToken) {
+        let id = ConnectionId::random();
+        let token = self.key.mint(&TokenClaims {
+            owner: self.instance.clone(),
+            connection_id: id.clone(),
+            issued_at: now_secs(),
+        });
+        (id, token)
+    }
+
+    fn route(&self, req: &HttpRequest, token: &str, kind: RequestKind) -> Route {
+        let marker = req.headers().get(PROBE_HEADER).and_then(|v| v.to_str().ok());
+        let now = now_secs();
+        let probe = self.router.is_probe(marker, now);
+        self.router
+            .route(&self.connections, token, probe, kind == RequestKind::WebSocket, now)
+    }
+}
+
+/// Serves a GET for a connection held here.
+async fn serve(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+    kind: RequestKind,
+    connection: Arc<Connection>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let Some(transport) = kind.transport() else {
+        return Err(ApiError::MethodNotAllowed.into());
+    };
+    // For WebSockets the upgrade is checked first, so a bad upgrade binds nothing.
+    let upgraded = match kind {
+        RequestKind::WebSocket => Some(actix_ws::handle(req, payload)?),
+        _ => None,
+    };
+    let activation = connection.activate(transport).map_err(ApiError::from)?;
+    if activation.first {
+        state.connections.start(&connection, transport, (state.user_id)(req));
+    }
+    Ok(match upgraded {
+        Some((response, session, messages)) => {
+            let max_frame = max_body_size(&state.settings);
+            actix_web::rt::spawn(websocket::serve(connection, activation, session, messages, max_frame));
+            response
+        }
+        None if kind == RequestKind::EventStream => sse::stream(connection, activation),
+        None => long_polling::poll(connection, activation, state.settings.poll_timeout).await,
+    })
+}
+
+/// `GET {hub}`: a WebSocket, an event stream or a long poll.
+async fn hub_get(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+    forwarder: web::Data<Forwarder>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let kind = RequestKind::classify(req.method(), req.headers()).ok_or(ApiError::MethodNotAllowed)?;
+    let Some(token) = query_param(&req, "id") else {
+        if kind != RequestKind::WebSocket {
+            return Err(ApiError::MissingId.into());
+        }
+        // A WebSocket without id is a client that skipped negotiation: a new connection.
+        let (id, token) = state.mint();
+        let connection = state.connections.create(id, token);
+        return serve(&req, payload, &state, kind, connection).await;
+    };
+    match state.route(&req, &token, kind) {
+        Route::Local(connection) => serve(&req, payload, &state, kind, connection).await,
+        Route::Adopt(claims) => {
+            state.metrics.adopted();
+            let connection = state
+                .connections
+                .create(claims.connection_id, ConnectionToken::from_trusted(token));
+            let served = serve(&req, payload, &state, kind, connection.clone()).await;
+            if served.is_err() {
+                state.connections.dispose(&connection);
+            }
+            served
+        }
+        Route::Forward(plan) if kind == RequestKind::WebSocket => {
+            forwarder.forward_websocket(&req, payload, &plan).await
+        }
+        Route::Forward(plan) => Ok(forwarder.forward(&req, Bytes::new(), kind, &plan).await),
+        Route::Reject(why) => {
+            state.metrics.rejected(why);
+            Err(ApiError::UnknownConnection.into())
+        }
+    }
+}
+
+/// `POST {hub}`: records from an SSE or long-polling client.
+async fn hub_post(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+    forwarder: web::Data<Forwarder>,
+) -> Result<HttpResponse, ApiError> {
+    let token = query_param(&req, "id").ok_or(ApiError::MissingId)?;
+    let route = state.route(&req, &token, RequestKind::Send);
+    if let Route::Reject(why) = route {
+        state.metrics.rejected(why);
+        return Err(ApiError::UnknownConnection);
+    }
+    let body = read_body(payload, max_body_size(&state.settings)).await?;
+    match route {
+        Route::Local(connection) => {
+            receive_post(&connection, body).await?;
+            Ok(HttpResponse::Ok().finish())
+        }
+        Route::Forward(plan) => Ok(forwarder.forward(&req, body, RequestKind::Send, &plan).await),
+        Route::Adopt(_) | Route::Reject(_) => Err(ApiError::UnknownConnection),
+    }
+}
+
+/// `DELETE {hub}`: a long-polling client stops (202).
+async fn hub_delete(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    forwarder: web::Data<Forwarder>,
+) -> Result<HttpResponse, ApiError> {
+    let token = query_param(&req, "id").ok_or(ApiError::MissingId)?;
+    match state.route(&req, &token, RequestKind::Delete) {
+        Route::Local(connection) => {
+            if connection.transport() != Some(crate::protocol::negotiate::TransportKind::LongPolling) {
+                return Err(ConnectionError::DeleteNotLongPolling.into());
+            }
+            state.connections.dispose(&connection);
+            Ok(HttpResponse::Accepted().finish())
+        }
+        Route::Forward(plan) => Ok(forwarder.forward(&req, Bytes::new(), RequestKind::Delete, &plan).await),
+        Route::Reject(why) => {
+            state.metrics.rejected(why);
+            Err(ApiError::UnknownConnection)
+        }
+        Route::Adopt(_) => Err(ApiError::UnknownConnection),
+    }
+}
+
+/// `GET /healthz`: 200 while the instance serves; `degraded` while the backplane is down
+/// (local clients are still served, so the load balancer should keep the instance).
+async fn healthz(state: web::Data<AppState>) -> HttpResponse {
+    let healthy = state.backplane.is_healthy();
+    HttpResponse::Ok().json(json!({
+        "status": if healthy { "ok" } else { "degraded" },
+        "instance": state.instance.as_str(),
+        "backplane": state.backplane.name(),
+        "connections": state.metrics.live_connections(),
+    }))
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8"))
+        .body(state.metrics.render(state.backplane.is_healthy()))
+}

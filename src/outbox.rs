@@ -1,0 +1,174 @@
+//! A connection's outbound side: a bounded queue of whole records and a close signal.
+//!
+//! This is the only handle that lower layers (hub clients, backplanes) keep of a
+//! connection: they push records and may ask it to close; the transport that currently
+//! serves the connection drains the queue. The queue is bounded so that a client that does
+//! not read cannot make the server grow memory: when it is full, the connection is closed
+//! with a Close message saying why (DESIGN.md, "Scale-out": bounded everything).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+use crate::protocol::message::HubMessage;
+
+/// Why and how a connection is closing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Closing {
+    /// The framed Close message to send before the transport ends, if any. A transport
+    /// that cannot send it (the client is already gone) drops it.
+    pub record: Option<Bytes>,
+    /// Whether the close is an error (WebSockets close with 1011 instead of 1000 when no
+    /// Close message explains it).
+    pub is_error: bool,
+}
+
+impl Closing {
+    /// A close that sends `{"type":7,…}` with this error and reconnect hint.
+    pub fn with_message(error: Option<String>, allow_reconnect: bool) -> Self {
+        let is_error = error.is_some();
+        let record = HubMessage::Close {
+            error,
+            allow_reconnect,
+        }
+        .encode();
+        Self {
+            record: Some(record),
+            is_error,
+        }
+    }
+
+    /// A close with nothing to say: the client left, or its transport broke.
+    pub fn silent() -> Self {
+        Self {
+            record: None,
+            is_error: false,
+        }
+    }
+}
+
+/// Milliseconds since this process's first use of the clock, for cheap atomic stamps.
+pub fn now_millis() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+#[derive(Debug)]
+struct Shared {
+    tx: mpsc::Sender<Bytes>,
+    closing: watch::Sender<Option<Closing>>,
+    last_queued_ms: AtomicU64,
+}
+
+/// A cloneable handle to push records to one connection.
+#[derive(Debug, Clone)]
+pub struct Outbox(Arc<Shared>);
+
+/// What became of a pushed record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued for the transport.
+    Queued,
+    /// The connection is closing or closed; the record was dropped.
+    Closed,
+    /// The queue was full: the record was dropped and the connection is being closed.
+    Overflowed,
+}
+
+impl Outbox {
+    /// A new outbox holding at most `capacity` records, and the receiver the transports
+    /// drain.
+    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<Bytes>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (closing, _) = watch::channel(None);
+        let shared = Shared {
+            tx,
+            closing,
+            last_queued_ms: AtomicU64::new(now_millis()),
+        };
+        (Self(Arc::new(shared)), rx)
+    }
+
+    /// Queues one whole record without waiting.
+    pub fn push(&self, record: Bytes) -> Pushed {
+        if self.is_closing() {
+            return Pushed::Closed;
+        }
+        match self.0.tx.try_send(record) {
+            Ok(()) => {
+                self.0.last_queued_ms.store(now_millis(), Ordering::Relaxed);
+                Pushed::Queued
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Pushed::Closed,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close(Closing::with_message(
+                    Some("Connection closed: the client did not read its messages fast enough.".into()),
+                    true,
+                ));
+                Pushed::Overflowed
+            }
+        }
+    }
+
+    /// Asks the connection to close. The first reason given wins.
+    pub fn close(&self, closing: Closing) {
+        self.0.closing.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            *current = Some(closing);
+            true
+        });
+    }
+
+    /// Whether a close was asked for.
+    pub fn is_closing(&self) -> bool {
+        self.0.closing.borrow().is_some()
+    }
+
+    /// A receiver that sees the close reason once one is set.
+    pub fn closing(&self) -> watch::Receiver<Option<Closing>> {
+        self.0.closing.subscribe()
+    }
+
+    /// When a record was last queued, in [`now_millis`] time.
+    pub fn last_queued_ms(&self) -> u64 {
+        self.0.last_queued_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// Waits until `closing` holds a reason and returns it.
+pub async fn closed(closing: &mut watch::Receiver<Option<Closing>>) -> Closing {
+    match closing.wait_for(Option::is_some).await {
+        Ok(reason) => reason.clone().unwrap_or_else(Closing::silent),
+        // The outbox itself is gone, which only happens once the connection is over.
+        Err(_) => Closing::silent(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_closes_the_connection_with_a_reason() {
+        let (outbox, _rx) = Outbox::new(1);
+        assert_eq!(outbox.push(Bytes::from_static(b"a")), Pushed::Queued);
+        assert_eq!(outbox.push(Bytes::from_static(b"b")), Pushed::Overflowed);
+        assert!(outbox.is_closing());
+        let reason = outbox.closing().borrow().clone().unwrap();
+        assert!(reason.is_error);
+        assert_eq!(outbox.push(Bytes::from_static(b"c")), Pushed::Closed);
+    }
+
+    #[test]
+    fn the_first_close_reason_wins() {
+        let (outbox, _rx) = Outbox::new(1);
+        outbox.close(Closing::silent());
+        outbox.close(Closing::with_message(Some("x".into()), false));
+        assert_eq!(*outbox.closing().borrow(), Some(Closing::silent()));
+    }
+}

@@ -1,0 +1,222 @@
+//! Building and running an instance (zero-to-production `startup.rs`):
+//! [`Application::build`] binds (port 0 picks a free one), [`Application::port`] says
+//! where, and [`Application::run_until_stopped`] serves until [`AppHandle::shutdown`].
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_cors::Cors;
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::middleware::{Condition, DefaultHeaders, Logger};
+use actix_web::{http, web, App, HttpServer};
+
+use crate::backplane::redis::{RedisBackplane, RedisError};
+use crate::backplane::{Backplane, InProcess};
+use crate::chat;
+use crate::clients::LocalClients;
+use crate::config::{ConfigError, Settings};
+use crate::connection::{Connections, SessionConfig};
+use crate::forwarding::Forwarder;
+use crate::http::{max_body_size, routes, AppState};
+use crate::hub::{Hub, HubHost, UserIdProvider};
+use crate::metrics::Metrics;
+use crate::outbox::Closing;
+use crate::routing::Router;
+
+/// The response header naming the instance that served a request.
+pub const INSTANCE_HEADER: &str = "X-Stickless-Instance";
+
+/// An instance could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Settings that cannot work together.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The Redis backplane could not be set up.
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+    /// Binding the listen address failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A bound, not yet running instance.
+pub struct Application {
+    port: u16,
+    server: Server,
+    state: web::Data<AppState>,
+}
+
+/// Stops a running instance.
+#[derive(Clone)]
+pub struct AppHandle {
+    server: ServerHandle,
+    state: web::Data<AppState>,
+}
+
+fn cors(origins: &[String]) -> Cors {
+    let mut cors = Cors::default()
+        .allowed_methods(["GET", "POST", "DELETE"])
+        .allowed_headers([
+            http::header::AUTHORIZATION,
+            http::header::CONTENT_TYPE,
+            http::header::HeaderName::from_static("x-requested-with"),
+            http::header::HeaderName::from_static("x-signalr-user-agent"),
+        ])
+        .expose_headers([INSTANCE_HEADER])
+        // The client sends credentials by default (`withCredentials`), which needs an exact
+        // origin and this header (signalr-protocol.md, "Credentials and CORS").
+        .supports_credentials()
+        .max_age(600);
+    for origin in origins {
+        cors = cors.allowed_origin(origin);
+    }
+    cors
+}
+
+impl Application {
+    /// Builds the chat demo.
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        Self::build_with(settings, chat::hub(), Arc::new(chat::user_id)).await
+    }
+
+    /// Builds an instance serving `hub`, identifying users with `user_id`. Must run
+    /// inside the actix (tokio) runtime, which the backplane and sweeper tasks join.
+    pub async fn build_with(settings: Settings, hub: Hub, user_id: UserIdProvider) -> Result<Self, StartError> {
+        settings.validate()?;
+        let instance = settings.instance_id();
+        let key = settings.cluster_key();
+        let metrics = Arc::new(Metrics::default());
+        let local = Arc::new(LocalClients::new(metrics.clone()));
+        let backplane: Arc<dyn Backplane> = match &settings.redis_url {
+            Some(url) => Arc::new(RedisBackplane::start(
+                url,
+                hub.name(),
+                instance.clone(),
+                settings.advertise_url.clone(),
+                local.clone(),
+                metrics.clone(),
+            )?),
+            None => Arc::new(InProcess),
+        };
+        let hub_name = hub.name().to_owned();
+        let host = Arc::new(HubHost::new(hub, local, backplane.clone(), instance.clone()));
+        let connections = Arc::new(Connections::new(host, metrics.clone(), SessionConfig::from_settings(&settings)));
+        tokio::spawn(connections.clone().run_sweeper());
+        let router = Router::new(
+            instance.clone(),
+            key.clone(),
+            settings.load_balancer_url.clone(),
+            settings.max_forward_attempts,
+            settings.adopt_websockets.then_some(settings.disconnect_timeout),
+            backplane.clone(),
+        );
+
+        let listener = TcpListener::bind(settings.listen_addr).map_err(|source| StartError::Bind {
+            addr: settings.listen_addr,
+            source,
+        })?;
+        let port = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: settings.listen_addr,
+            source,
+        })?.port();
+        let static_dir = settings.static_dir.clone();
+        if !static_dir.join("index.html").is_file() {
+            log::warn!("no index.html in STATIC_DIR {}: the chat page is not served", static_dir.display());
+        }
+        let workers = settings.workers;
+        let shutdown_secs = settings.shutdown_timeout.as_secs().max(1);
+        let state = web::Data::new(AppState {
+            settings,
+            instance: instance.clone(),
+            key,
+            connections,
+            router,
+            metrics,
+            backplane,
+            user_id,
+        });
+
+        let app_state = state.clone();
+        let mut server = HttpServer::new(move || {
+            let settings = &app_state.settings;
+            let forwarder = Forwarder::new(
+                app_state.key.clone(),
+                app_state.metrics.clone(),
+                settings.poll_timeout,
+                max_body_size(settings),
+            );
+            let mut app = App::new()
+                .app_data(app_state.clone())
+                .app_data(web::Data::new(forwarder))
+                .wrap(Condition::new(!settings.cors_origins.is_empty(), cors(&settings.cors_origins)))
+                .wrap(DefaultHeaders::new().add((INSTANCE_HEADER, app_state.instance.as_str())))
+                .wrap(Logger::new("%a \"%r\" %s %b %Dms").log_target("stickless::access"))
+                .configure(routes(&hub_name));
+            if settings.static_dir.join("index.html").is_file() {
+                app = app.service(actix_files::Files::new("/", &settings.static_dir).index_file("index.html"));
+            }
+            app
+        })
+        // Signals are ours: clients get a Close message before the server stops.
+        .disable_signals()
+        .shutdown_timeout(shutdown_secs);
+        if let Some(workers) = workers {
+            server = server.workers(workers);
+        }
+        let server = server
+            .listen(listener)
+            .map_err(|source| StartError::Bind {
+                addr: state.settings.listen_addr,
+                source,
+            })?
+            .run();
+        log::info!(
+            "instance {instance} ready on port {port} (backplane: {}, forwarding: {})",
+            state.backplane.name(),
+            state.settings.load_balancer_url.as_deref().unwrap_or("off")
+        );
+        Ok(Self { port, server, state })
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A handle to stop the instance.
+    pub fn handle(&self) -> AppHandle {
+        AppHandle {
+            server: self.server.handle(),
+            state: self.state.clone(),
+        }
+    }
+
+    /// Serves until stopped.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+impl AppHandle {
+    /// Sends every client a Close message that allows reconnecting (to another instance,
+    /// behind a load balancer), gives them `SHUTDOWN_TIMEOUT` to receive it, then stops.
+    pub async fn shutdown(&self) {
+        let connections = &self.state.connections;
+        log::info!("shutting down: closing {} connection(s)", connections.len());
+        connections.close_all(Closing::with_message(Some("Server is shutting down.".into()), true));
+        let deadline = Instant::now() + self.state.settings.shutdown_timeout;
+        while self.state.metrics.live_connections() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Transports flush the Close message right after the session ends.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.server.stop(true).await;
+    }
+}

@@ -1,0 +1,97 @@
+//! WebSockets (TransportProtocols.md, "WebSockets"; ASP.NET
+//! `WebSocketsServerTransport.cs`).
+//!
+//! One `select!` loop over client frames, outbound records and the close signal. Records
+//! go out as Text frames (the JSON protocol's format; a Binary frame would reach a
+//! browser client as a Blob and fail), one whole record per frame. The server closes
+//! with 1000 after a Close message or a normal end, 1011 on an unexplained error, and
+//! 1009 when a client frame is too large.
+
+use std::sync::Arc;
+
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, MessageStream, Session};
+use bytes::Bytes;
+use bytestring::ByteString;
+use futures_util::StreamExt;
+
+use crate::connection::{Activation, Connection};
+use crate::outbox::{closed, Closing};
+
+async fn send(session: &mut Session, record: Bytes) -> Result<(), ()> {
+    // Records are JSON text, so valid UTF-8; the check is cheap and keeps us honest.
+    let text = ByteString::try_from(record).map_err(|_| ())?;
+    session.text(text).await.map_err(|_| ())
+}
+
+/// Serves an upgraded WebSocket until either side ends it.
+pub async fn serve(
+    connection: Arc<Connection>,
+    activation: Activation,
+    mut session: Session,
+    messages: MessageStream,
+    max_frame_size: usize,
+) {
+    let mut messages = messages
+        .max_frame_size(max_frame_size)
+        .aggregate_continuations()
+        .max_continuation_size(max_frame_size);
+    let mut queue = connection.outbound().await;
+    let mut closing = connection.outbox().closing();
+    let close: Option<CloseReason> = loop {
+        tokio::select! {
+            reason = closed(&mut closing) => {
+                let rest = super::final_batch(&mut queue, &Closing { record: None, ..reason.clone() });
+                let mut ok = rest.is_empty() || send(&mut session, rest).await.is_ok();
+                if let (true, Some(record)) = (ok, reason.record.clone()) {
+                    ok = send(&mut session, record).await.is_ok();
+                }
+                let code = if reason.is_error && reason.record.is_none() { CloseCode::Error } else { CloseCode::Normal };
+                break ok.then_some(CloseReason { code, description: None });
+            }
+            record = queue.recv() => match record {
+                Some(record) => {
+                    if send(&mut session, record).await.is_err() {
+                        break None;
+                    }
+                }
+                None => break None,
+            },
+            message = messages.next() => match message {
+                Some(Ok(AggregatedMessage::Text(text))) => {
+                    if connection.receive(text.into_bytes()).await.is_err() {
+                        continue; // Closing: the close branch finishes the socket.
+                    }
+                }
+                Some(Ok(AggregatedMessage::Binary(bytes))) => {
+                    // The session rejects whatever is not a JSON record.
+                    if connection.receive(bytes).await.is_err() {
+                        continue;
+                    }
+                }
+                Some(Ok(AggregatedMessage::Ping(bytes))) => {
+                    if session.pong(&bytes).await.is_err() {
+                        break None;
+                    }
+                }
+                Some(Ok(AggregatedMessage::Pong(_))) => {}
+                Some(Ok(AggregatedMessage::Close(reason))) => {
+                    // Answer the client's close with its own code, completing the handshake.
+                    break Some(reason.unwrap_or(CloseReason { code: CloseCode::Normal, description: None }));
+                }
+                Some(Err(error)) => {
+                    log::debug!("connection {}: WebSocket protocol error: {error}", connection.id);
+                    break Some(CloseReason {
+                        code: CloseCode::Size,
+                        description: Some(format!("{error}")),
+                    });
+                }
+                None => break None,
+            },
+        }
+    };
+    connection.outbox().close(Closing::silent());
+    if let Some(reason) = close {
+        let _ = session.close(Some(reason)).await;
+    }
+    drop(activation);
+}
