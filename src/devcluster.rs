@@ -1,1 +1,358 @@
-//! placeholder
+//! A whole cluster on loopback, from real parts: `redis-server`, N `stickless`
+//! instances and `nginx` with the repo's own `nginx.conf`, each on a free port.
+//!
+//! The `stickless-cluster` command and the integration tests both use this, so the
+//! `nginx.conf` that ships is the one that is tested. The only changes made to it are
+//! the `listen` port, the upstream servers between its `BEGIN`/`END upstream servers`
+//! markers, and file locations for an unprivileged prefix (temp paths, logs, pid).
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a process gets to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A cluster could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// A program could not be run (not installed?).
+    #[error("cannot run {program}: {source} (is it installed? the README's test command installs it)")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A process did not become ready in time.
+    #[error("{0} did not become ready within {READY_TIMEOUT:?}; see its log in {1}")]
+    NotReady(String, PathBuf),
+    /// `nginx.conf` lacks what the launcher replaces.
+    #[error("nginx.conf has no {0}")]
+    Template(&'static str),
+    /// File or socket trouble.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Number of instances.
+    pub instances: usize,
+    /// The `stickless` binary.
+    pub bin: PathBuf,
+    /// The nginx.conf template.
+    pub nginx_conf: PathBuf,
+    /// The chat page's folder.
+    pub static_dir: PathBuf,
+    /// Announce each instance's direct URL (owner-directed routing).
+    pub direct_routing: bool,
+    /// Extra environment for every instance, e.g. `MAX_FORWARD_ATTEMPTS`.
+    pub env: Vec<(String, String)>,
+}
+
+impl ClusterOptions {
+    /// `instances` instances of `bin`, with the repo's nginx.conf and static folder
+    /// found from the current directory.
+    pub fn new(instances: usize, bin: impl Into<PathBuf>) -> Self {
+        Self {
+            instances,
+            bin: bin.into(),
+            nginx_conf: PathBuf::from("nginx.conf"),
+            static_dir: PathBuf::from("static"),
+            direct_routing: true,
+            env: Vec::new(),
+        }
+    }
+}
+
+/// A running instance.
+#[derive(Debug)]
+pub struct Instance {
+    /// Its id (`INSTANCE_ID`).
+    pub id: String,
+    /// Its direct URL.
+    pub url: String,
+    port: u16,
+    child: Option<Child>,
+}
+
+/// A running cluster; everything is stopped when it is dropped.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The load balancer's URL: what clients use.
+    pub url: String,
+    /// The Redis URL.
+    pub redis_url: String,
+    /// The instances.
+    pub instances: Vec<Instance>,
+    /// Where configuration and logs are.
+    pub dir: PathBuf,
+    options: ClusterOptions,
+    secret: String,
+    lb_port: u16,
+    redis_port: u16,
+    redis: Option<Child>,
+    nginx: Option<Child>,
+}
+
+/// A free TCP port on loopback (another process could take it before it is used, which
+/// on a test machine is rare enough).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A minimal HTTP/1.1 GET, for health checks without an HTTP client: the status code
+/// and the body.
+pub fn http_get(address: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&address, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+fn wait_until(what: &str, log: &Path, mut ready: impl FnMut() -> bool) -> Result<(), ClusterError> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while Instant::now() < deadline {
+        if ready() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(ClusterError::NotReady(what.to_owned(), log.to_owned()))
+}
+
+fn log_file(dir: &Path, name: &str) -> Result<(fs::File, PathBuf), ClusterError> {
+    let path = dir.join(name);
+    Ok((fs::File::create(&path)?, path))
+}
+
+fn spawn(command: &mut Command, program: &str) -> Result<Child, ClusterError> {
+    command.spawn().map_err(|source| ClusterError::Spawn {
+        program: program.to_owned(),
+        source,
+    })
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        // SIGTERM first, so instances close their clients and nginx exits cleanly.
+        let _ = Command::new("kill").arg(child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Renders the nginx.conf template for a loopback cluster.
+pub fn render_nginx_conf(template: &str, listen_port: u16, upstreams: &[u16], dir: &Path) -> Result<String, ClusterError> {
+    const BEGIN: &str = "# BEGIN upstream servers";
+    const END: &str = "# END upstream servers";
+    let (head, rest) = template.split_once(BEGIN).ok_or(ClusterError::Template(BEGIN))?;
+    let (_, tail) = rest.split_once(END).ok_or(ClusterError::Template(END))?;
+    let servers: String = upstreams
+        .iter()
+        .map(|port| format!("\n        server 127.0.0.1:{port};"))
+        .collect();
+    let conf = format!("{head}{BEGIN}{servers}\n        {END}{tail}");
+    if !conf.contains("listen 8080;") {
+        return Err(ClusterError::Template("`listen 8080;`"));
+    }
+    let conf = conf.replacen("listen 8080;", &format!("listen 127.0.0.1:{listen_port};"), 1);
+    let d = dir.display();
+    let locations = format!(
+        "http {{\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n    access_log {d}/nginx-access.log;\n"
+    );
+    if !conf.contains("http {\n") {
+        return Err(ClusterError::Template("`http {` block"));
+    }
+    Ok(conf.replacen("http {\n", &locations, 1))
+}
+
+impl Cluster {
+    /// Starts Redis, the instances and nginx, and waits until all are ready.
+    pub fn start(options: ClusterOptions) -> Result<Self, ClusterError> {
+        let dir = std::env::temp_dir().join(format!("stickless-cluster-{}-{}", std::process::id(), free_port()?));
+        fs::create_dir_all(&dir)?;
+        let secret = format!("{:032x}", rand::random::<u128>());
+        let lb_port = free_port()?;
+        let redis_port = free_port()?;
+        let mut cluster = Self {
+            url: format!("http://127.0.0.1:{lb_port}"),
+            redis_url: format!("redis://127.0.0.1:{redis_port}"),
+            instances: Vec::new(),
+            dir,
+            options,
+            secret,
+            lb_port,
+            redis_port,
+            redis: None,
+            nginx: None,
+        };
+        cluster.start_redis()?;
+        for index in 0..cluster.options.instances {
+            let port = free_port()?;
+            cluster.instances.push(Instance {
+                id: format!("node-{}", index + 1),
+                url: format!("http://127.0.0.1:{port}"),
+                port,
+                child: None,
+            });
+            cluster.start_instance(index)?;
+        }
+        cluster.start_nginx()?;
+        Ok(cluster)
+    }
+
+    /// Starts (or restarts) `redis-server` on the cluster's Redis port.
+    pub fn start_redis(&mut self) -> Result<(), ClusterError> {
+        let (log, path) = log_file(&self.dir, "redis.log")?;
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &self.redis_port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.redis = Some(spawn(&mut command, "redis-server")?);
+        let address = SocketAddr::from(([127, 0, 0, 1], self.redis_port));
+        wait_until("redis-server", &path, || {
+            let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(200)) else {
+                return false;
+            };
+            let mut reply = [0u8; 7];
+            stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+        })
+    }
+
+    /// Stops Redis (the instances keep running, degraded).
+    pub fn stop_redis(&mut self) {
+        kill(&mut self.redis);
+    }
+
+    /// Starts (or restarts) instance `index`.
+    pub fn start_instance(&mut self, index: usize) -> Result<(), ClusterError> {
+        let instance = &self.instances[index];
+        let (log, path) = log_file(&self.dir, &format!("{}.log", instance.id))?;
+        let mut command = Command::new(&self.options.bin);
+        command
+            .env("LISTEN_ADDR", format!("127.0.0.1:{}", instance.port))
+            .env("INSTANCE_ID", &instance.id)
+            .env("STATIC_DIR", &self.options.static_dir)
+            .env("REDIS_URL", &self.redis_url)
+            .env("LOAD_BALANCER_URL", &self.url)
+            .env("CLUSTER_SECRET", &self.secret)
+            .env("RUST_LOG", std::env::var("STICKLESS_CLUSTER_LOG").unwrap_or_else(|_| "info".into()))
+            .env_remove("ADVERTISE_URL")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if self.options.direct_routing {
+            command.env("ADVERTISE_URL", &instance.url);
+        }
+        for (key, value) in &self.options.env {
+            command.env(key, value);
+        }
+        let child = spawn(&mut command, &self.options.bin.display().to_string())?;
+        self.instances[index].child = Some(child);
+        let address = SocketAddr::from(([127, 0, 0, 1], self.instances[index].port));
+        let id = self.instances[index].id.clone();
+        wait_until(&id, &path, || {
+            http_get(address, "/healthz", Duration::from_millis(500)).is_ok_and(|(status, _)| status == 200)
+        })
+    }
+
+    /// Stops instance `index` with SIGTERM.
+    pub fn stop_instance(&mut self, index: usize) {
+        kill(&mut self.instances[index].child);
+    }
+
+    fn start_nginx(&mut self) -> Result<(), ClusterError> {
+        let template = fs::read_to_string(&self.options.nginx_conf)?;
+        let ports: Vec<u16> = self.instances.iter().map(|i| i.port).collect();
+        let conf = render_nginx_conf(&template, self.lb_port, &ports, &self.dir)?;
+        let conf_path = self.dir.join("nginx.conf");
+        fs::write(&conf_path, conf)?;
+        let (log, path) = log_file(&self.dir, "nginx.log")?;
+        let mut command = Command::new(nginx_program());
+        command
+            .arg("-p")
+            .arg(&self.dir)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(self.dir.join("nginx-error.log"))
+            .arg("-g")
+            .arg(format!("daemon off; pid {}/nginx.pid;", self.dir.display()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.nginx = Some(spawn(&mut command, "nginx")?);
+        let address = SocketAddr::from(([127, 0, 0, 1], self.lb_port));
+        wait_until("nginx", &path, || {
+            http_get(address, "/healthz", Duration::from_millis(500)).is_ok_and(|(status, _)| status == 200)
+        })
+    }
+
+    /// Stops everything.
+    pub fn stop(&mut self) {
+        kill(&mut self.nginx);
+        for instance in &mut self.instances {
+            kill(&mut instance.child);
+        }
+        kill(&mut self.redis);
+    }
+}
+
+/// `nginx`, also where Debian puts it when `/usr/sbin` is not on the PATH.
+fn nginx_program() -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|dir| dir.join("nginx").is_file()))
+        .unwrap_or(false);
+    if !on_path && Path::new("/usr/sbin/nginx").is_file() {
+        PathBuf::from("/usr/sbin/nginx")
+    } else {
+        PathBuf::from("nginx")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_nginx_conf_renders_for_loopback() {
+        let template = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nginx.conf")).unwrap();
+        let conf = render_nginx_conf(&template, 9000, &[9001, 9002], Path::new("/tmp/x")).unwrap();
+        assert!(conf.contains("listen 127.0.0.1:9000;"));
+        assert!(conf.contains("server 127.0.0.1:9001;\n        server 127.0.0.1:9002;"));
+        assert!(!conf.contains("server app:8080"));
+        assert!(conf.contains("client_body_temp_path /tmp/x/body;"));
+        assert!(!conf.contains("ip_hash") && !conf.contains("sticky"));
+    }
+}

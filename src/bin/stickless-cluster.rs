@@ -1,0 +1,103 @@
+//! `stickless-cluster`: a cluster on this machine without Docker — `redis-server`, N
+//! `stickless` instances and `nginx` (the repo's `nginx.conf`) on free loopback ports.
+//!
+//! Prints one JSON line on stdout when ready (`{"url":…,"redis":…,"instances":[…]}`),
+//! then waits; Ctrl-C or SIGTERM (or, with `--stop-on-stdin-eof`, the end of its standard
+//! input) stops everything.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use serde_json::json;
+use stickless::devcluster::{Cluster, ClusterOptions};
+
+#[derive(Parser)]
+#[command(name = "stickless-cluster", about = "Run redis-server, N stickless instances and nginx on loopback")]
+struct Cli {
+    /// Number of instances.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=32))]
+    instances: u16,
+    /// The stickless binary; default: the one beside this program.
+    #[arg(long)]
+    bin: Option<PathBuf>,
+    /// The nginx.conf template.
+    #[arg(long, default_value = "nginx.conf")]
+    nginx_conf: PathBuf,
+    /// The chat page's folder.
+    #[arg(long, default_value = "static")]
+    static_dir: PathBuf,
+    /// Do not announce direct URLs: every misrouted request goes back through nginx.
+    #[arg(long)]
+    no_direct_routing: bool,
+    /// Also stop when standard input reaches its end (for a parent process that pipes it).
+    #[arg(long)]
+    stop_on_stdin_eof: bool,
+    /// Extra environment for every instance, as NAME=VALUE (repeatable).
+    #[arg(long = "env", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+}
+
+fn parse_env(raw: &str) -> Result<(String, String), String> {
+    raw.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{raw:?} is not NAME=VALUE"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let bin = match cli.bin {
+        Some(bin) => bin,
+        None => std::env::current_exe()?
+            .parent()
+            .context("no folder beside this program")?
+            .join("stickless"),
+    };
+    let stop_on_stdin_eof = cli.stop_on_stdin_eof;
+    let mut options = ClusterOptions::new(cli.instances.into(), bin);
+    options.nginx_conf = cli.nginx_conf;
+    options.static_dir = cli.static_dir;
+    options.direct_routing = !cli.no_direct_routing;
+    options.env = cli.env;
+    let cluster = Cluster::start(options).context("starting the cluster")?;
+    let ready = json!({
+        "url": cluster.url,
+        "redis": cluster.redis_url,
+        "instances": cluster.instances.iter().map(|i| json!({"id": i.id, "url": i.url})).collect::<Vec<_>>(),
+    });
+    println!("{ready}");
+    std::io::stdout().flush()?;
+    eprintln!("stickless cluster ready: open {} (logs in {})", cluster.url, cluster.dir.display());
+    eprintln!("stop with Ctrl-C");
+
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<&'static str>();
+    let on_signal = stop_tx.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        if let Ok(runtime) = runtime {
+            runtime.block_on(async {
+                let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(term) => term,
+                    Err(_) => return,
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            });
+            let _ = on_signal.send("signal");
+        }
+    });
+    if stop_on_stdin_eof {
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+            let _ = stop_tx.send("end of standard input");
+        });
+    }
+    let why = stop_rx.recv().unwrap_or("channel closed");
+    eprintln!("stopping the cluster ({why})");
+    drop(cluster);
+    Ok(())
+}
