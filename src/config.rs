@@ -45,7 +45,8 @@ pub struct Settings {
     #[arg(long, env = "MAX_FORWARD_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub max_forward_attempts: u32,
 
-    /// This instance's direct URL (http://host:port), announced over Redis for owner-directed routing.
+    /// This instance's direct URL (http://host:port), announced over Redis for owner-directed
+    /// routing; `{hostname}` in it is replaced by the host name (one value for every replica).
     #[arg(long, env = "ADVERTISE_URL", value_parser = parse_base_url)]
     pub advertise_url: Option<String>,
 
@@ -154,17 +155,19 @@ impl Settings {
         }
     }
 
+    /// The advertised URL with `{hostname}` expanded.
+    pub fn advertise_url(&self) -> Option<String> {
+        self.advertise_url
+            .as_ref()
+            .map(|url| url.replace("{hostname}", &host_name()))
+    }
+
     /// The configured instance id, or the host name plus a random suffix.
     pub fn instance_id(&self) -> InstanceId {
         if let Some(id) = &self.instance_id {
             return id.clone();
         }
-        let host = std::env::var("HOSTNAME")
-            .ok()
-            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-            .unwrap_or_default();
-        let host: String = host
-            .trim()
+        let host: String = host_name()
             .chars()
             .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
             .take(40)
@@ -179,6 +182,16 @@ impl Settings {
             InstanceId::parse(&format!("stickless-{suffix}")).expect("a valid fallback id")
         })
     }
+}
+
+/// This machine's (or container's) host name.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
 }
 
 fn parse_instance_id(raw: &str) -> Result<InstanceId, String> {

@@ -99,7 +99,7 @@ impl Application {
                 url,
                 hub.name(),
                 instance.clone(),
-                settings.advertise_url.clone(),
+                settings.advertise_url(),
                 local.clone(),
                 metrics.clone(),
             )?),
