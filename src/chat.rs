@@ -57,7 +57,10 @@ struct Names(Mutex<HashMap<ConnectionId, String>>);
 impl Names {
     fn get(&self, ctx: &HubContext) -> String {
         let names = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        names.get(&ctx.connection_id).cloned().unwrap_or_else(|| default_name(ctx))
+        names
+            .get(&ctx.connection_id)
+            .cloned()
+            .unwrap_or_else(|| default_name(ctx))
     }
 
     fn set(&self, ctx: &HubContext, name: String) {
@@ -68,7 +71,11 @@ impl Names {
     }
 
     fn forget(&self, ctx: &HubContext) -> String {
-        let removed = self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&ctx.connection_id);
+        let removed = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ctx.connection_id);
         removed.unwrap_or_else(|| default_name(ctx))
     }
 }
@@ -76,7 +83,14 @@ impl Names {
 fn default_name(ctx: &HubContext) -> String {
     match &ctx.user {
         Some(user) => user.clone(),
-        None => format!("guest-{}", ctx.connection_id.as_str().chars().take(4).collect::<String>()),
+        None => format!(
+            "guest-{}",
+            ctx.connection_id
+                .as_str()
+                .chars()
+                .take(4)
+                .collect::<String>()
+        ),
     }
 }
 
@@ -94,10 +108,14 @@ fn clean(value: &str, what: &str, max: usize) -> Result<String, HubError> {
         return Err(HubError::new(format!("The {what} must not be empty.")));
     }
     if value.chars().count() > max {
-        return Err(HubError::new(format!("The {what} must be at most {max} characters.")));
+        return Err(HubError::new(format!(
+            "The {what} must be at most {max} characters."
+        )));
     }
     if value.chars().any(char::is_control) {
-        return Err(HubError::new(format!("The {what} must not contain control characters.")));
+        return Err(HubError::new(format!(
+            "The {what} must not contain control characters."
+        )));
     }
     Ok(value.to_owned())
 }
@@ -116,7 +134,12 @@ fn message<'a>(ctx: &'a HubContext, names: &Names, text: String) -> ChatMessage<
     }
 }
 
-fn presence<'a>(ctx: &'a HubContext, kind: &'static str, name: String, room: Option<String>) -> Presence<'a> {
+fn presence<'a>(
+    ctx: &'a HubContext,
+    kind: &'static str,
+    name: String,
+    room: Option<String>,
+) -> Presence<'a> {
     Presence {
         kind,
         connection_id: ctx.connection_id.as_str(),
@@ -179,10 +202,13 @@ pub fn hub() -> Hub {
                 }
             }
         })
-        .method("Send", |ctx: HubContext, (message,): (String,)| async move {
-            ctx.clients().all().send("Send", (message,)).await?;
-            Ok(())
-        })
+        .method(
+            "Send",
+            |ctx: HubContext, (message,): (String,)| async move {
+                ctx.clients().all().send("Send", (message,)).await?;
+                Ok(())
+            },
+        )
         .method("WhoAmI", |ctx: HubContext, ()| async move {
             Ok(json!({
                 "instance": ctx.instance.as_str(),
@@ -222,7 +248,10 @@ pub fn hub() -> Hub {
                     let room = clean(&room, "room name", MAX_ROOM)?;
                     ctx.groups().add(ctx.connection_id.as_str(), &room).await;
                     let event = presence(&ctx, "joinedRoom", names.get(&ctx), Some(room.clone()));
-                    ctx.clients().group(&room).send("Presence", (event,)).await?;
+                    ctx.clients()
+                        .group(&room)
+                        .send("Presence", (event,))
+                        .await?;
                     Ok(room)
                 }
             }
@@ -235,7 +264,10 @@ pub fn hub() -> Hub {
                     let room = clean(&room, "room name", MAX_ROOM)?;
                     ctx.groups().remove(ctx.connection_id.as_str(), &room).await;
                     let event = presence(&ctx, "leftRoom", names.get(&ctx), Some(room.clone()));
-                    ctx.clients().group(&room).send("Presence", (event,)).await?;
+                    ctx.clients()
+                        .group(&room)
+                        .send("Presence", (event,))
+                        .await?;
                     Ok(room)
                 }
             }
@@ -248,7 +280,10 @@ pub fn hub() -> Hub {
                     let room = clean(&room, "room name", MAX_ROOM)?;
                     let mut msg = message(&ctx, &names, text);
                     msg.room = Some(room.clone());
-                    ctx.clients().group(&room).send("ReceiveMessage", (msg,)).await?;
+                    ctx.clients()
+                        .group(&room)
+                        .send("ReceiveMessage", (msg,))
+                        .await?;
                     Ok(())
                 }
             }
@@ -260,7 +295,10 @@ pub fn hub() -> Hub {
                 async move {
                     let mut msg = message(&ctx, &names, text);
                     msg.to = Some(connection_id.clone());
-                    ctx.clients().client(&connection_id).send("ReceiveMessage", (msg,)).await?;
+                    ctx.clients()
+                        .client(&connection_id)
+                        .send("ReceiveMessage", (msg,))
+                        .await?;
                     Ok(())
                 }
             }
@@ -272,27 +310,33 @@ pub fn hub() -> Hub {
                 async move {
                     let mut msg = message(&ctx, &names, text);
                     msg.to_user = Some(user.clone());
-                    ctx.clients().user(&user).send("ReceiveMessage", (msg,)).await?;
+                    ctx.clients()
+                        .user(&user)
+                        .send("ReceiveMessage", (msg,))
+                        .await?;
                     Ok(())
                 }
             }
         })
-        .stream("Counter", |_ctx: HubContext, (count, delay_ms): (u32, u64)| {
-            if count > MAX_COUNT || delay_ms > MAX_DELAY_MS {
-                return Err(HubError::new(format!(
+        .stream(
+            "Counter",
+            |_ctx: HubContext, (count, delay_ms): (u32, u64)| {
+                if count > MAX_COUNT || delay_ms > MAX_DELAY_MS {
+                    return Err(HubError::new(format!(
                     "Counter takes at most {MAX_COUNT} items and {MAX_DELAY_MS} ms between them."
                 )));
-            }
-            let delay = Duration::from_millis(delay_ms);
-            Ok(futures_util::stream::unfold(0u32, move |i| async move {
-                if i >= count {
-                    return None;
                 }
-                if i > 0 && !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-                Some((i, i + 1))
-            }))
-        })
+                let delay = Duration::from_millis(delay_ms);
+                Ok(futures_util::stream::unfold(0u32, move |i| async move {
+                    if i >= count {
+                        return None;
+                    }
+                    if i > 0 && !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    Some((i, i + 1))
+                }))
+            },
+        )
         .build()
 }

@@ -256,7 +256,11 @@ impl LocalClients {
 }
 
 /// Removes `id` from the set under `key`; true if the set became empty (and was dropped).
-fn remove_from(map: &mut HashMap<String, HashSet<ConnectionId>>, key: &str, id: &ConnectionId) -> bool {
+fn remove_from(
+    map: &mut HashMap<String, HashSet<ConnectionId>>,
+    key: &str,
+    id: &ConnectionId,
+) -> bool {
     let Some(set) = map.get_mut(key) else {
         return false;
     };
@@ -279,7 +283,11 @@ pub struct Clients {
 
 impl Clients {
     /// The clients API for hub code running on behalf of `caller`.
-    pub fn new(local: Arc<LocalClients>, backplane: Arc<dyn Backplane>, caller: ConnectionId) -> Self {
+    pub fn new(
+        local: Arc<LocalClients>,
+        backplane: Arc<dyn Backplane>,
+        caller: ConnectionId,
+    ) -> Self {
         Self {
             local,
             backplane,
@@ -313,7 +321,9 @@ impl Clients {
 
     /// One connection, on whatever instance.
     pub fn client(&self, connection_id: &str) -> Target<'_> {
-        self.target(Audience::Connection(ConnectionId::from_untrusted(connection_id)))
+        self.target(Audience::Connection(ConnectionId::from_untrusted(
+            connection_id,
+        )))
     }
 
     /// A group's members, on every instance.
@@ -425,7 +435,11 @@ impl Groups {
 }
 
 /// Applies a group action that arrived from another instance, if the connection is here.
-pub async fn apply_group_action(local: &LocalClients, backplane: &dyn Backplane, action: &GroupAction) {
+pub async fn apply_group_action(
+    local: &LocalClients,
+    backplane: &dyn Backplane,
+    action: &GroupAction,
+) {
     let id = ConnectionId::from_untrusted(&action.connection);
     let changed = if action.join {
         local.join(&id, &action.group)
@@ -454,13 +468,28 @@ mod tests {
         let local = local();
         let (a, b) = (ConnectionId::random(), ConnectionId::random());
         let topics = local.add(&a, Some("alice"), Outbox::new(4).0);
-        assert_eq!(topics, vec![Topic::Connection(a.clone()), Topic::User("alice".into())]);
-        assert_eq!(local.add(&b, Some("alice"), Outbox::new(4).0), vec![Topic::Connection(b.clone())]);
-        assert_eq!(local.join(&a, "room"), Ok(Some(Topic::Group("room".into()))));
+        assert_eq!(
+            topics,
+            vec![Topic::Connection(a.clone()), Topic::User("alice".into())]
+        );
+        assert_eq!(
+            local.add(&b, Some("alice"), Outbox::new(4).0),
+            vec![Topic::Connection(b.clone())]
+        );
+        assert_eq!(
+            local.join(&a, "room"),
+            Ok(Some(Topic::Group("room".into())))
+        );
         assert_eq!(local.join(&b, "room"), Ok(None));
         assert_eq!(local.leave(&a, "room"), Ok(None));
-        assert_eq!(local.remove(&b), vec![Topic::Connection(b.clone()), Topic::Group("room".into())]);
-        assert_eq!(local.remove(&a), vec![Topic::Connection(a), Topic::User("alice".into())]);
+        assert_eq!(
+            local.remove(&b),
+            vec![Topic::Connection(b.clone()), Topic::Group("room".into())]
+        );
+        assert_eq!(
+            local.remove(&a),
+            vec![Topic::Connection(a), Topic::User("alice".into())]
+        );
         assert!(local.topics().is_empty());
         assert_eq!(local.join(&ConnectionId::random(), "room"), Err(()));
     }
@@ -475,12 +504,43 @@ mod tests {
         local.add(&b, None, outbox_b);
         local.join(&b, "room").unwrap();
         let record = Bytes::from_static(b"x");
-        assert_eq!(local.deliver(&Audience::All { except: vec![a.clone()] }, &record), 1);
+        assert_eq!(
+            local.deliver(
+                &Audience::All {
+                    except: vec![a.clone()]
+                },
+                &record
+            ),
+            1
+        );
         assert_eq!(local.deliver(&Audience::User("alice".into()), &record), 1);
-        assert_eq!(local.deliver(&Audience::Group { name: "room".into(), except: vec![] }, &record), 1);
-        assert_eq!(local.deliver(&Audience::Group { name: "none".into(), except: vec![] }, &record), 0);
-        assert_eq!(local.deliver(&Audience::Connection(ConnectionId::random()), &record), 0);
-        let drain = |rx: &mut tokio::sync::mpsc::Receiver<Bytes>| std::iter::from_fn(|| rx.try_recv().ok()).count();
+        assert_eq!(
+            local.deliver(
+                &Audience::Group {
+                    name: "room".into(),
+                    except: vec![]
+                },
+                &record
+            ),
+            1
+        );
+        assert_eq!(
+            local.deliver(
+                &Audience::Group {
+                    name: "none".into(),
+                    except: vec![]
+                },
+                &record
+            ),
+            0
+        );
+        assert_eq!(
+            local.deliver(&Audience::Connection(ConnectionId::random()), &record),
+            0
+        );
+        let drain = |rx: &mut tokio::sync::mpsc::Receiver<Bytes>| {
+            std::iter::from_fn(|| rx.try_recv().ok()).count()
+        };
         assert_eq!(drain(&mut rx_a), 1);
         assert_eq!(drain(&mut rx_b), 2);
     }

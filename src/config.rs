@@ -15,7 +15,11 @@ pub const MIN_SECRET_LEN: usize = 16;
 
 /// All settings of one instance.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "stickless", version, about = "SignalR-compatible real-time server that needs no sticky sessions")]
+#[command(
+    name = "stickless",
+    version,
+    about = "SignalR-compatible real-time server that needs no sticky sessions"
+)]
 pub struct Settings {
     /// Address to bind; port 0 picks a free port.
     #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
@@ -112,7 +116,9 @@ pub enum ConfigError {
     #[error("POLL_TIMEOUT must be between 1s and 95s (the client gives up on a poll after 100 s)")]
     PollTimeout,
     /// Pings must come often enough for the client's 30 s server timeout.
-    #[error("KEEP_ALIVE_INTERVAL must be between 1s and 25s (clients drop a server silent for 30 s)")]
+    #[error(
+        "KEEP_ALIVE_INTERVAL must be between 1s and 25s (clients drop a server silent for 30 s)"
+    )]
     KeepAlive,
 }
 
@@ -120,9 +126,13 @@ impl Settings {
     /// Checks settings that depend on each other.
     pub fn validate(&self) -> Result<(), ConfigError> {
         match &self.cluster_secret {
-            Some(secret) if secret.len() < MIN_SECRET_LEN => return Err(ConfigError::SecretTooShort),
+            Some(secret) if secret.len() < MIN_SECRET_LEN => {
+                return Err(ConfigError::SecretTooShort)
+            }
             Some(_) => {}
-            None if self.redis_url.is_some() => return Err(ConfigError::SecretRequired("REDIS_URL")),
+            None if self.redis_url.is_some() => {
+                return Err(ConfigError::SecretRequired("REDIS_URL"))
+            }
             None if self.load_balancer_url.is_some() => {
                 return Err(ConfigError::SecretRequired("LOAD_BALANCER_URL"))
             }
@@ -131,7 +141,8 @@ impl Settings {
             }
             None => {}
         }
-        if self.poll_timeout < Duration::from_secs(1) || self.poll_timeout > Duration::from_secs(95) {
+        if self.poll_timeout < Duration::from_secs(1) || self.poll_timeout > Duration::from_secs(95)
+        {
             return Err(ConfigError::PollTimeout);
         }
         if self.keep_alive_interval < Duration::from_secs(1)
@@ -254,7 +265,10 @@ mod tests {
 
     #[test]
     fn base_urls_are_normalised_and_checked() {
-        assert_eq!(parse_base_url("http://lb:8080/"), Ok("http://lb:8080".into()));
+        assert_eq!(
+            parse_base_url("http://lb:8080/"),
+            Ok("http://lb:8080".into())
+        );
         assert!(parse_base_url("https://lb").is_err());
         assert!(parse_base_url("http://lb/path").is_err());
         assert!(parse_base_url("lb:8080").is_err());
@@ -264,9 +278,15 @@ mod tests {
     fn a_cluster_needs_a_shared_secret() {
         let mut settings = Settings::for_tests();
         settings.redis_url = Some("redis://127.0.0.1".into());
-        assert!(matches!(settings.validate(), Err(ConfigError::SecretRequired("REDIS_URL"))));
+        assert!(matches!(
+            settings.validate(),
+            Err(ConfigError::SecretRequired("REDIS_URL"))
+        ));
         settings.cluster_secret = Some("short".into());
-        assert!(matches!(settings.validate(), Err(ConfigError::SecretTooShort)));
+        assert!(matches!(
+            settings.validate(),
+            Err(ConfigError::SecretTooShort)
+        ));
         settings.cluster_secret = Some("0123456789abcdef".into());
         assert!(settings.validate().is_ok());
     }

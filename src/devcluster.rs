@@ -20,7 +20,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     /// A program could not be run (not installed?).
-    #[error("cannot run {program}: {source} (is it installed? the README's test command installs it)")]
+    #[error(
+        "cannot run {program}: {source} (is it installed? the README's test command installs it)"
+    )]
     Spawn {
         /// The program.
         program: String,
@@ -108,10 +110,17 @@ pub fn free_port() -> std::io::Result<u16> {
 
 /// A minimal HTTP/1.1 GET, for health checks without an HTTP client: the status code
 /// and the body.
-pub fn http_get(address: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+pub fn http_get(
+    address: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&address, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let status = response
@@ -119,7 +128,10 @@ pub fn http_get(address: SocketAddr, path: &str, timeout: Duration) -> std::io::
         .nth(1)
         .and_then(|code| code.parse().ok())
         .unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -163,10 +175,17 @@ fn kill(child: &mut Option<Child>) {
 }
 
 /// Renders the nginx.conf template for a loopback cluster.
-pub fn render_nginx_conf(template: &str, listen_port: u16, upstreams: &[u16], dir: &Path) -> Result<String, ClusterError> {
+pub fn render_nginx_conf(
+    template: &str,
+    listen_port: u16,
+    upstreams: &[u16],
+    dir: &Path,
+) -> Result<String, ClusterError> {
     const BEGIN: &str = "# BEGIN upstream servers";
     const END: &str = "# END upstream servers";
-    let (head, rest) = template.split_once(BEGIN).ok_or(ClusterError::Template(BEGIN))?;
+    let (head, rest) = template
+        .split_once(BEGIN)
+        .ok_or(ClusterError::Template(BEGIN))?;
     let (_, tail) = rest.split_once(END).ok_or(ClusterError::Template(END))?;
     let servers: String = upstreams
         .iter()
@@ -176,7 +195,11 @@ pub fn render_nginx_conf(template: &str, listen_port: u16, upstreams: &[u16], di
     if !conf.contains("listen 8080;") {
         return Err(ClusterError::Template("`listen 8080;`"));
     }
-    let conf = conf.replacen("listen 8080;", &format!("listen 127.0.0.1:{listen_port};"), 1);
+    let conf = conf.replacen(
+        "listen 8080;",
+        &format!("listen 127.0.0.1:{listen_port};"),
+        1,
+    );
     let d = dir.display();
     let locations = format!(
         "http {{\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n    access_log {d}/nginx-access.log;\n"
@@ -190,7 +213,11 @@ pub fn render_nginx_conf(template: &str, listen_port: u16, upstreams: &[u16], di
 impl Cluster {
     /// Starts Redis, the instances and nginx, and waits until all are ready.
     pub fn start(options: ClusterOptions) -> Result<Self, ClusterError> {
-        let dir = std::env::temp_dir().join(format!("stickless-cluster-{}-{}", std::process::id(), free_port()?));
+        let dir = std::env::temp_dir().join(format!(
+            "stickless-cluster-{}-{}",
+            std::process::id(),
+            free_port()?
+        ));
         fs::create_dir_all(&dir)?;
         let secret = format!("{:032x}", rand::random::<u128>());
         let lb_port = free_port()?;
@@ -227,7 +254,12 @@ impl Cluster {
         let (log, path) = log_file(&self.dir, "redis.log")?;
         let mut command = Command::new("redis-server");
         command
-            .args(["--port", &self.redis_port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--port",
+                &self.redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
             .args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(&self.dir)
             .stdin(Stdio::null())
@@ -236,11 +268,14 @@ impl Cluster {
         self.redis = Some(spawn(&mut command, "redis-server")?);
         let address = SocketAddr::from(([127, 0, 0, 1], self.redis_port));
         wait_until("redis-server", &path, || {
-            let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(200)) else {
+            let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(200))
+            else {
                 return false;
             };
             let mut reply = [0u8; 7];
-            stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+            stream.write_all(b"PING\r\n").is_ok()
+                && stream.read_exact(&mut reply).is_ok()
+                && &reply == b"+PONG\r\n"
         })
     }
 
@@ -261,7 +296,10 @@ impl Cluster {
             .env("REDIS_URL", &self.redis_url)
             .env("LOAD_BALANCER_URL", &self.url)
             .env("CLUSTER_SECRET", &self.secret)
-            .env("RUST_LOG", std::env::var("STICKLESS_CLUSTER_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("STICKLESS_CLUSTER_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("ADVERTISE_URL")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -277,7 +315,8 @@ impl Cluster {
         let address = SocketAddr::from(([127, 0, 0, 1], self.instances[index].port));
         let id = self.instances[index].id.clone();
         wait_until(&id, &path, || {
-            http_get(address, "/healthz", Duration::from_millis(500)).is_ok_and(|(status, _)| status == 200)
+            http_get(address, "/healthz", Duration::from_millis(500))
+                .is_ok_and(|(status, _)| status == 200)
         })
     }
 
@@ -309,7 +348,8 @@ impl Cluster {
         self.nginx = Some(spawn(&mut command, "nginx")?);
         let address = SocketAddr::from(([127, 0, 0, 1], self.lb_port));
         wait_until("nginx", &path, || {
-            http_get(address, "/healthz", Duration::from_millis(500)).is_ok_and(|(status, _)| status == 200)
+            http_get(address, "/healthz", Duration::from_millis(500))
+                .is_ok_and(|(status, _)| status == 200)
         })
     }
 
@@ -347,7 +387,8 @@ mod tests {
 
     #[test]
     fn the_shipped_nginx_conf_renders_for_loopback() {
-        let template = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nginx.conf")).unwrap();
+        let template =
+            fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nginx.conf")).unwrap();
         let conf = render_nginx_conf(&template, 9000, &[9001, 9002], Path::new("/tmp/x")).unwrap();
         assert!(conf.contains("listen 127.0.0.1:9000;"));
         assert!(conf.contains("server 127.0.0.1:9001;\n        server 127.0.0.1:9002;"));

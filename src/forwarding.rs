@@ -45,8 +45,15 @@ pub const ATTEMPTS_HEADER: &str = "x-stickless-forward-attempts";
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
-        "connection" | "keep-alive" | "proxy-authenticate" | "proxy-authorization" | "proxy-connection"
-            | "te" | "trailer" | "transfer-encoding" | "upgrade"
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
     )
 }
 
@@ -72,10 +79,9 @@ pub struct Forwarder {
 /// The (base URL, mode label) pairs to try, in order.
 fn targets(plan: &ForwardPlan) -> Vec<(&str, &'static str)> {
     let direct = plan.direct.iter().map(|url| (url.as_str(), "direct"));
-    let balanced = plan
-        .load_balancer
-        .iter()
-        .flat_map(|(url, attempts)| std::iter::repeat_n((url.as_str(), "load_balancer"), *attempts as usize));
+    let balanced = plan.load_balancer.iter().flat_map(|(url, attempts)| {
+        std::iter::repeat_n((url.as_str(), "load_balancer"), *attempts as usize)
+    });
     direct.chain(balanced).collect()
 }
 
@@ -87,6 +93,7 @@ fn now_secs() -> u64 {
 }
 
 /// How a forward ended, before it is counted and answered.
+#[derive(Default)]
 struct Tally {
     attempts: u64,
     mode: &'static str,
@@ -94,9 +101,23 @@ struct Tally {
     failure: Option<String>,
 }
 
+impl Tally {
+    /// Counts the start of one more attempt.
+    fn begin(&mut self, mode: &'static str, metrics: &Metrics) {
+        self.attempts += 1;
+        self.mode = mode;
+        metrics.forward_request_sent();
+    }
+}
+
 impl Forwarder {
     /// A forwarder; `poll_timeout` sizes the wait for forwarded long polls.
-    pub fn new(key: ClusterKey, metrics: Arc<Metrics>, poll_timeout: Duration, max_frame_size: usize) -> Self {
+    pub fn new(
+        key: ClusterKey,
+        metrics: Arc<Metrics>,
+        poll_timeout: Duration,
+        max_frame_size: usize,
+    ) -> Self {
         let client = awc::Client::builder()
             .connector(awc::Connector::new().timeout(CONNECT_TIMEOUT))
             .timeout(REQUEST_TIMEOUT)
@@ -113,28 +134,44 @@ impl Forwarder {
     }
 
     fn path_and_query(req: &HttpRequest) -> &str {
-        req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/")
+        req.uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
     }
 
     fn finish(&self, kind: RequestKind, tally: &Tally, outcome: ForwardOutcome) {
-        self.metrics.forwarded(kind.label(), tally.mode, outcome, tally.attempts);
+        self.metrics
+            .forwarded(kind.label(), tally.mode, outcome, tally.attempts);
         log::info!(
             "forwarded {} request: {:?} after {} attempt(s), last via {}{}",
             kind.label(),
             outcome,
             tally.attempts,
             tally.mode,
-            tally.failure.as_deref().map(|f| format!(" (last error: {f})")).unwrap_or_default()
+            tally
+                .failure
+                .as_deref()
+                .map(|f| format!(" (last error: {f})"))
+                .unwrap_or_default()
         );
     }
 
     /// The answer when no instance served the request.
     fn exhausted(&self, kind: RequestKind, tally: Tally) -> HttpResponse {
         let (outcome, status, text) = if tally.not_found || tally.failure.is_none() {
-            (ForwardOutcome::NotFound, StatusCode::NOT_FOUND, "No Connection with that ID".to_owned())
+            (
+                ForwardOutcome::NotFound,
+                StatusCode::NOT_FOUND,
+                "No Connection with that ID".to_owned(),
+            )
         } else {
             let failure = tally.failure.clone().unwrap_or_default();
-            (ForwardOutcome::Failed, StatusCode::BAD_GATEWAY, format!("The instance holding this connection could not be reached: {failure}"))
+            (
+                ForwardOutcome::Failed,
+                StatusCode::BAD_GATEWAY,
+                format!("The instance holding this connection could not be reached: {failure}"),
+            )
         };
         self.finish(kind, &tally, outcome);
         HttpResponse::build(status)
@@ -144,26 +181,32 @@ impl Forwarder {
     }
 
     /// Forwards an HTTP request (poll, event stream, send or delete) along `plan`.
-    pub async fn forward(&self, req: &HttpRequest, body: Bytes, kind: RequestKind, plan: &ForwardPlan) -> HttpResponse {
+    pub async fn forward(
+        &self,
+        req: &HttpRequest,
+        body: Bytes,
+        kind: RequestKind,
+        plan: &ForwardPlan,
+    ) -> HttpResponse {
         let timeout = match kind {
             RequestKind::Poll => self.poll_timeout + POLL_GRACE,
             _ => REQUEST_TIMEOUT,
         };
-        let mut tally = Tally {
-            attempts: 0,
-            mode: "load_balancer",
-            not_found: false,
-            failure: None,
-        };
+        let mut tally = Tally::default();
         for (base, mode) in targets(plan) {
-            tally.attempts += 1;
-            tally.mode = mode;
-            self.metrics.forward_request_sent();
+            tally.begin(mode, &self.metrics);
             let mut request = self
                 .client
-                .request(req.method().clone(), format!("{base}{}", Self::path_and_query(req)))
+                .request(
+                    req.method().clone(),
+                    format!("{base}{}", Self::path_and_query(req)),
+                )
                 .timeout(timeout);
-            for (name, value) in req.headers().iter().filter(|(name, _)| forwards_request_header(name)) {
+            for (name, value) in req
+                .headers()
+                .iter()
+                .filter(|(name, _)| forwards_request_header(name))
+            {
                 request = request.append_header((name.clone(), value.clone()));
             }
             request = request.insert_header((PROBE_HEADER, self.key.probe_marker(now_secs())));
@@ -184,7 +227,12 @@ impl Forwarder {
         self.exhausted(kind, tally)
     }
 
-    async fn relay_response<S>(&self, mut response: awc::ClientResponse<S>, kind: RequestKind, attempts: u64) -> HttpResponse
+    async fn relay_response<S>(
+        &self,
+        mut response: awc::ClientResponse<S>,
+        kind: RequestKind,
+        attempts: u64,
+    ) -> HttpResponse
     where
         S: futures_util::Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin + 'static,
     {
@@ -200,7 +248,8 @@ impl Forwarder {
         }
         match response.body().limit(MAX_RESPONSE_BODY).await {
             Ok(body) => out.body(body),
-            Err(error) => HttpResponse::BadGateway().body(format!("Reading the forwarded response failed: {error}")),
+            Err(error) => HttpResponse::BadGateway()
+                .body(format!("Reading the forwarded response failed: {error}")),
         }
     }
 
@@ -212,19 +261,20 @@ impl Forwarder {
         plan: &ForwardPlan,
     ) -> Result<HttpResponse, actix_web::Error> {
         let kind = RequestKind::WebSocket;
-        let mut tally = Tally {
-            attempts: 0,
-            mode: "load_balancer",
-            not_found: false,
-            failure: None,
-        };
+        let mut tally = Tally::default();
         for (base, mode) in targets(plan) {
-            tally.attempts += 1;
-            tally.mode = mode;
-            self.metrics.forward_request_sent();
-            let url = format!("ws{}{}", base.trim_start_matches("http"), Self::path_and_query(req));
+            tally.begin(mode, &self.metrics);
+            let url = format!(
+                "ws{}{}",
+                base.trim_start_matches("http"),
+                Self::path_and_query(req)
+            );
             let mut request = self.client.ws(url).max_frame_size(self.max_frame_size);
-            for (name, value) in req.headers().iter().filter(|(name, _)| forwards_request_header(name)) {
+            for (name, value) in req
+                .headers()
+                .iter()
+                .filter(|(name, _)| forwards_request_header(name))
+            {
                 request = request.header(name.clone(), value.clone());
             }
             request = request.set_header(PROBE_HEADER, self.key.probe_marker(now_secs()));
@@ -336,17 +386,41 @@ mod tests {
         };
         assert_eq!(
             targets(&plan),
-            vec![("http://a", "direct"), ("http://lb", "load_balancer"), ("http://lb", "load_balancer")]
+            vec![
+                ("http://a", "direct"),
+                ("http://lb", "load_balancer"),
+                ("http://lb", "load_balancer")
+            ]
         );
     }
 
     #[test]
     fn hop_by_hop_and_probe_headers_are_not_copied() {
-        for name in ["connection", "upgrade", "transfer-encoding", "host", "content-length", PROBE_HEADER, "sec-websocket-key"] {
-            assert!(!forwards_request_header(&HeaderName::from_static(name)), "{name}");
+        for name in [
+            "connection",
+            "upgrade",
+            "transfer-encoding",
+            "host",
+            "content-length",
+            PROBE_HEADER,
+            "sec-websocket-key",
+        ] {
+            assert!(
+                !forwards_request_header(&HeaderName::from_static(name)),
+                "{name}"
+            );
         }
-        for name in ["authorization", "cookie", "accept", "x-requested-with", "content-type"] {
-            assert!(forwards_request_header(&HeaderName::from_static(name)), "{name}");
+        for name in [
+            "authorization",
+            "cookie",
+            "accept",
+            "x-requested-with",
+            "content-type",
+        ] {
+            assert!(
+                forwards_request_header(&HeaderName::from_static(name)),
+                "{name}"
+            );
         }
     }
 }

@@ -71,9 +71,9 @@ impl ResponseError for ApiError {
         match self {
             Self::MissingId | Self::Body(_) => StatusCode::BAD_REQUEST,
             Self::UnknownConnection => StatusCode::NOT_FOUND,
-            Self::Connection(ConnectionError::WrongTransport | ConnectionError::DeleteNotLongPolling) => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::Connection(
+                ConnectionError::WrongTransport | ConnectionError::DeleteNotLongPolling,
+            ) => StatusCode::BAD_REQUEST,
             Self::Connection(ConnectionError::AlreadyActive) => StatusCode::CONFLICT,
             Self::Connection(ConnectionError::Gone) => StatusCode::NOT_FOUND,
             Self::Connection(ConnectionError::PostToWebSocket) | Self::MethodNotAllowed => {
@@ -150,11 +150,14 @@ async fn method_not_allowed() -> HttpResponse {
 
 /// `POST {hub}/negotiate`: a new connection, owned by this instance.
 async fn negotiate(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let version = match negotiate::negotiate_version(query_param(&req, "negotiateVersion").as_deref()) {
-        Ok(version) => version,
-        // The client reads errors only from a 200 with `{"error"}`.
-        Err(error) => return HttpResponse::Ok().json(negotiate::error_body(&error.to_string())),
-    };
+    let version =
+        match negotiate::negotiate_version(query_param(&req, "negotiateVersion").as_deref()) {
+            Ok(version) => version,
+            // The client reads errors only from a 200 with `{"error"}`.
+            Err(error) => {
+                return HttpResponse::Ok().json(negotiate::error_body(&error.to_string()))
+            }
+        };
     let (id, token) = state.mint();
     state.connections.create(id.clone(), token.clone());
     state.metrics.negotiated();
@@ -173,11 +176,19 @@ impl AppState {
     }
 
     fn route(&self, req: &HttpRequest, token: &str, kind: RequestKind) -> Route {
-        let marker = req.headers().get(PROBE_HEADER).and_then(|v| v.to_str().ok());
+        let marker = req
+            .headers()
+            .get(PROBE_HEADER)
+            .and_then(|v| v.to_str().ok());
         let now = now_secs();
         let probe = self.router.is_probe(marker, now);
-        self.router
-            .route(&self.connections, token, probe, kind == RequestKind::WebSocket, now)
+        self.router.route(
+            &self.connections,
+            token,
+            probe,
+            kind == RequestKind::WebSocket,
+            now,
+        )
     }
 }
 
@@ -199,12 +210,16 @@ async fn serve(
     };
     let activation = connection.activate(transport).map_err(ApiError::from)?;
     if activation.first {
-        state.connections.start(&connection, transport, (state.user_id)(req));
+        state
+            .connections
+            .start(&connection, transport, (state.user_id)(req));
     }
     Ok(match upgraded {
         Some((response, session, messages)) => {
             let max_frame = max_body_size(&state.settings);
-            actix_web::rt::spawn(websocket::serve(connection, activation, session, messages, max_frame));
+            actix_web::rt::spawn(websocket::serve(
+                connection, activation, session, messages, max_frame,
+            ));
             response
         }
         None if kind == RequestKind::EventStream => sse::stream(connection, activation),
@@ -219,7 +234,8 @@ async fn hub_get(
     state: web::Data<AppState>,
     forwarder: web::Data<Forwarder>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let kind = RequestKind::classify(req.method(), req.headers()).ok_or(ApiError::MethodNotAllowed)?;
+    let kind =
+        RequestKind::classify(req.method(), req.headers()).ok_or(ApiError::MethodNotAllowed)?;
     let Some(token) = query_param(&req, "id") else {
         if kind != RequestKind::WebSocket {
             return Err(ApiError::MissingId.into());
@@ -272,7 +288,9 @@ async fn hub_post(
             receive_post(&connection, body).await?;
             Ok(HttpResponse::Ok().finish())
         }
-        Route::Forward(plan) => Ok(forwarder.forward(&req, body, RequestKind::Send, &plan).await),
+        Route::Forward(plan) => Ok(forwarder
+            .forward(&req, body, RequestKind::Send, &plan)
+            .await),
         Route::Adopt(_) | Route::Reject(_) => Err(ApiError::UnknownConnection),
     }
 }
@@ -286,13 +304,17 @@ async fn hub_delete(
     let token = query_param(&req, "id").ok_or(ApiError::MissingId)?;
     match state.route(&req, &token, RequestKind::Delete) {
         Route::Local(connection) => {
-            if connection.transport() != Some(crate::protocol::negotiate::TransportKind::LongPolling) {
+            if connection.transport()
+                != Some(crate::protocol::negotiate::TransportKind::LongPolling)
+            {
                 return Err(ConnectionError::DeleteNotLongPolling.into());
             }
             state.connections.dispose(&connection);
             Ok(HttpResponse::Accepted().finish())
         }
-        Route::Forward(plan) => Ok(forwarder.forward(&req, Bytes::new(), RequestKind::Delete, &plan).await),
+        Route::Forward(plan) => Ok(forwarder
+            .forward(&req, Bytes::new(), RequestKind::Delete, &plan)
+            .await),
         Route::Reject(why) => {
             state.metrics.rejected(why);
             Err(ApiError::UnknownConnection)

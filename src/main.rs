@@ -12,7 +12,11 @@ use stickless::startup::Application;
 
 /// Command line: the settings, plus the container health check.
 #[derive(Parser)]
-#[command(name = "stickless", version, about = "SignalR-compatible real-time server that needs no sticky sessions")]
+#[command(
+    name = "stickless",
+    version,
+    about = "SignalR-compatible real-time server that needs no sticky sessions"
+)]
 struct Cli {
     #[command(flatten)]
     settings: Settings,
@@ -36,13 +40,19 @@ fn healthcheck(listen: SocketAddr) -> anyhow::Result<()> {
     let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(3))
         .with_context(|| format!("connecting to {address}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-    write!(stream, "GET /healthz HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET /healthz HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     if response.starts_with("HTTP/1.1 200") {
         Ok(())
     } else {
-        anyhow::bail!("unhealthy: {}", response.lines().next().unwrap_or("no response"))
+        anyhow::bail!(
+            "unhealthy: {}",
+            response.lines().next().unwrap_or("no response")
+        )
     }
 }
 
@@ -50,14 +60,15 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(error) => {
-                log::warn!("cannot listen for SIGTERM: {error}");
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(error) => {
+                    log::warn!("cannot listen for SIGTERM: {error}");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -79,7 +90,9 @@ async fn main() -> anyhow::Result<()> {
         .format_timestamp_millis()
         .init();
     let listen = settings.listen_addr;
-    let app = Application::build(settings).await.context("stickless could not start")?;
+    let app = Application::build(settings)
+        .await
+        .context("stickless could not start")?;
     let address = local_address(SocketAddr::new(listen.ip(), app.port()));
     println!("stickless listening on http://{address}");
     std::io::stdout().flush()?;

@@ -201,36 +201,104 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
 
-        family(&mut out, "stickless_connections", "gauge", "Connections served by this instance, by transport.");
+        family(
+            &mut out,
+            "stickless_connections",
+            "gauge",
+            "Connections served by this instance, by transport.",
+        );
         for kind in TransportKind::ALL {
             let value = self.connections[index(kind)].load(Ordering::Relaxed);
-            let _ = writeln!(out, "stickless_connections{{transport=\"{}\"}} {value}", kind.name());
+            let _ = writeln!(
+                out,
+                "stickless_connections{{transport=\"{}\"}} {value}",
+                kind.name()
+            );
         }
-        family(&mut out, "stickless_connections_started_total", "counter", "Connections started on this instance, by transport.");
+        family(
+            &mut out,
+            "stickless_connections_started_total",
+            "counter",
+            "Connections started on this instance, by transport.",
+        );
         for kind in TransportKind::ALL {
             let value = load(&self.connections_total[index(kind)]);
-            let _ = writeln!(out, "stickless_connections_started_total{{transport=\"{}\"}} {value}", kind.name());
+            let _ = writeln!(
+                out,
+                "stickless_connections_started_total{{transport=\"{}\"}} {value}",
+                kind.name()
+            );
         }
         let simple = [
-            ("stickless_negotiations_total", "Successful negotiate requests.", &self.negotiations),
-            ("stickless_messages_received_total", "Hub messages received from clients.", &self.messages_received),
-            ("stickless_messages_sent_total", "Records queued for clients.", &self.messages_sent),
-            ("stickless_slow_consumer_closes_total", "Connections closed because their outbound queue overflowed.", &self.slow_consumers),
-            ("stickless_adopted_websockets_total", "WebSockets for another instance's token served here.", &self.adopted),
-            ("stickless_forward_requests_sent_total", "Requests sent to other instances or the load balancer (every attempt).", &self.forward_requests_sent),
-            ("stickless_backplane_published_total", "Messages published to the backplane.", &self.backplane_published),
-            ("stickless_backplane_publish_errors_total", "Messages that could not be published to the backplane.", &self.backplane_publish_errors),
-            ("stickless_backplane_received_total", "Messages received from other instances through the backplane.", &self.backplane_received),
-            ("stickless_backplane_reconnects_total", "Times the backplane reconnected after losing Redis.", &self.backplane_reconnects),
+            (
+                "stickless_negotiations_total",
+                "Successful negotiate requests.",
+                &self.negotiations,
+            ),
+            (
+                "stickless_messages_received_total",
+                "Hub messages received from clients.",
+                &self.messages_received,
+            ),
+            (
+                "stickless_messages_sent_total",
+                "Records queued for clients.",
+                &self.messages_sent,
+            ),
+            (
+                "stickless_slow_consumer_closes_total",
+                "Connections closed because their outbound queue overflowed.",
+                &self.slow_consumers,
+            ),
+            (
+                "stickless_adopted_websockets_total",
+                "WebSockets for another instance's token served here.",
+                &self.adopted,
+            ),
+            (
+                "stickless_forward_requests_sent_total",
+                "Requests sent to other instances or the load balancer (every attempt).",
+                &self.forward_requests_sent,
+            ),
+            (
+                "stickless_backplane_published_total",
+                "Messages published to the backplane.",
+                &self.backplane_published,
+            ),
+            (
+                "stickless_backplane_publish_errors_total",
+                "Messages that could not be published to the backplane.",
+                &self.backplane_publish_errors,
+            ),
+            (
+                "stickless_backplane_received_total",
+                "Messages received from other instances through the backplane.",
+                &self.backplane_received,
+            ),
+            (
+                "stickless_backplane_reconnects_total",
+                "Times the backplane reconnected after losing Redis.",
+                &self.backplane_reconnects,
+            ),
         ];
         for (name, help, counter) in simple {
             family(&mut out, name, "counter", help);
             let _ = writeln!(out, "{name} {}", load(counter));
         }
-        family(&mut out, "stickless_backplane_up", "gauge", "1 when the backplane is connected (always 1 in-process).");
+        family(
+            &mut out,
+            "stickless_backplane_up",
+            "gauge",
+            "1 when the backplane is connected (always 1 in-process).",
+        );
         let _ = writeln!(out, "stickless_backplane_up {}", u8::from(backplane_up));
 
-        family(&mut out, "stickless_forwarded_requests_total", "counter", "Misrouted client requests forwarded, by request kind, mode and outcome.");
+        family(
+            &mut out,
+            "stickless_forwarded_requests_total",
+            "counter",
+            "Misrouted client requests forwarded, by request kind, mode and outcome.",
+        );
         if let Ok(map) = self.forwarded.lock() {
             for ((request, mode, outcome), value) in map.iter() {
                 let _ = writeln!(
@@ -239,19 +307,43 @@ impl Metrics {
                 );
             }
         }
-        family(&mut out, "stickless_forward_attempts", "histogram", "Attempts needed per forwarded request.");
+        family(
+            &mut out,
+            "stickless_forward_attempts",
+            "histogram",
+            "Attempts needed per forwarded request.",
+        );
         for (bucket, bound) in self.attempts_buckets.iter().zip(ATTEMPT_BUCKETS) {
-            let _ = writeln!(out, "stickless_forward_attempts_bucket{{le=\"{bound}\"}} {}", load(bucket));
+            let _ = writeln!(
+                out,
+                "stickless_forward_attempts_bucket{{le=\"{bound}\"}} {}",
+                load(bucket)
+            );
         }
         let count = load(&self.attempts_count);
-        let _ = writeln!(out, "stickless_forward_attempts_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "stickless_forward_attempts_sum {}", load(&self.attempts_sum));
+        let _ = writeln!(
+            out,
+            "stickless_forward_attempts_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "stickless_forward_attempts_sum {}",
+            load(&self.attempts_sum)
+        );
         let _ = writeln!(out, "stickless_forward_attempts_count {count}");
 
-        family(&mut out, "stickless_routing_rejections_total", "counter", "Requests answered 404 at once, without forwarding, by reason.");
+        family(
+            &mut out,
+            "stickless_routing_rejections_total",
+            "counter",
+            "Requests answered 404 at once, without forwarding, by reason.",
+        );
         if let Ok(map) = self.rejections.lock() {
             for (why, value) in map.iter() {
-                let _ = writeln!(out, "stickless_routing_rejections_total{{reason=\"{why}\"}} {value}");
+                let _ = writeln!(
+                    out,
+                    "stickless_routing_rejections_total{{reason=\"{why}\"}} {value}"
+                );
             }
         }
         out

@@ -105,7 +105,10 @@ impl Outbox {
             Err(mpsc::error::TrySendError::Closed(_)) => Pushed::Closed,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.close(Closing::with_message(
-                    Some("Connection closed: the client did not read its messages fast enough.".into()),
+                    Some(
+                        "Connection closed: the client did not read its messages fast enough."
+                            .into(),
+                    ),
                     true,
                 ));
                 Pushed::Overflowed

@@ -56,12 +56,18 @@ impl RequestKind {
     /// Classifies a request; `None` for methods the endpoint does not take (405).
     pub fn classify(method: &Method, headers: &HeaderMap) -> Option<Self> {
         let has = |name, token: &str| {
-            headers.get_all(name).any(|value: &actix_web::http::header::HeaderValue| {
-                value.to_str().is_ok_and(|v| v.to_ascii_lowercase().contains(token))
-            })
+            headers
+                .get_all(name)
+                .any(|value: &actix_web::http::header::HeaderValue| {
+                    value
+                        .to_str()
+                        .is_ok_and(|v| v.to_ascii_lowercase().contains(token))
+                })
         };
         match *method {
-            Method::GET if has(UPGRADE, "websocket") && has(CONNECTION, "upgrade") => Some(Self::WebSocket),
+            Method::GET if has(UPGRADE, "websocket") && has(CONNECTION, "upgrade") => {
+                Some(Self::WebSocket)
+            }
             Method::GET if has(ACCEPT, "text/event-stream") => Some(Self::EventStream),
             Method::GET => Some(Self::Poll),
             Method::POST => Some(Self::Send),
@@ -148,11 +154,21 @@ impl Router {
 
     /// Whether a request carries a valid probe marker.
     pub fn is_probe(&self, marker: Option<&str>, now_secs: u64) -> bool {
-        marker.is_some_and(|m| self.key.verify_probe_marker(m, now_secs, PROBE_MAX_SKEW_SECS))
+        marker.is_some_and(|m| {
+            self.key
+                .verify_probe_marker(m, now_secs, PROBE_MAX_SKEW_SECS)
+        })
     }
 
     /// Decides where the request for `token` goes.
-    pub fn route(&self, connections: &Connections, token: &str, probe: bool, websocket: bool, now_secs: u64) -> Route {
+    pub fn route(
+        &self,
+        connections: &Connections,
+        token: &str,
+        probe: bool,
+        websocket: bool,
+        now_secs: u64,
+    ) -> Route {
         let Ok(claims) = self.key.verify(token) else {
             return Route::Reject(Rejection::BadToken);
         };
@@ -209,8 +225,19 @@ mod tests {
             Arc::new(InProcess),
             me.clone(),
         );
-        let connections = Connections::new(Arc::new(host), metrics, SessionConfig::from_settings(&Settings::for_tests()));
-        let router = Router::new(me, key.clone(), lb.map(str::to_owned), attempts, Some(Duration::from_secs(15)), Arc::new(InProcess));
+        let connections = Connections::new(
+            Arc::new(host),
+            metrics,
+            SessionConfig::from_settings(&Settings::for_tests()),
+        );
+        let router = Router::new(
+            me,
+            key.clone(),
+            lb.map(str::to_owned),
+            attempts,
+            Some(Duration::from_secs(15)),
+            Arc::new(InProcess),
+        );
         (router, connections, key)
     }
 
@@ -227,18 +254,34 @@ mod tests {
     #[test]
     fn forged_tokens_are_rejected_without_forwarding() {
         let (router, connections, _) = setup(Some("http://lb"), 10);
-        let forged = token(&ClusterKey::from_secret(b"not the cluster secret"), "other", NOW);
-        assert!(matches!(router.route(&connections, &forged, false, false, NOW), Route::Reject(Rejection::BadToken)));
-        assert!(matches!(router.route(&connections, "random", false, true, NOW), Route::Reject(Rejection::BadToken)));
+        let forged = token(
+            &ClusterKey::from_secret(b"not the cluster secret"),
+            "other",
+            NOW,
+        );
+        assert!(matches!(
+            router.route(&connections, &forged, false, false, NOW),
+            Route::Reject(Rejection::BadToken)
+        ));
+        assert!(matches!(
+            router.route(&connections, "random", false, true, NOW),
+            Route::Reject(Rejection::BadToken)
+        ));
     }
 
     #[test]
     fn our_own_lost_connections_and_probes_are_not_forwarded() {
         let (router, connections, key) = setup(Some("http://lb"), 10);
         let mine = token(&key, "me", NOW);
-        assert!(matches!(router.route(&connections, &mine, false, false, NOW), Route::Reject(Rejection::Gone)));
+        assert!(matches!(
+            router.route(&connections, &mine, false, false, NOW),
+            Route::Reject(Rejection::Gone)
+        ));
         let theirs = token(&key, "other", NOW);
-        assert!(matches!(router.route(&connections, &theirs, true, false, NOW), Route::Reject(Rejection::ProbeMiss)));
+        assert!(matches!(
+            router.route(&connections, &theirs, true, false, NOW),
+            Route::Reject(Rejection::ProbeMiss)
+        ));
     }
 
     #[test]
@@ -248,23 +291,38 @@ mod tests {
         let Route::Forward(plan) = router.route(&connections, &theirs, false, false, NOW) else {
             panic!("not forwarded");
         };
-        assert_eq!(plan, ForwardPlan { direct: None, load_balancer: Some(("http://lb".into(), 10)) });
+        assert_eq!(
+            plan,
+            ForwardPlan {
+                direct: None,
+                load_balancer: Some(("http://lb".into(), 10))
+            }
+        );
     }
 
     #[test]
     fn a_budget_of_zero_disables_forwarding() {
         let (router, connections, key) = setup(Some("http://lb"), 0);
         let theirs = token(&key, "other", NOW);
-        assert!(matches!(router.route(&connections, &theirs, false, false, NOW), Route::Reject(Rejection::NoRoute)));
+        assert!(matches!(
+            router.route(&connections, &theirs, false, false, NOW),
+            Route::Reject(Rejection::NoRoute)
+        ));
     }
 
     #[test]
     fn fresh_websockets_are_adopted_and_stale_ones_forwarded() {
         let (router, connections, key) = setup(Some("http://lb"), 10);
         let fresh = token(&key, "other", NOW - 3);
-        assert!(matches!(router.route(&connections, &fresh, false, true, NOW), Route::Adopt(_)));
+        assert!(matches!(
+            router.route(&connections, &fresh, false, true, NOW),
+            Route::Adopt(_)
+        ));
         let stale = token(&key, "other", NOW - 60);
-        assert!(matches!(router.route(&connections, &stale, false, true, NOW), Route::Forward(_)));
+        assert!(matches!(
+            router.route(&connections, &stale, false, true, NOW),
+            Route::Forward(_)
+        ));
     }
 
     #[test]

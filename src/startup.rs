@@ -88,7 +88,11 @@ impl Application {
 
     /// Builds an instance serving `hub`, identifying users with `user_id`. Must run
     /// inside the actix (tokio) runtime, which the backplane and sweeper tasks join.
-    pub async fn build_with(settings: Settings, hub: Hub, user_id: UserIdProvider) -> Result<Self, StartError> {
+    pub async fn build_with(
+        settings: Settings,
+        hub: Hub,
+        user_id: UserIdProvider,
+    ) -> Result<Self, StartError> {
         settings.validate()?;
         let instance = settings.instance_id();
         let key = settings.cluster_key();
@@ -106,29 +110,47 @@ impl Application {
             None => Arc::new(InProcess),
         };
         let hub_name = hub.name().to_owned();
-        let host = Arc::new(HubHost::new(hub, local, backplane.clone(), instance.clone()));
-        let connections = Arc::new(Connections::new(host, metrics.clone(), SessionConfig::from_settings(&settings)));
+        let host = Arc::new(HubHost::new(
+            hub,
+            local,
+            backplane.clone(),
+            instance.clone(),
+        ));
+        let connections = Arc::new(Connections::new(
+            host,
+            metrics.clone(),
+            SessionConfig::from_settings(&settings),
+        ));
         tokio::spawn(connections.clone().run_sweeper());
         let router = Router::new(
             instance.clone(),
             key.clone(),
             settings.load_balancer_url.clone(),
             settings.max_forward_attempts,
-            settings.adopt_websockets.then_some(settings.disconnect_timeout),
+            settings
+                .adopt_websockets
+                .then_some(settings.disconnect_timeout),
             backplane.clone(),
         );
 
-        let listener = TcpListener::bind(settings.listen_addr).map_err(|source| StartError::Bind {
-            addr: settings.listen_addr,
-            source,
-        })?;
-        let port = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: settings.listen_addr,
-            source,
-        })?.port();
+        let listener =
+            TcpListener::bind(settings.listen_addr).map_err(|source| StartError::Bind {
+                addr: settings.listen_addr,
+                source,
+            })?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: settings.listen_addr,
+                source,
+            })?
+            .port();
         let static_dir = settings.static_dir.clone();
         if !static_dir.join("index.html").is_file() {
-            log::warn!("no index.html in STATIC_DIR {}: the chat page is not served", static_dir.display());
+            log::warn!(
+                "no index.html in STATIC_DIR {}: the chat page is not served",
+                static_dir.display()
+            );
         }
         let workers = settings.workers;
         let shutdown_secs = settings.shutdown_timeout.as_secs().max(1);
@@ -155,12 +177,17 @@ impl Application {
             let mut app = App::new()
                 .app_data(app_state.clone())
                 .app_data(web::Data::new(forwarder))
-                .wrap(Condition::new(!settings.cors_origins.is_empty(), cors(&settings.cors_origins)))
+                .wrap(Condition::new(
+                    !settings.cors_origins.is_empty(),
+                    cors(&settings.cors_origins),
+                ))
                 .wrap(DefaultHeaders::new().add((INSTANCE_HEADER, app_state.instance.as_str())))
                 .wrap(Logger::new("%a \"%r\" %s %b %Dms").log_target("stickless::access"))
                 .configure(routes(&hub_name));
             if settings.static_dir.join("index.html").is_file() {
-                app = app.service(actix_files::Files::new("/", &settings.static_dir).index_file("index.html"));
+                app = app.service(
+                    actix_files::Files::new("/", &settings.static_dir).index_file("index.html"),
+                );
             }
             app
         })
@@ -182,7 +209,11 @@ impl Application {
             state.backplane.name(),
             state.settings.load_balancer_url.as_deref().unwrap_or("off")
         );
-        Ok(Self { port, server, state })
+        Ok(Self {
+            port,
+            server,
+            state,
+        })
     }
 
     /// The bound port.
@@ -210,7 +241,10 @@ impl AppHandle {
     pub async fn shutdown(&self) {
         let connections = &self.state.connections;
         log::info!("shutting down: closing {} connection(s)", connections.len());
-        connections.close_all(Closing::with_message(Some("Server is shutting down.".into()), true));
+        connections.close_all(Closing::with_message(
+            Some("Server is shutting down.".into()),
+            true,
+        ));
         let deadline = Instant::now() + self.state.settings.shutdown_timeout;
         while self.state.metrics.live_connections() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;

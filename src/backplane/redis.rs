@@ -107,7 +107,12 @@ impl Channels {
     /// The audience of a message that arrived on `channel`.
     fn audience(&self, channel: &str, except: Vec<String>) -> Option<Audience> {
         let rest = channel.strip_prefix(&self.prefix)?.strip_prefix(':')?;
-        let except = || except.iter().map(|id| ConnectionId::from_untrusted(id)).collect();
+        let except = || {
+            except
+                .iter()
+                .map(|id| ConnectionId::from_untrusted(id))
+                .collect()
+        };
         if rest == "all" {
             Some(Audience::All { except: except() })
         } else if let Some(id) = rest.strip_prefix("connection:") {
@@ -214,7 +219,10 @@ impl RedisBackplane {
         let Some(mut sink) = self.current_sink() else {
             return; // Disconnected: the reconnect subscribes every current topic.
         };
-        let channels: Vec<String> = topics.iter().map(|t| self.shared.channels.topic(t)).collect();
+        let channels: Vec<String> = topics
+            .iter()
+            .map(|t| self.shared.channels.topic(t))
+            .collect();
         let result = if subscribe {
             sink.subscribe(&channels).await
         } else {
@@ -238,8 +246,18 @@ impl RedisBackplane {
                     if let Ok(mut slot) = shared.sink.lock() {
                         *slot = Some(sink.clone());
                     }
-                    let mut channels = vec![shared.channels.all(), shared.channels.groups(), shared.channels.instances()];
-                    channels.extend(shared.local.topics().iter().map(|t| shared.channels.topic(t)));
+                    let mut channels = vec![
+                        shared.channels.all(),
+                        shared.channels.groups(),
+                        shared.channels.instances(),
+                    ];
+                    channels.extend(
+                        shared
+                            .local
+                            .topics()
+                            .iter()
+                            .map(|t| shared.channels.topic(t)),
+                    );
                     let mut sink = sink;
                     match sink.subscribe(&channels).await {
                         Ok(()) => {
@@ -247,9 +265,15 @@ impl RedisBackplane {
                             backoff = MIN_BACKOFF;
                             if connected_before {
                                 shared.metrics.backplane_reconnected();
-                                log::info!("backplane: reconnected to Redis, {} channels subscribed", channels.len());
+                                log::info!(
+                                    "backplane: reconnected to Redis, {} channels subscribed",
+                                    channels.len()
+                                );
                             } else {
-                                log::info!("backplane: connected to Redis, {} channels subscribed", channels.len());
+                                log::info!(
+                                    "backplane: connected to Redis, {} channels subscribed",
+                                    channels.len()
+                                );
                             }
                             connected_before = true;
                             self.announce(false);
@@ -261,7 +285,9 @@ impl RedisBackplane {
                         Err(error) => log::warn!("backplane: subscribing failed: {error}"),
                     }
                 }
-                Err(error) => log::warn!("backplane: cannot connect to Redis ({error}); retrying in {backoff:?}"),
+                Err(error) => log::warn!(
+                    "backplane: cannot connect to Redis ({error}); retrying in {backoff:?}"
+                ),
             }
             shared.subscribed.store(false, Ordering::Relaxed);
             if let Ok(mut slot) = shared.sink.lock() {
@@ -277,16 +303,22 @@ impl RedisBackplane {
         let wire: Wire = match serde_json::from_slice(message.get_payload_bytes()) {
             Ok(wire) => wire,
             Err(error) => {
-                log::warn!("backplane: ignoring a malformed message on {}: {error}", message.get_channel_name());
+                log::warn!(
+                    "backplane: ignoring a malformed message on {}: {error}",
+                    message.get_channel_name()
+                );
                 return;
             }
         };
         match wire {
-            Wire::Message { origin, .. } | Wire::Group { origin, .. } | Wire::Hello { origin, .. }
+            Wire::Message { origin, .. }
+            | Wire::Group { origin, .. }
+            | Wire::Hello { origin, .. }
                 if origin == shared.instance.as_str() => {}
             Wire::Message { except, record, .. } => {
                 shared.metrics.backplane_received();
-                if let Some(audience) = shared.channels.audience(message.get_channel_name(), except) {
+                if let Some(audience) = shared.channels.audience(message.get_channel_name(), except)
+                {
                     shared.local.deliver(&audience, &Bytes::from(record));
                 }
             }
@@ -316,7 +348,9 @@ impl RedisBackplane {
                 Ok(connection) => connection,
                 Err(error) => {
                     shared.publishing.store(false, Ordering::Relaxed);
-                    log::debug!("backplane publisher: cannot connect ({error}); retrying in {backoff:?}");
+                    log::debug!(
+                        "backplane publisher: cannot connect ({error}); retrying in {backoff:?}"
+                    );
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
@@ -357,7 +391,8 @@ impl Backplane for RedisBackplane {
     }
 
     fn is_healthy(&self) -> bool {
-        self.shared.subscribed.load(Ordering::Relaxed) && self.shared.publishing.load(Ordering::Relaxed)
+        self.shared.subscribed.load(Ordering::Relaxed)
+            && self.shared.publishing.load(Ordering::Relaxed)
     }
 
     fn publish<'a>(&'a self, audience: &'a Audience, record: &'a Bytes) -> BoxFuture<'a, ()> {
@@ -365,7 +400,9 @@ impl Backplane for RedisBackplane {
             let channels = &self.shared.channels;
             let (channel, except) = match audience {
                 Audience::All { except } => (channels.all(), except.clone()),
-                Audience::Connection(id) => (channels.topic(&Topic::Connection(id.clone())), vec![]),
+                Audience::Connection(id) => {
+                    (channels.topic(&Topic::Connection(id.clone())), vec![])
+                }
                 Audience::Group { name, except } => {
                     (channels.topic(&Topic::Group(name.clone())), except.clone())
                 }

@@ -14,7 +14,10 @@ use serde_json::json;
 use stickless::devcluster::{Cluster, ClusterOptions};
 
 #[derive(Parser)]
-#[command(name = "stickless-cluster", about = "Run redis-server, N stickless instances and nginx on loopback")]
+#[command(
+    name = "stickless-cluster",
+    about = "Run redis-server, N stickless instances and nginx on loopback"
+)]
 struct Cli {
     /// Number of instances.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=32))]
@@ -68,19 +71,27 @@ fn main() -> anyhow::Result<()> {
     });
     println!("{ready}");
     std::io::stdout().flush()?;
-    eprintln!("stickless cluster ready: open {} (logs in {})", cluster.url, cluster.dir.display());
+    eprintln!(
+        "stickless cluster ready: open {} (logs in {})",
+        cluster.url,
+        cluster.dir.display()
+    );
     eprintln!("stop with Ctrl-C");
 
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<&'static str>();
     let on_signal = stop_tx.clone();
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
         if let Ok(runtime) = runtime {
             runtime.block_on(async {
-                let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(term) => term,
-                    Err(_) => return,
-                };
+                let mut term =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
+                        Ok(term) => term,
+                        Err(_) => return,
+                    };
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
                     _ = term.recv() => {}

@@ -201,7 +201,11 @@ impl Connections {
 
     /// Registers a new connection.
     pub fn create(&self, id: ConnectionId, token: ConnectionToken) -> Arc<Connection> {
-        let connection = Arc::new(Connection::new(id, token, self.config.outbound_queue_length));
+        let connection = Arc::new(Connection::new(
+            id,
+            token,
+            self.config.outbound_queue_length,
+        ));
         self.by_token
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -229,7 +233,10 @@ impl Connections {
 
     /// Connections registered (negotiated or running).
     pub fn len(&self) -> usize {
-        self.by_token.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.by_token
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Whether no connection is registered.
@@ -252,7 +259,12 @@ impl Connections {
     }
 
     /// Starts the protocol session of a connection whose transport just started.
-    pub fn start(self: &Arc<Self>, connection: &Arc<Connection>, transport: TransportKind, user: Option<String>) {
+    pub fn start(
+        self: &Arc<Self>,
+        connection: &Arc<Connection>,
+        transport: TransportKind,
+        user: Option<String>,
+    ) {
         let inbound = connection
             .inbound_rx
             .lock()
@@ -266,7 +278,12 @@ impl Connections {
             user,
             transport,
         };
-        tokio::spawn(session::run(self.clone(), connection.clone(), caller, inbound));
+        tokio::spawn(session::run(
+            self.clone(),
+            connection.clone(),
+            caller,
+            inbound,
+        ));
     }
 
     /// Drops connections idle for longer than the disconnect timeout; returns how many.
@@ -276,11 +293,18 @@ impl Connections {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .filter(|c| c.idle_for().is_some_and(|idle| idle > self.config.disconnect_timeout))
+            .filter(|c| {
+                c.idle_for()
+                    .is_some_and(|idle| idle > self.config.disconnect_timeout)
+            })
             .cloned()
             .collect();
         for connection in &stale {
-            log::debug!("connection {} dropped after {:?} without a transport request", connection.id, self.config.disconnect_timeout);
+            log::debug!(
+                "connection {} dropped after {:?} without a transport request",
+                connection.id,
+                self.config.disconnect_timeout
+            );
             self.dispose(connection);
         }
         stale.len()
@@ -308,14 +332,22 @@ mod tests {
     fn connections(disconnect_timeout: Duration) -> Arc<Connections> {
         let metrics = Arc::new(Metrics::default());
         let local = Arc::new(LocalClients::new(metrics.clone()));
-        let host = HubHost::new(Hub::builder("t").build(), local, Arc::new(InProcess), InstanceId::parse("i").unwrap());
+        let host = HubHost::new(
+            Hub::builder("t").build(),
+            local,
+            Arc::new(InProcess),
+            InstanceId::parse("i").unwrap(),
+        );
         let mut config = SessionConfig::from_settings(&Settings::for_tests());
         config.disconnect_timeout = disconnect_timeout;
         Arc::new(Connections::new(Arc::new(host), metrics, config))
     }
 
     fn connection(registry: &Connections) -> Arc<Connection> {
-        registry.create(ConnectionId::random(), ConnectionToken::from_trusted(ConnectionId::random().to_string()))
+        registry.create(
+            ConnectionId::random(),
+            ConnectionToken::from_trusted(ConnectionId::random().to_string()),
+        )
     }
 
     #[test]
@@ -325,7 +357,10 @@ mod tests {
         let first = c.activate(TransportKind::LongPolling).unwrap();
         assert!(first.first);
         assert!(!c.activate(TransportKind::LongPolling).unwrap().first);
-        assert_eq!(c.activate(TransportKind::WebSockets).unwrap_err(), ConnectionError::WrongTransport);
+        assert_eq!(
+            c.activate(TransportKind::WebSockets).unwrap_err(),
+            ConnectionError::WrongTransport
+        );
     }
 
     #[test]
@@ -333,7 +368,10 @@ mod tests {
         let registry = connections(Duration::from_secs(15));
         let c = connection(&registry);
         let _sse = c.activate(TransportKind::ServerSentEvents).unwrap();
-        assert_eq!(c.activate(TransportKind::ServerSentEvents).unwrap_err(), ConnectionError::AlreadyActive);
+        assert_eq!(
+            c.activate(TransportKind::ServerSentEvents).unwrap_err(),
+            ConnectionError::AlreadyActive
+        );
     }
 
     #[test]
@@ -346,6 +384,9 @@ mod tests {
         assert_eq!(registry.sweep(), 1);
         assert!(registry.get(idle.token.as_str()).is_none());
         assert!(registry.get(busy.token.as_str()).is_some());
-        assert_eq!(idle.activate(TransportKind::LongPolling).unwrap_err(), ConnectionError::Gone);
+        assert_eq!(
+            idle.activate(TransportKind::LongPolling).unwrap_err(),
+            ConnectionError::Gone
+        );
     }
 }

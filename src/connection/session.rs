@@ -82,7 +82,11 @@ pub(super) async fn run(
     let mut closing = outbox.closing();
     let mut records = RecordBuffer::new(config.max_message_size);
     metrics.connection_opened(caller.transport);
-    log::debug!("connection {} started on {}", caller.connection_id, caller.transport.name());
+    log::debug!(
+        "connection {} started on {}",
+        caller.connection_id,
+        caller.transport.name()
+    );
 
     let handshake = tokio::select! {
         result = read_handshake(&mut inbound, &mut records) => result,
@@ -110,7 +114,10 @@ pub(super) async fn run(
             connections.host.disconnect(&caller).await;
         }
         Some(Err(error)) => {
-            log::debug!("connection {}: handshake refused: {error}", caller.connection_id);
+            log::debug!(
+                "connection {}: handshake refused: {error}",
+                caller.connection_id
+            );
             outbox.push(handshake::error_reply(&error));
             outbox.close(Closing::silent());
         }
@@ -168,7 +175,10 @@ impl Session<'_> {
         }
         loop {
             if running.is_none() {
-                running = self.pending.pop_front().and_then(|message| self.start(message));
+                running = self
+                    .pending
+                    .pop_front()
+                    .and_then(|message| self.start(message));
             }
             let reading = self.pending.len() < MAX_PENDING_INVOCATIONS;
             tokio::select! {
@@ -218,7 +228,10 @@ impl Session<'_> {
     }
 
     fn fail(&self, error: String) -> Next {
-        log::debug!("connection {}: closing: {error}", self.context.connection_id);
+        log::debug!(
+            "connection {}: closing: {error}",
+            self.context.connection_id
+        );
         self.outbox.close(Closing::with_message(
             Some(format!("Connection closed with an error. {error}")),
             false,
@@ -279,7 +292,8 @@ impl Session<'_> {
                 client_timeout.as_secs()
             ));
         }
-        if now_millis().saturating_sub(self.outbox.last_queued_ms()) >= interval.as_millis() as u64 {
+        if now_millis().saturating_sub(self.outbox.last_queued_ms()) >= interval.as_millis() as u64
+        {
             self.push(ping_record());
         }
         Next::Continue

@@ -88,7 +88,9 @@ impl HubContext {
 /// `Clients::user`. Applications replace the demo's with their own authentication.
 pub type UserIdProvider = Arc<dyn Fn(&HttpRequest) -> Option<String> + Send + Sync>;
 
-type UnaryFn = Arc<dyn Fn(HubContext, Vec<Value>) -> BoxFuture<'static, Result<Value, HubError>> + Send + Sync>;
+type UnaryFn = Arc<
+    dyn Fn(HubContext, Vec<Value>) -> BoxFuture<'static, Result<Value, HubError>> + Send + Sync,
+>;
 type StreamFn = Arc<
     dyn Fn(HubContext, Vec<Value>) -> Result<BoxStream<'static, Value>, HubError> + Send + Sync,
 >;
@@ -116,7 +118,8 @@ pub struct Hub {
 fn bind<A: DeserializeOwned>(target: &str, args: Vec<Value>) -> Result<A, HubError> {
     let count = args.len();
     let bound = if count == 0 {
-        serde_json::from_value(Value::Null).or_else(|_| serde_json::from_value(Value::Array(vec![])))
+        serde_json::from_value(Value::Null)
+            .or_else(|_| serde_json::from_value(Value::Array(vec![])))
     } else {
         serde_json::from_value(Value::Array(args))
     };
@@ -258,7 +261,12 @@ pub struct Caller {
 
 impl HubHost {
     /// Hosts `hub` on this instance.
-    pub fn new(hub: Hub, local: Arc<LocalClients>, backplane: Arc<dyn Backplane>, instance: InstanceId) -> Self {
+    pub fn new(
+        hub: Hub,
+        local: Arc<LocalClients>,
+        backplane: Arc<dyn Backplane>,
+        instance: InstanceId,
+    ) -> Self {
         Self {
             hub,
             local,
@@ -279,14 +287,20 @@ impl HubHost {
             user: caller.user.clone(),
             transport: caller.transport,
             instance: self.instance.clone(),
-            clients: Clients::new(self.local.clone(), self.backplane.clone(), caller.connection_id.clone()),
+            clients: Clients::new(
+                self.local.clone(),
+                self.backplane.clone(),
+                caller.connection_id.clone(),
+            ),
         }
     }
 
     /// Makes a connection reachable (here and through the backplane), then runs the hub's
     /// connect hook.
     pub async fn connect(&self, caller: &Caller, outbox: Outbox) {
-        let topics = self.local.add(&caller.connection_id, caller.user.as_deref(), outbox);
+        let topics = self
+            .local
+            .add(&caller.connection_id, caller.user.as_deref(), outbox);
         self.backplane.subscribe(topics).await;
         if let Some(hook) = &self.hub.on_connected {
             hook(self.context(caller)).await;

@@ -102,7 +102,10 @@ mod tests {
 
     #[test]
     fn a_record_without_separator_is_incomplete_not_invalid() {
-        assert_eq!(next_record(b"{\"type\":6}", 100), Err(FrameError::Incomplete));
+        assert_eq!(
+            next_record(b"{\"type\":6}", 100),
+            Err(FrameError::Incomplete)
+        );
     }
 
     #[test]

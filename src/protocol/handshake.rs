@@ -109,7 +109,13 @@ mod tests {
 
     #[test]
     fn malformed_requests_are_refused() {
-        for bad in ["", "{", "[]", r#"{"protocol":1,"version":1}"#, r#"{"protocol":"json"}"#] {
+        for bad in [
+            "",
+            "{",
+            "[]",
+            r#"{"protocol":1,"version":1}"#,
+            r#"{"protocol":"json"}"#,
+        ] {
             assert!(matches!(
                 HandshakeRequest::parse(bad),
                 Err(HandshakeError::Malformed(_))

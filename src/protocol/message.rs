@@ -159,7 +159,8 @@ impl HubMessage {
             6 => Self::Ping,
             7 => Self::Close {
                 error: fields.optional_string("error")?,
-                allow_reconnect: fields.take("allowReconnect").and_then(|v| v.as_bool()) == Some(true),
+                allow_reconnect: fields.take("allowReconnect").and_then(|v| v.as_bool())
+                    == Some(true),
             },
             8 => Self::Ack {
                 sequence_id: fields.number("sequenceId")?,
@@ -372,7 +373,10 @@ mod tests {
             (r#"{"type":1,"target":"x"}"#, "arguments"),
             (r#"{"type":1,"target":5,"arguments":[]}"#, "target"),
             (r#"{"type":1,"target":"x","arguments":{}}"#, "arguments"),
-            (r#"{"type":1,"target":"x","arguments":[],"streamIds":[1]}"#, "streamIds"),
+            (
+                r#"{"type":1,"target":"x","arguments":[],"streamIds":[1]}"#,
+                "streamIds",
+            ),
             (r#"{"type":8}"#, "sequenceId"),
             (r#"{"type":6} trailing"#, "not"),
         ];
@@ -394,7 +398,10 @@ mod tests {
             }
             .encode()
         };
-        assert_eq!(&encode(Outcome::Void)[..], b"{\"invocationId\":\"7\",\"type\":3}\x1e");
+        assert_eq!(
+            &encode(Outcome::Void)[..],
+            b"{\"invocationId\":\"7\",\"type\":3}\x1e"
+        );
         assert_eq!(
             &encode(Outcome::Result(json!(null)))[..],
             b"{\"invocationId\":\"7\",\"result\":null,\"type\":3}\x1e"

@@ -162,9 +162,8 @@ mod tests {
     #[test]
     fn version_zero_has_no_token_and_uses_it_as_the_id() {
         let token = ConnectionToken::from_trusted("tok".into());
-        let body =
-            serde_json::to_value(NegotiateResponse::new(0, &ConnectionId::random(), &token))
-                .unwrap();
+        let body = serde_json::to_value(NegotiateResponse::new(0, &ConnectionId::random(), &token))
+            .unwrap();
         assert_eq!(body["connectionId"], "tok");
         assert!(body.get("connectionToken").is_none());
     }

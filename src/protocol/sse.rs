@@ -30,11 +30,17 @@ mod tests {
 
     #[test]
     fn a_record_becomes_one_data_line_and_a_blank_line() {
-        assert_eq!(&event(b"{\"type\":6}\x1e")[..], b"data: {\"type\":6}\x1e\r\n\r\n");
+        assert_eq!(
+            &event(b"{\"type\":6}\x1e")[..],
+            b"data: {\"type\":6}\x1e\r\n\r\n"
+        );
     }
 
     #[test]
     fn each_payload_line_gets_its_own_data_field() {
-        assert_eq!(&event(b"a\r\nb\nc")[..], b"data: a\r\ndata: b\r\ndata: c\r\n\r\n");
+        assert_eq!(
+            &event(b"a\r\nb\nc")[..],
+            b"data: a\r\ndata: b\r\ndata: c\r\n\r\n"
+        );
     }
 }

@@ -189,7 +189,11 @@ impl ClusterKey {
     /// Makes the token for a new connection.
     pub fn mint(&self, claims: &TokenClaims) -> ConnectionToken {
         let issued = format!("{:x}", claims.issued_at);
-        let parts = [claims.owner.as_str(), claims.connection_id.as_str(), &issued];
+        let parts = [
+            claims.owner.as_str(),
+            claims.connection_id.as_str(),
+            &issued,
+        ];
         let tag = self.tag("stickless-token-v1", &parts);
         ConnectionToken(format!("{}.{}.{}.{}", parts[0], parts[1], parts[2], tag))
     }
@@ -298,7 +302,15 @@ mod tests {
     #[test]
     fn garbage_is_malformed() {
         let key = ClusterKey::random();
-        for bad in ["", "a", "a.b.c", "a.b.c.d.e", "a b.c.1.x", "a.b.zz.x", "..."] {
+        for bad in [
+            "",
+            "a",
+            "a.b.c",
+            "a.b.c.d.e",
+            "a b.c.1.x",
+            "a.b.zz.x",
+            "...",
+        ] {
             assert_eq!(key.verify(bad), Err(TokenError::Malformed), "{bad:?}");
         }
     }

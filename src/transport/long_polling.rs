@@ -29,7 +29,11 @@ fn respond(mut response: actix_web::HttpResponseBuilder, body: Bytes) -> HttpRes
 }
 
 /// Serves one poll.
-pub async fn poll(connection: Arc<Connection>, activation: Activation, poll_timeout: Duration) -> HttpResponse {
+pub async fn poll(
+    connection: Arc<Connection>,
+    activation: Activation,
+    poll_timeout: Duration,
+) -> HttpResponse {
     if activation.first {
         return respond(HttpResponse::Ok(), Bytes::new());
     }
