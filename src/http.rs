@@ -2,6 +2,7 @@
 //! `/metrics`, and the one mapping of every error to the status the SignalR client
 //! expects (TransportProtocols.md; DESIGN.md example 6).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -41,6 +42,8 @@ pub struct AppState {
     pub backplane: Arc<dyn Backplane>,
     /// The user hook.
     pub user_id: UserIdProvider,
+    /// Set when shutdown starts: no new connections, and the load balancer is told.
+    pub stopping: AtomicBool,
 }
 
 /// A request the hub endpoint refuses. The texts are ASP.NET's where it has one.
@@ -150,6 +153,12 @@ async fn method_not_allowed() -> HttpResponse {
 
 /// `POST {hub}/negotiate`: a new connection, owned by this instance.
 async fn negotiate(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if state.stopping.load(Ordering::Relaxed) {
+        // A client reconnecting after our Close message must land on another instance.
+        return HttpResponse::ServiceUnavailable()
+            .insert_header((CONTENT_TYPE, "text/plain; charset=utf-8"))
+            .body("This instance is shutting down.");
+    }
     let version =
         match negotiate::negotiate_version(query_param(&req, "negotiateVersion").as_deref()) {
             Ok(version) => version,
@@ -324,11 +333,18 @@ async fn hub_delete(
 }
 
 /// `GET /healthz`: 200 while the instance serves; `degraded` while the backplane is down
-/// (local clients are still served, so the load balancer should keep the instance).
+/// (local clients are still served, so the load balancer should keep the instance);
+/// 503 `stopping` once shutdown has begun.
 async fn healthz(state: web::Data<AppState>) -> HttpResponse {
-    let healthy = state.backplane.is_healthy();
-    HttpResponse::Ok().json(json!({
-        "status": if healthy { "ok" } else { "degraded" },
+    let (mut response, status) = if state.stopping.load(Ordering::Relaxed) {
+        (HttpResponse::ServiceUnavailable(), "stopping")
+    } else if state.backplane.is_healthy() {
+        (HttpResponse::Ok(), "ok")
+    } else {
+        (HttpResponse::Ok(), "degraded")
+    };
+    response.json(json!({
+        "status": status,
         "instance": state.instance.as_str(),
         "backplane": state.backplane.name(),
         "connections": state.metrics.live_connections(),

@@ -3,6 +3,7 @@
 //! where, and [`Application::run_until_stopped`] serves until [`AppHandle::shutdown`].
 
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -163,6 +164,7 @@ impl Application {
             metrics,
             backplane,
             user_id,
+            stopping: AtomicBool::new(false),
         });
 
         let app_state = state.clone();
@@ -239,6 +241,7 @@ impl AppHandle {
     /// Sends every client a Close message that allows reconnecting (to another instance,
     /// behind a load balancer), gives them `SHUTDOWN_TIMEOUT` to receive it, then stops.
     pub async fn shutdown(&self) {
+        self.state.stopping.store(true, Ordering::Relaxed);
         let connections = &self.state.connections;
         log::info!("shutting down: closing {} connection(s)", connections.len());
         connections.close_all(Closing::with_message(

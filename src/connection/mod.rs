@@ -11,6 +11,7 @@
 pub mod session;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -69,6 +70,7 @@ pub struct Connection {
     inbound_rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
     state: Mutex<State>,
     polls: watch::Sender<u64>,
+    close_sent: AtomicBool,
 }
 
 /// A transport request holding a connection; dropping it marks the connection idle.
@@ -104,6 +106,7 @@ impl Connection {
                 idle_since: Instant::now(),
             }),
             polls: watch::channel(0).0,
+            close_sent: AtomicBool::new(false),
         }
     }
 
@@ -128,10 +131,14 @@ impl Connection {
     /// (400), a WebSocket or SSE connection has exactly one stream (409), and long polling
     /// may come back as often as it likes.
     pub fn activate(self: &Arc<Self>, kind: TransportKind) -> Result<Activation, ConnectionError> {
-        if self.outbox.is_closing() {
+        let mut state = self.lock_state();
+        // A closing long-polling connection still answers polls, so that the client
+        // collects what is left, the Close message last (ASP.NET hands over the remaining
+        // data, then answers 204).
+        let draining = kind == TransportKind::LongPolling && state.transport == Some(kind);
+        if self.outbox.is_closing() && !draining {
             return Err(ConnectionError::Gone);
         }
-        let mut state = self.lock_state();
         let first = match state.transport {
             None => {
                 state.transport = Some(kind);
@@ -172,6 +179,12 @@ impl Connection {
             number = *current;
         });
         (number, self.polls.subscribe())
+    }
+
+    /// True the first time it is called: the Close record is sent once, even when a
+    /// closing long-polling connection is polled again.
+    pub fn claim_close_record(&self) -> bool {
+        !self.close_sent.swap(true, Ordering::AcqRel)
     }
 
     fn idle_for(&self) -> Option<Duration> {

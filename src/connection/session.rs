@@ -33,6 +33,7 @@ use crate::outbox::{closed, now_millis, Closing, Outbox, Pushed};
 use crate::protocol::framing::{FrameError, RecordBuffer};
 use crate::protocol::handshake::{self, HandshakeError, HandshakeRequest};
 use crate::protocol::message::{ping_record, HubMessage, Outcome};
+use crate::protocol::negotiate::TransportKind;
 
 /// Invocations read ahead of the one running; past this the session stops reading, and
 /// the transport's backpressure reaches the client.
@@ -123,7 +124,13 @@ pub(super) async fn run(
         }
         None => {}
     }
-    connections.dispose(&connection);
+    if caller.transport == TransportKind::LongPolling {
+        // The client is usually between polls: its next poll collects what is left (see
+        // `Connection::activate`); the sweeper forgets the connection after that.
+        outbox.close(Closing::silent());
+    } else {
+        connections.dispose(&connection);
+    }
     metrics.connection_closed(caller.transport);
     log::debug!("connection {} ended", caller.connection_id);
 }

@@ -17,7 +17,7 @@ use bytes::Bytes;
 
 use super::{batch, final_batch};
 use crate::connection::{Activation, Connection};
-use crate::outbox::closed;
+use crate::outbox::{closed, Closing};
 
 fn respond(mut response: actix_web::HttpResponseBuilder, body: Bytes) -> HttpResponse {
     response
@@ -53,6 +53,10 @@ pub async fn poll(
     let response = tokio::select! {
         biased;
         reason = closed(&mut closing) => {
+            let reason = Closing {
+                record: reason.record.filter(|_| connection.claim_close_record()),
+                ..reason
+            };
             let rest = final_batch(&mut queue, &reason);
             if rest.is_empty() {
                 respond(HttpResponse::NoContent(), rest)
