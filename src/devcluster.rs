@@ -392,7 +392,7 @@ mod tests {
         let conf = render_nginx_conf(&template, 9000, &[9001, 9002], Path::new("/tmp/x")).unwrap();
         assert!(conf.contains("listen 127.0.0.1:9000;"));
         assert!(conf.contains("server 127.0.0.1:9001;\n        server 127.0.0.1:9002;"));
-        assert!(!conf.contains("server app:8080"));
+        assert!(!conf.contains("server app:8080 resolve;"));
         assert!(conf.contains("client_body_temp_path /tmp/x/body;"));
         assert!(!conf.contains("ip_hash") && !conf.contains("sticky"));
     }
