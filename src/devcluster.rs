@@ -394,7 +394,10 @@ mod tests {
         assert!(conf.contains("server 127.0.0.1:9001;\n        server 127.0.0.1:9002;"));
         assert!(!conf.contains("server app:8080 resolve;"));
         assert!(conf.contains("client_body_temp_path /tmp/x/body;"));
-        let directives: String = conf.lines().filter(|l| !l.trim_start().starts_with('#')).collect();
+        let directives: String = conf
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .collect();
         assert!(!directives.contains("ip_hash") && !directives.contains("sticky"));
     }
 }

@@ -140,12 +140,20 @@ impl Forwarder {
             .unwrap_or("/")
     }
 
-    fn finish(&self, kind: RequestKind, tally: &Tally, outcome: ForwardOutcome) {
+    fn finish(
+        &self,
+        kind: RequestKind,
+        plan: &ForwardPlan,
+        tally: &Tally,
+        outcome: ForwardOutcome,
+    ) {
         self.metrics
             .forwarded(kind.label(), tally.mode, outcome, tally.attempts);
         log::info!(
-            "forwarded {} request: {:?} after {} attempt(s), last via {}{}",
+            "forwarded {} request for connection {} (owner {}): {:?} after {} attempt(s), last via {}{}",
             kind.label(),
+            plan.connection_id,
+            plan.owner,
             outcome,
             tally.attempts,
             tally.mode,
@@ -158,7 +166,7 @@ impl Forwarder {
     }
 
     /// The answer when no instance served the request.
-    fn exhausted(&self, kind: RequestKind, tally: Tally) -> HttpResponse {
+    fn exhausted(&self, kind: RequestKind, plan: &ForwardPlan, tally: Tally) -> HttpResponse {
         let (outcome, status, text) = if tally.not_found || tally.failure.is_none() {
             (
                 ForwardOutcome::NotFound,
@@ -173,7 +181,7 @@ impl Forwarder {
                 format!("The instance holding this connection could not be reached: {failure}"),
             )
         };
-        self.finish(kind, &tally, outcome);
+        self.finish(kind, plan, &tally, outcome);
         HttpResponse::build(status)
             .insert_header((CONTENT_TYPE, "text/plain; charset=utf-8"))
             .insert_header((ATTEMPTS_HEADER, tally.attempts.to_string()))
@@ -218,13 +226,13 @@ impl Forwarder {
                     }
                 }
                 Ok(response) => {
-                    self.finish(kind, &tally, ForwardOutcome::Served);
+                    self.finish(kind, plan, &tally, ForwardOutcome::Served);
                     return self.relay_response(response, kind, tally.attempts).await;
                 }
                 Err(error) => tally.failure = Some(error.to_string()),
             }
         }
-        self.exhausted(kind, tally)
+        self.exhausted(kind, plan, tally)
     }
 
     async fn relay_response<S>(
@@ -282,7 +290,7 @@ impl Forwarder {
                 Ok((_, upstream)) => {
                     let (response, session, messages) = actix_ws::handle(req, payload)?;
                     actix_web::rt::spawn(relay(session, messages, upstream, self.max_frame_size));
-                    self.finish(kind, &tally, ForwardOutcome::Served);
+                    self.finish(kind, plan, &tally, ForwardOutcome::Served);
                     return Ok(response);
                 }
                 Err(WsClientError::InvalidResponseStatus(StatusCode::NOT_FOUND)) => {
@@ -293,7 +301,7 @@ impl Forwarder {
                 }
                 Err(WsClientError::InvalidResponseStatus(status)) => {
                     // The owner refused the upgrade (409, 400, …): that is its answer.
-                    self.finish(kind, &tally, ForwardOutcome::Served);
+                    self.finish(kind, plan, &tally, ForwardOutcome::Served);
                     return Ok(HttpResponse::build(status)
                         .insert_header((ATTEMPTS_HEADER, tally.attempts.to_string()))
                         .finish());
@@ -301,7 +309,7 @@ impl Forwarder {
                 Err(error) => tally.failure = Some(error.to_string()),
             }
         }
-        Ok(self.exhausted(kind, tally))
+        Ok(self.exhausted(kind, plan, tally))
     }
 }
 
@@ -381,6 +389,8 @@ mod tests {
     #[test]
     fn direct_is_tried_once_before_the_load_balancer() {
         let plan = ForwardPlan {
+            owner: crate::protocol::token::InstanceId::parse("a").unwrap(),
+            connection_id: crate::protocol::token::ConnectionId::random(),
             direct: Some("http://a".into()),
             load_balancer: Some(("http://lb".into(), 2)),
         };

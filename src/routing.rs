@@ -28,7 +28,7 @@ use crate::backplane::Backplane;
 use crate::connection::{Connection, Connections};
 use crate::metrics::Rejection;
 use crate::protocol::negotiate::TransportKind;
-use crate::protocol::token::{ClusterKey, InstanceId, TokenClaims};
+use crate::protocol::token::{ClusterKey, ConnectionId, InstanceId, TokenClaims};
 
 /// The header that marks a request sent by one instance to another.
 pub const PROBE_HEADER: &str = "x-stickless-probe";
@@ -114,6 +114,10 @@ pub enum Route {
 /// How to reach the owner of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForwardPlan {
+    /// The instance that owns the connection, for logs.
+    pub owner: InstanceId,
+    /// The connection, for logs.
+    pub connection_id: ConnectionId,
     /// The owner's advertised URL, tried first.
     pub direct: Option<String>,
     /// The load balancer's URL and how many times to try it.
@@ -188,6 +192,8 @@ impl Router {
             return Route::Adopt(claims);
         }
         let plan = ForwardPlan {
+            owner: claims.owner.clone(),
+            connection_id: claims.connection_id.clone(),
             direct: self.backplane.peer_url(&claims.owner),
             load_balancer: self
                 .load_balancer
@@ -211,7 +217,6 @@ mod tests {
     use crate::connection::SessionConfig;
     use crate::hub::{Hub, HubHost};
     use crate::metrics::Metrics;
-    use crate::protocol::token::ConnectionId;
 
     const NOW: u64 = 1_800_000_000;
 

@@ -46,6 +46,8 @@ const PUBLISH_QUEUE: usize = 8192;
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest reconnect delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest wait for Redis to confirm a publish or a subscription.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often an instance announces its direct URL.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(10);
 /// An announced URL is forgotten when not repeated for this long.
@@ -223,13 +225,22 @@ impl RedisBackplane {
             .iter()
             .map(|t| self.shared.channels.topic(t))
             .collect();
-        let result = if subscribe {
-            sink.subscribe(&channels).await
-        } else {
-            sink.unsubscribe(&channels).await
+        let change = async {
+            if subscribe {
+                sink.subscribe(&channels).await
+            } else {
+                sink.unsubscribe(&channels).await
+            }
         };
-        if let Err(error) = result {
-            log::warn!("backplane (un)subscribe failed, will resubscribe on reconnect: {error}");
+        // A Redis that hangs must not hang the connection that waits for its topics.
+        match tokio::time::timeout(REDIS_TIMEOUT, change).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                log::warn!("backplane (un)subscribe failed, will resubscribe on reconnect: {error}")
+            }
+            Err(_) => {
+                log::warn!("backplane (un)subscribe timed out, will resubscribe on reconnect")
+            }
         }
     }
 
@@ -369,11 +380,13 @@ impl RedisBackplane {
                         continue;
                     }
                 };
-                let result: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-                    .arg(&channel)
-                    .arg(&payload)
-                    .query_async(&mut connection)
-                    .await;
+                let mut command = redis::cmd("PUBLISH");
+                command.arg(&channel).arg(&payload);
+                let publish = command.query_async::<i64>(&mut connection);
+                let result = match tokio::time::timeout(REDIS_TIMEOUT, publish).await {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(_) => Err("timed out".to_owned()),
+                };
                 shared.metrics.backplane_published(result.is_ok());
                 if let Err(error) = result {
                     log::warn!("backplane: publish to {channel} failed ({error}); reconnecting");
