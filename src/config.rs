@@ -297,6 +297,6 @@ mod tests {
         assert!(settings.validate().is_ok());
         assert_eq!(settings.max_forward_attempts, 10);
         assert_eq!(settings.max_message_size, 32 * 1024);
-        assert_eq!(settings.instance_id().as_str().is_empty(), false);
+        assert!(!settings.instance_id().as_str().is_empty());
     }
 }
