@@ -195,6 +195,9 @@ impl Application {
         })
         // Signals are ours: clients get a Close message before the server stops.
         .disable_signals()
+        // A client that closes its side ends a streaming response at once (SSE), instead
+        // of when a later write fails.
+        .h1_allow_half_closed(false)
         .shutdown_timeout(shutdown_secs);
         if let Some(workers) = workers {
             server = server.workers(workers);

@@ -338,12 +338,12 @@ impl RedisBackplane {
                 apply_group_action(&shared.local, self, &action).await;
             }
             Wire::Hello { origin, url, reply } => {
-                let known = shared
-                    .peers
-                    .lock()
-                    .map(|mut peers| peers.insert(origin, (url, Instant::now())).is_some())
-                    .unwrap_or(true);
-                if !reply && !known {
+                if let Ok(mut peers) = shared.peers.lock() {
+                    peers.insert(origin, (url, Instant::now()));
+                }
+                // Answer every first announcement, even from a peer we know: it may have
+                // restarted and forgotten us.
+                if !reply {
                     self.announce(true);
                 }
             }

@@ -1,0 +1,11 @@
+//! Integration tests, in one binary (zero-to-production `tests/api/`).
+//!
+//! - [`single`]: one instance, started in-process with [`helpers::spawn_app`].
+//! - [`cluster`]: redis-server, three `stickless` processes and nginx
+//!   ([`helpers::spawn_cluster`]); needs `redis-server` and `nginx` installed.
+//!
+//! Run with `cargo test --test api -- --test-threads=2`.
+
+mod cluster;
+mod helpers;
+mod single;
