@@ -658,18 +658,25 @@ export async function waitUntil(probe, timeoutMs, what, intervalMs = 50) {
 // Metrics
 // ---------------------------------------------------------------------------
 
-/** GET {base}/metrics, parsed into a Map from `name{labels}` (as printed) to its number. */
+/**
+ * GET {base}/metrics, parsed: `series` maps `name{labels}` (as printed) to its number,
+ * `families` holds every metric name declared by a `# TYPE` line.
+ */
 export async function scrape(base) {
   const r = await http(`${base}/metrics`);
   if (r.status !== 200) throw new Error(`${base}/metrics: ${describeResponse(r)}`);
   const series = new Map();
+  const families = new Set();
   for (const line of r.text.split("\n")) {
-    if (!line || line.startsWith("#")) continue;
+    if (!line) continue;
+    const type = /^# TYPE (\S+) /.exec(line);
+    if (type) families.add(type[1]);
+    if (line.startsWith("#")) continue;
     const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)$/.exec(line);
     if (!m) throw new Error(`${base}/metrics: unparsable line ${JSON.stringify(line)}`);
     series.set(m[1], Number(m[2]));
   }
-  return series;
+  return { series, families };
 }
 
 function labelsOf(key) {
@@ -682,26 +689,23 @@ function labelsOf(key) {
 
 /**
  * The sum of every series of metric `name` whose labels include `labels`, on one instance
- * (`base`) or several (an array). Fails loudly when no such series exists: a renamed or
- * removed metric must never read as 0.
+ * (`base`) or several (an array). Fails loudly when the metric is not there at all (neither
+ * declared nor printed): a renamed or removed metric must never read as 0. A declared
+ * labelled family with no matching series (nothing counted yet) reads as 0; tests pair such
+ * a zero with a positive control on the same family.
  */
 export async function metric(bases, name, labels = {}) {
   let total = 0;
-  let found = 0;
   for (const base of Array.isArray(bases) ? bases : [bases]) {
-    const series = await scrape(base);
+    const { series, families } = await scrape(base);
+    let found = families.has(name);
     for (const [key, value] of series) {
-      const bare = key.replace(/\{.*$/, "");
-      if (bare !== name) continue;
+      if (key.replace(/\{.*$/, "") !== name) continue;
+      found = true;
       const have = labelsOf(key);
-      if (Object.entries(labels).every(([k, v]) => have[k] === v)) {
-        total += value;
-        found++;
-      }
+      if (Object.entries(labels).every(([k, v]) => have[k] === v)) total += value;
     }
-  }
-  if (found === 0) {
-    throw new Error(`metric ${name}${JSON.stringify(labels)} is missing from ${JSON.stringify(bases)}/metrics`);
+    if (!found) throw new Error(`metric ${name} is missing from ${base}/metrics`);
   }
   return total;
 }
