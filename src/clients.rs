@@ -3,7 +3,7 @@
 //! delivers to them.
 //!
 //! Sending first delivers to local recipients directly, then hands the same record to the
-//! backplane, which carries it to the other instances (it never comes back here: an
+//! bus (the backplane), which carries it to the other instances (it never comes back here: an
 //! instance ignores its own messages). The record is encoded once, whatever the audience.
 
 use std::collections::{HashMap, HashSet};
@@ -13,56 +13,11 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::backplane::Backplane;
+use crate::bus::{Audience, Bus, Envelope, GroupCommand, Topic};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pushed};
 use crate::protocol::message::HubMessage;
 use crate::protocol::token::ConnectionId;
-
-/// The recipients of one message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Audience {
-    /// Every connection, except some.
-    All {
-        /// Connections left out (`Others` leaves out the caller).
-        except: Vec<ConnectionId>,
-    },
-    /// One connection.
-    Connection(ConnectionId),
-    /// A group's members, except some.
-    Group {
-        /// The group's name.
-        name: String,
-        /// Members left out.
-        except: Vec<ConnectionId>,
-    },
-    /// Every connection of one user.
-    User(String),
-}
-
-/// Something an instance subscribes to so that messages for it reach it: it has a local
-/// connection with that id, a local member of that group, or a local connection of that
-/// user. (`All` needs no topic: every instance receives it.)
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Topic {
-    /// A connection id.
-    Connection(ConnectionId),
-    /// A group name.
-    Group(String),
-    /// A user id.
-    User(String),
-}
-
-/// A group membership change for a connection that may live on another instance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct GroupAction {
-    /// The connection.
-    pub connection: String,
-    /// The group.
-    pub group: String,
-    /// Join (`true`) or leave.
-    pub join: bool,
-}
 
 /// A message could not be sent.
 #[derive(Debug, thiserror::Error)]
@@ -187,15 +142,6 @@ impl LocalClients {
         self.read().connections.contains_key(id)
     }
 
-    /// Every topic this instance needs, for (re)subscribing after a backplane reconnect.
-    pub fn topics(&self) -> Vec<Topic> {
-        let index = self.read();
-        let connections = index.connections.keys().cloned().map(Topic::Connection);
-        let groups = index.groups.keys().cloned().map(Topic::Group);
-        let users = index.users.keys().cloned().map(Topic::User);
-        connections.chain(groups).chain(users).collect()
-    }
-
     /// Queues `record` for every local recipient; returns how many got it.
     pub fn deliver(&self, audience: &Audience, record: &Bytes) -> usize {
         let index = self.read();
@@ -277,22 +223,14 @@ fn remove_from(
 #[derive(Clone)]
 pub struct Clients {
     local: Arc<LocalClients>,
-    backplane: Arc<dyn Backplane>,
+    bus: Arc<dyn Bus>,
     caller: ConnectionId,
 }
 
 impl Clients {
     /// The clients API for hub code running on behalf of `caller`.
-    pub fn new(
-        local: Arc<LocalClients>,
-        backplane: Arc<dyn Backplane>,
-        caller: ConnectionId,
-    ) -> Self {
-        Self {
-            local,
-            backplane,
-            caller,
-        }
+    pub fn new(local: Arc<LocalClients>, bus: Arc<dyn Bus>, caller: ConnectionId) -> Self {
+        Self { local, bus, caller }
     }
 
     fn target(&self, audience: Audience) -> Target<'_> {
@@ -351,7 +289,7 @@ impl Clients {
     pub fn groups(&self) -> Groups {
         Groups {
             local: self.local.clone(),
-            backplane: self.backplane.clone(),
+            bus: self.bus.clone(),
         }
     }
 }
@@ -378,16 +316,18 @@ impl Target<'_> {
             stream_ids: Vec::new(),
         }
         .encode();
-        let Clients {
-            local, backplane, ..
-        } = self.clients;
+        let Clients { local, bus, .. } = self.clients;
         local.deliver(&self.audience, &record);
         if let Audience::Connection(id) = &self.audience {
             if local.contains(id) {
                 return Ok(());
             }
         }
-        backplane.publish(&self.audience, &record).await;
+        let envelope = Envelope::Message {
+            audience: self.audience,
+            record,
+        };
+        bus.publish(envelope).await;
         Ok(())
     }
 }
@@ -396,7 +336,7 @@ impl Target<'_> {
 #[derive(Clone)]
 pub struct Groups {
     local: Arc<LocalClients>,
-    backplane: Arc<dyn Backplane>,
+    bus: Arc<dyn Bus>,
 }
 
 impl Groups {
@@ -419,38 +359,17 @@ impl Groups {
             self.local.leave(&id, group)
         };
         match changed {
-            Ok(Some(topic)) if join => self.backplane.subscribe(vec![topic]).await,
-            Ok(Some(topic)) => self.backplane.unsubscribe(vec![topic]).await,
+            Ok(Some(topic)) if join => self.bus.subscribe(vec![topic]).await,
+            Ok(Some(topic)) => self.bus.unsubscribe(vec![topic]).await,
             Ok(None) => {}
             Err(()) => {
-                let action = GroupAction {
-                    connection: connection_id.to_owned(),
+                let command = GroupCommand {
+                    connection: id,
                     group: group.to_owned(),
                     join,
                 };
-                self.backplane.group_action(action).await
+                self.bus.publish(Envelope::Group(command)).await
             }
-        }
-    }
-}
-
-/// Applies a group action that arrived from another instance, if the connection is here.
-pub async fn apply_group_action(
-    local: &LocalClients,
-    backplane: &dyn Backplane,
-    action: &GroupAction,
-) {
-    let id = ConnectionId::from_untrusted(&action.connection);
-    let changed = if action.join {
-        local.join(&id, &action.group)
-    } else {
-        local.leave(&id, &action.group)
-    };
-    if let Ok(Some(topic)) = changed {
-        if action.join {
-            backplane.subscribe(vec![topic]).await
-        } else {
-            backplane.unsubscribe(vec![topic]).await
         }
     }
 }
@@ -490,7 +409,6 @@ mod tests {
             local.remove(&a),
             vec![Topic::Connection(a), Topic::User("alice".into())]
         );
-        assert!(local.topics().is_empty());
         assert_eq!(local.join(&ConnectionId::random(), "room"), Err(()));
     }
 

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use serde_json::json;
 
-use crate::backplane::Backplane;
+use crate::bus::Bus;
 use crate::config::Settings;
 use crate::connection::{Connection, ConnectionError, Connections};
 use crate::forwarding::Forwarder;
@@ -38,8 +38,8 @@ pub struct AppState {
     pub router: Router,
     /// The counters.
     pub metrics: Arc<Metrics>,
-    /// The backplane.
-    pub backplane: Arc<dyn Backplane>,
+    /// The bus (backplane), for health.
+    pub bus: Arc<dyn Bus>,
     /// The user hook.
     pub user_id: UserIdProvider,
     /// Set when shutdown starts: no new connections, and the load balancer is told.
@@ -338,7 +338,7 @@ async fn hub_delete(
 async fn healthz(state: web::Data<AppState>) -> HttpResponse {
     let (mut response, status) = if state.stopping.load(Ordering::Relaxed) {
         (HttpResponse::ServiceUnavailable(), "stopping")
-    } else if state.backplane.is_healthy() {
+    } else if state.bus.is_healthy() {
         (HttpResponse::Ok(), "ok")
     } else {
         (HttpResponse::Ok(), "degraded")
@@ -346,7 +346,7 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
     response.json(json!({
         "status": status,
         "instance": state.instance.as_str(),
-        "backplane": state.backplane.name(),
+        "backplane": state.bus.name(),
         "connections": state.metrics.live_connections(),
     }))
 }
@@ -355,5 +355,5 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8"))
-        .body(state.metrics.render(state.backplane.is_healthy()))
+        .body(state.metrics.render(state.bus.is_healthy()))
 }

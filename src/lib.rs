@@ -27,11 +27,11 @@
 //! - [`hub`]: declaring hub methods, and the context they run in.
 //! - [`chat`]: the demo's hub — the module a template user edits.
 //! - [`clients`]: who receives a message, and local delivery.
-//! - [`backplane`]: carrying messages between instances.
+//! - [`bus`]: the backplane, carrying messages between instances; [`bus::peers`]: discovery.
 //! - [`metrics`], [`config`], [`startup`]: counters, settings, start and stop.
 //! - [`devcluster`]: redis-server, N instances and nginx on loopback, for tests and demos.
 
-pub mod backplane;
+pub mod bus;
 pub mod chat;
 pub mod clients;
 pub mod config;

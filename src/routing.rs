@@ -24,7 +24,7 @@ use std::time::Duration;
 use actix_web::http::header::{HeaderMap, ACCEPT, CONNECTION, UPGRADE};
 use actix_web::http::Method;
 
-use crate::backplane::Backplane;
+use crate::bus::peers::Peers;
 use crate::connection::{Connection, Connections};
 use crate::metrics::Rejection;
 use crate::protocol::negotiate::TransportKind;
@@ -131,7 +131,7 @@ pub struct Router {
     load_balancer: Option<String>,
     max_attempts: u32,
     adoption_window: Option<Duration>,
-    backplane: Arc<dyn Backplane>,
+    peers: Arc<Peers>,
 }
 
 impl Router {
@@ -144,7 +144,7 @@ impl Router {
         load_balancer: Option<String>,
         max_attempts: u32,
         adoption_window: Option<Duration>,
-        backplane: Arc<dyn Backplane>,
+        peers: Arc<Peers>,
     ) -> Self {
         Self {
             instance,
@@ -152,7 +152,7 @@ impl Router {
             load_balancer,
             max_attempts,
             adoption_window,
-            backplane,
+            peers,
         }
     }
 
@@ -194,7 +194,7 @@ impl Router {
         let plan = ForwardPlan {
             owner: claims.owner.clone(),
             connection_id: claims.connection_id.clone(),
-            direct: self.backplane.peer_url(&claims.owner),
+            direct: self.peers.url(&claims.owner),
             load_balancer: self
                 .load_balancer
                 .clone()
@@ -211,7 +211,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backplane::InProcess;
+    use crate::bus::InProcess;
     use crate::clients::LocalClients;
     use crate::config::Settings;
     use crate::connection::SessionConfig;
@@ -241,7 +241,7 @@ mod tests {
             lb.map(str::to_owned),
             attempts,
             Some(Duration::from_secs(15)),
-            Arc::new(InProcess),
+            Arc::new(Peers::new(InstanceId::parse("me").unwrap(), None)),
         );
         (router, connections, key)
     }

@@ -12,8 +12,8 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::{Condition, DefaultHeaders, Logger};
 use actix_web::{http, web, App, HttpServer};
 
-use crate::backplane::redis::{RedisBackplane, RedisError};
-use crate::backplane::{Backplane, InProcess};
+use crate::bus::peers::Peers;
+use crate::bus::{self, BusError};
 use crate::chat;
 use crate::clients::LocalClients;
 use crate::config::{ConfigError, Settings};
@@ -34,9 +34,9 @@ pub enum StartError {
     /// Settings that cannot work together.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The Redis backplane could not be set up.
+    /// The bus (backplane) could not be set up.
     #[error(transparent)]
-    Redis(#[from] RedisError),
+    Bus(#[from] BusError),
     /// Binding the listen address failed.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -88,7 +88,7 @@ impl Application {
     }
 
     /// Builds an instance serving `hub`, identifying users with `user_id`. Must run
-    /// inside the actix (tokio) runtime, which the backplane and sweeper tasks join.
+    /// inside the actix (tokio) runtime, which the bus and sweeper tasks join.
     pub async fn build_with(
         settings: Settings,
         hub: Hub,
@@ -99,24 +99,13 @@ impl Application {
         let key = settings.cluster_key();
         let metrics = Arc::new(Metrics::default());
         let local = Arc::new(LocalClients::new(metrics.clone()));
-        let backplane: Arc<dyn Backplane> = match &settings.redis_url {
-            Some(url) => Arc::new(RedisBackplane::start(
-                url,
-                hub.name(),
-                instance.clone(),
-                settings.advertise_url(),
-                local.clone(),
-                metrics.clone(),
-            )?),
-            None => Arc::new(InProcess),
-        };
+        let namespace = format!("stickless:{}", hub.name());
+        let (bus, events) = bus::open(&settings, &namespace, instance.clone(), metrics.clone())?;
+        let peers = Arc::new(Peers::new(instance.clone(), settings.advertise_url()));
+        tokio::spawn(peers.clone().run(bus.clone()));
         let hub_name = hub.name().to_owned();
-        let host = Arc::new(HubHost::new(
-            hub,
-            local,
-            backplane.clone(),
-            instance.clone(),
-        ));
+        let host = Arc::new(HubHost::new(hub, local, bus.clone(), instance.clone()));
+        tokio::spawn(host.clone().drain(events, Some(peers.clone())));
         let connections = Arc::new(Connections::new(
             host,
             metrics.clone(),
@@ -131,7 +120,7 @@ impl Application {
             settings
                 .adopt_websockets
                 .then_some(settings.disconnect_timeout),
-            backplane.clone(),
+            peers,
         );
 
         let listener =
@@ -162,7 +151,7 @@ impl Application {
             connections,
             router,
             metrics,
-            backplane,
+            bus,
             user_id,
             stopping: AtomicBool::new(false),
         });
@@ -211,7 +200,7 @@ impl Application {
             .run();
         log::info!(
             "instance {instance} ready on port {port} (backplane: {}, forwarding: {})",
-            state.backplane.name(),
+            state.bus.name(),
             state.settings.load_balancer_url.as_deref().unwrap_or("off")
         );
         Ok(Self {

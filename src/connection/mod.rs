@@ -336,7 +336,7 @@ impl Connections {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backplane::InProcess;
+    use crate::bus::InProcess;
     use crate::clients::LocalClients;
     use crate::config::Settings;
     use crate::hub::Hub;

@@ -34,7 +34,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::backplane::Backplane;
+use crate::bus::peers::Peers;
+use crate::bus::{Bus, Envelope, Event, Events, GroupCommand};
 use crate::clients::{Clients, Groups, LocalClients, SendError};
 use crate::outbox::Outbox;
 use crate::protocol::negotiate::TransportKind;
@@ -244,7 +245,7 @@ impl Hub {
 pub struct HubHost {
     hub: Hub,
     local: Arc<LocalClients>,
-    backplane: Arc<dyn Backplane>,
+    bus: Arc<dyn Bus>,
     instance: InstanceId,
 }
 
@@ -264,13 +265,13 @@ impl HubHost {
     pub fn new(
         hub: Hub,
         local: Arc<LocalClients>,
-        backplane: Arc<dyn Backplane>,
+        bus: Arc<dyn Bus>,
         instance: InstanceId,
     ) -> Self {
         Self {
             hub,
             local,
-            backplane,
+            bus,
             instance,
         }
     }
@@ -289,19 +290,19 @@ impl HubHost {
             instance: self.instance.clone(),
             clients: Clients::new(
                 self.local.clone(),
-                self.backplane.clone(),
+                self.bus.clone(),
                 caller.connection_id.clone(),
             ),
         }
     }
 
-    /// Makes a connection reachable (here and through the backplane), then runs the hub's
+    /// Makes a connection reachable (here and through the bus), then runs the hub's
     /// connect hook.
     pub async fn connect(&self, caller: &Caller, outbox: Outbox) {
         let topics = self
             .local
             .add(&caller.connection_id, caller.user.as_deref(), outbox);
-        self.backplane.subscribe(topics).await;
+        self.bus.subscribe(topics).await;
         if let Some(hook) = &self.hub.on_connected {
             hook(self.context(caller)).await;
         }
@@ -313,7 +314,45 @@ impl HubHost {
             hook(self.context(caller)).await;
         }
         let topics = self.local.remove(&caller.connection_id);
-        self.backplane.unsubscribe(topics).await;
+        self.bus.unsubscribe(topics).await;
+    }
+
+    /// Drains the hub's bus: delivers what other instances sent to local recipients,
+    /// applies their group commands to local connections, and hands announcements to
+    /// peer discovery (`peers`, on the one bus that carries it). Runs until the bus ends.
+    pub async fn drain(self: Arc<Self>, mut events: Events, peers: Option<Arc<Peers>>) {
+        while let Some(event) = events.next().await {
+            match event {
+                Event::Received(Envelope::Message { audience, record }) => {
+                    self.local.deliver(&audience, &record);
+                }
+                Event::Received(Envelope::Group(command)) => self.apply(&command).await,
+                Event::Received(Envelope::Announcement(announcement)) => {
+                    if let Some(peers) = &peers {
+                        peers.receive(announcement, &*self.bus).await;
+                    }
+                }
+                Event::Connected => {
+                    if let Some(peers) = &peers {
+                        peers.connected(&*self.bus).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies a group command from another instance, if the connection is here.
+    async fn apply(&self, command: &GroupCommand) {
+        let changed = if command.join {
+            self.local.join(&command.connection, &command.group)
+        } else {
+            self.local.leave(&command.connection, &command.group)
+        };
+        match changed {
+            Ok(Some(topic)) if command.join => self.bus.subscribe(vec![topic]).await,
+            Ok(Some(topic)) => self.bus.unsubscribe(vec![topic]).await,
+            Ok(None) | Err(()) => {}
+        }
     }
 }
 
