@@ -14,7 +14,6 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::bus::{Audience, Bus, Envelope, GroupCommand, Topic};
-use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pushed};
 use crate::protocol::message::HubMessage;
 use crate::protocol::token::ConnectionId;
@@ -42,21 +41,12 @@ struct Index {
 }
 
 /// This instance's connections, groups and users.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct LocalClients {
     index: RwLock<Index>,
-    metrics: Arc<Metrics>,
 }
 
 impl LocalClients {
-    /// An empty index.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self {
-            index: RwLock::new(Index::default()),
-            metrics,
-        }
-    }
-
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
         // A panic while holding the lock cannot leave the maps half-updated in a way that
         // matters more than losing every connection, so a poisoned lock is used as is.
@@ -137,6 +127,30 @@ impl LocalClients {
         Ok(emptied.then(|| Topic::Group(group.to_owned())))
     }
 
+    /// Joins or leaves a group for a connection if it is here, and subscribes the bus to
+    /// a group new on this instance (or unsubscribes it from one left empty). Returns
+    /// once messages to the group reach the connection; `Err(())` if it is not here.
+    #[allow(clippy::result_unit_err)]
+    pub async fn change_group(
+        &self,
+        bus: &dyn Bus,
+        id: &ConnectionId,
+        group: &str,
+        join: bool,
+    ) -> Result<(), ()> {
+        let changed = if join {
+            self.join(id, group)?
+        } else {
+            self.leave(id, group)?
+        };
+        match changed {
+            Some(topic) if join => bus.subscribe(vec![topic]).await,
+            Some(topic) => bus.unsubscribe(vec![topic]).await,
+            None => {}
+        }
+        Ok(())
+    }
+
     /// Whether the connection is on this instance.
     pub fn contains(&self, id: &ConnectionId) -> bool {
         self.read().connections.contains_key(id)
@@ -149,18 +163,7 @@ impl LocalClients {
             let Some(member) = index.connections.get(id) else {
                 return 0;
             };
-            match member.outbox.push(record.clone()) {
-                Pushed::Queued => {
-                    self.metrics.message_sent();
-                    1
-                }
-                Pushed::Overflowed => {
-                    log::warn!("connection {id} closed: its outbound queue is full");
-                    self.metrics.slow_consumer();
-                    0
-                }
-                Pushed::Closed => 0,
-            }
+            usize::from(member.outbox.push(record.clone()) == Pushed::Queued)
         };
         match audience {
             Audience::All { except } => {
@@ -353,23 +356,14 @@ impl Groups {
 
     async fn change(&self, connection_id: &str, group: &str, join: bool) {
         let id = ConnectionId::from_untrusted(connection_id);
-        let changed = if join {
-            self.local.join(&id, group)
-        } else {
-            self.local.leave(&id, group)
-        };
-        match changed {
-            Ok(Some(topic)) if join => self.bus.subscribe(vec![topic]).await,
-            Ok(Some(topic)) => self.bus.unsubscribe(vec![topic]).await,
-            Ok(None) => {}
-            Err(()) => {
-                let command = GroupCommand {
-                    connection: id,
-                    group: group.to_owned(),
-                    join,
-                };
-                self.bus.publish(Envelope::Group(command)).await
-            }
+        let here = self.local.change_group(&*self.bus, &id, group, join).await;
+        if here.is_err() {
+            let command = GroupCommand {
+                connection: id,
+                group: group.to_owned(),
+                join,
+            };
+            self.bus.publish(Envelope::Group(command)).await
         }
     }
 }
@@ -377,22 +371,23 @@ impl Groups {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::tests::outbox;
 
     fn local() -> LocalClients {
-        LocalClients::new(Arc::new(Metrics::default()))
+        LocalClients::default()
     }
 
     #[test]
     fn groups_and_users_report_topics_only_on_first_join_and_last_leave() {
         let local = local();
         let (a, b) = (ConnectionId::random(), ConnectionId::random());
-        let topics = local.add(&a, Some("alice"), Outbox::new(4).0);
+        let topics = local.add(&a, Some("alice"), outbox(4).0);
         assert_eq!(
             topics,
             vec![Topic::Connection(a.clone()), Topic::User("alice".into())]
         );
         assert_eq!(
-            local.add(&b, Some("alice"), Outbox::new(4).0),
+            local.add(&b, Some("alice"), outbox(4).0),
             vec![Topic::Connection(b.clone())]
         );
         assert_eq!(
@@ -416,8 +411,8 @@ mod tests {
     fn delivery_respects_the_audience() {
         let local = local();
         let (a, b) = (ConnectionId::random(), ConnectionId::random());
-        let (outbox_a, mut rx_a) = Outbox::new(8);
-        let (outbox_b, mut rx_b) = Outbox::new(8);
+        let (outbox_a, mut rx_a) = outbox(8);
+        let (outbox_b, mut rx_b) = outbox(8);
         local.add(&a, Some("alice"), outbox_a);
         local.add(&b, None, outbox_b);
         local.join(&b, "room").unwrap();

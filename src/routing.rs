@@ -212,10 +212,10 @@ impl Router {
 mod tests {
     use super::*;
     use crate::bus::InProcess;
-    use crate::clients::LocalClients;
     use crate::config::Settings;
     use crate::connection::SessionConfig;
-    use crate::hub::{Hub, HubHost};
+    use crate::hub::host::HubHost;
+    use crate::hub::Hub;
     use crate::metrics::Metrics;
 
     const NOW: u64 = 1_800_000_000;
@@ -224,12 +224,7 @@ mod tests {
         let key = ClusterKey::from_secret(b"0123456789abcdef");
         let me = InstanceId::parse("me").unwrap();
         let metrics = Arc::new(Metrics::default());
-        let host = HubHost::new(
-            Hub::builder("t").build(),
-            Arc::new(LocalClients::new(metrics.clone())),
-            Arc::new(InProcess),
-            me.clone(),
-        );
+        let host = HubHost::new(Hub::builder("t").build(), Arc::new(InProcess), me.clone());
         let connections = Connections::new(
             Arc::new(host),
             metrics,

@@ -15,12 +15,12 @@ use actix_web::{http, web, App, HttpServer};
 use crate::bus::peers::Peers;
 use crate::bus::{self, BusError};
 use crate::chat;
-use crate::clients::LocalClients;
 use crate::config::{ConfigError, Settings};
 use crate::connection::{Connections, SessionConfig};
 use crate::forwarding::Forwarder;
 use crate::http::{max_body_size, routes, AppState};
-use crate::hub::{Hub, HubHost, UserIdProvider};
+use crate::hub::host::HubHost;
+use crate::hub::{Hub, UserIdProvider};
 use crate::metrics::Metrics;
 use crate::outbox::Closing;
 use crate::routing::Router;
@@ -98,13 +98,12 @@ impl Application {
         let instance = settings.instance_id();
         let key = settings.cluster_key();
         let metrics = Arc::new(Metrics::default());
-        let local = Arc::new(LocalClients::new(metrics.clone()));
         let namespace = format!("stickless:{}", hub.name());
         let (bus, events) = bus::open(&settings, &namespace, instance.clone(), metrics.clone())?;
         let peers = Arc::new(Peers::new(instance.clone(), settings.advertise_url()));
         tokio::spawn(peers.clone().run(bus.clone()));
         let hub_name = hub.name().to_owned();
-        let host = Arc::new(HubHost::new(hub, local, bus.clone(), instance.clone()));
+        let host = Arc::new(HubHost::new(hub, bus.clone(), instance.clone()));
         tokio::spawn(host.clone().drain(events, Some(peers.clone())));
         let connections = Arc::new(Connections::new(
             host,

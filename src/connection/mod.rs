@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch, OwnedMutexGuard};
 
-use crate::hub::{Caller, HubHost};
+use crate::hub::host::{Caller, HubHost};
 use crate::metrics::Metrics;
 use crate::outbox::{closed, Closing, Outbox};
 use crate::protocol::negotiate::TransportKind;
@@ -90,8 +90,13 @@ impl Drop for Activation {
 }
 
 impl Connection {
-    fn new(id: ConnectionId, token: ConnectionToken, queue_length: usize) -> Self {
-        let (outbox, outbound) = Outbox::new(queue_length);
+    fn new(
+        id: ConnectionId,
+        token: ConnectionToken,
+        queue_length: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let (outbox, outbound) = Outbox::new(id.clone(), queue_length, metrics);
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CHUNKS);
         Self {
             id,
@@ -218,6 +223,7 @@ impl Connections {
             id,
             token,
             self.config.outbound_queue_length,
+            self.metrics.clone(),
         ));
         self.by_token
             .write()
@@ -337,17 +343,14 @@ impl Connections {
 mod tests {
     use super::*;
     use crate::bus::InProcess;
-    use crate::clients::LocalClients;
     use crate::config::Settings;
     use crate::hub::Hub;
     use crate::protocol::token::InstanceId;
 
     fn connections(disconnect_timeout: Duration) -> Arc<Connections> {
         let metrics = Arc::new(Metrics::default());
-        let local = Arc::new(LocalClients::new(metrics.clone()));
         let host = HubHost::new(
             Hub::builder("t").build(),
-            local,
             Arc::new(InProcess),
             InstanceId::parse("i").unwrap(),
         );

@@ -20,7 +20,9 @@
 //! ```
 //!
 //! The hub knows nothing of transports or routing: it sees a [`HubContext`] and returns
-//! values. The connection layer turns those into Completion messages.
+//! values. Its [`host::HubHost`] turns invocations into Completions, streams and errors.
+
+pub mod host;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -34,10 +36,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::bus::peers::Peers;
-use crate::bus::{Bus, Envelope, Event, Events, GroupCommand};
-use crate::clients::{Clients, Groups, LocalClients, SendError};
-use crate::outbox::Outbox;
+use crate::clients::{Clients, Groups, SendError};
 use crate::protocol::negotiate::TransportKind;
 use crate::protocol::token::{ConnectionId, InstanceId};
 
@@ -99,7 +98,7 @@ type LifecycleFn = Arc<dyn Fn(HubContext) -> BoxFuture<'static, ()> + Send + Syn
 
 /// A registered method.
 #[derive(Clone)]
-pub enum Method {
+pub(crate) enum Method {
     /// Returns one value (or nothing).
     Unary(UnaryFn),
     /// Returns a stream of items.
@@ -236,123 +235,8 @@ impl Hub {
 
     /// The method of that name, matched ignoring case as ASP.NET's `DefaultHubDispatcher`
     /// does, with its declared name.
-    pub fn method(&self, name: &str) -> Option<&(String, Method)> {
+    pub(crate) fn method(&self, name: &str) -> Option<&(String, Method)> {
         self.methods.get(&name.to_lowercase())
-    }
-}
-
-/// A hub together with what its methods need at run time; one per instance.
-pub struct HubHost {
-    hub: Hub,
-    local: Arc<LocalClients>,
-    bus: Arc<dyn Bus>,
-    instance: InstanceId,
-}
-
-/// The identity of one connection, as the hub sees it.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// Its id.
-    pub connection_id: ConnectionId,
-    /// Its user.
-    pub user: Option<String>,
-    /// Its transport.
-    pub transport: TransportKind,
-}
-
-impl HubHost {
-    /// Hosts `hub` on this instance.
-    pub fn new(
-        hub: Hub,
-        local: Arc<LocalClients>,
-        bus: Arc<dyn Bus>,
-        instance: InstanceId,
-    ) -> Self {
-        Self {
-            hub,
-            local,
-            bus,
-            instance,
-        }
-    }
-
-    /// The hosted hub.
-    pub fn hub(&self) -> &Hub {
-        &self.hub
-    }
-
-    /// The context for hub code running on behalf of `caller`.
-    pub fn context(&self, caller: &Caller) -> HubContext {
-        HubContext {
-            connection_id: caller.connection_id.clone(),
-            user: caller.user.clone(),
-            transport: caller.transport,
-            instance: self.instance.clone(),
-            clients: Clients::new(
-                self.local.clone(),
-                self.bus.clone(),
-                caller.connection_id.clone(),
-            ),
-        }
-    }
-
-    /// Makes a connection reachable (here and through the bus), then runs the hub's
-    /// connect hook.
-    pub async fn connect(&self, caller: &Caller, outbox: Outbox) {
-        let topics = self
-            .local
-            .add(&caller.connection_id, caller.user.as_deref(), outbox);
-        self.bus.subscribe(topics).await;
-        if let Some(hook) = &self.hub.on_connected {
-            hook(self.context(caller)).await;
-        }
-    }
-
-    /// Runs the hub's disconnect hook, then forgets the connection.
-    pub async fn disconnect(&self, caller: &Caller) {
-        if let Some(hook) = &self.hub.on_disconnected {
-            hook(self.context(caller)).await;
-        }
-        let topics = self.local.remove(&caller.connection_id);
-        self.bus.unsubscribe(topics).await;
-    }
-
-    /// Drains the hub's bus: delivers what other instances sent to local recipients,
-    /// applies their group commands to local connections, and hands announcements to
-    /// peer discovery (`peers`, on the one bus that carries it). Runs until the bus ends.
-    pub async fn drain(self: Arc<Self>, mut events: Events, peers: Option<Arc<Peers>>) {
-        while let Some(event) = events.next().await {
-            match event {
-                Event::Received(Envelope::Message { audience, record }) => {
-                    self.local.deliver(&audience, &record);
-                }
-                Event::Received(Envelope::Group(command)) => self.apply(&command).await,
-                Event::Received(Envelope::Announcement(announcement)) => {
-                    if let Some(peers) = &peers {
-                        peers.receive(announcement, &*self.bus).await;
-                    }
-                }
-                Event::Connected => {
-                    if let Some(peers) = &peers {
-                        peers.connected(&*self.bus).await;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Applies a group command from another instance, if the connection is here.
-    async fn apply(&self, command: &GroupCommand) {
-        let changed = if command.join {
-            self.local.join(&command.connection, &command.group)
-        } else {
-            self.local.leave(&command.connection, &command.group)
-        };
-        match changed {
-            Ok(Some(topic)) if command.join => self.bus.subscribe(vec![topic]).await,
-            Ok(Some(topic)) => self.bus.unsubscribe(vec![topic]).await,
-            Ok(None) | Err(()) => {}
-        }
     }
 }
 
