@@ -31,11 +31,12 @@
 //! - [`metrics`], [`config`], [`startup`]: counters, settings, start and stop.
 //! - [`devcluster`]: redis-server, N instances and nginx on loopback, for tests and demos.
 
+pub mod app;
 pub mod bus;
-pub mod chat;
 pub mod clients;
 pub mod config;
 pub mod connection;
+pub mod demo;
 pub mod devcluster;
 pub mod forwarding;
 pub mod http;
@@ -46,3 +47,9 @@ pub mod protocol;
 pub mod routing;
 pub mod startup;
 pub mod transport;
+
+pub use app::App;
+pub use clients::{Clients, Groups};
+pub use config::Settings;
+pub use hub::{BuildError, Hub, HubBuilder, HubContext, HubError};
+pub use startup::{AppHandle, Application, StartError};

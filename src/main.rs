@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use stickless::config::Settings;
-use stickless::startup::Application;
+use stickless::{demo, Settings};
 
 /// Command line: the settings, plus the container health check.
 #[derive(Parser)]
@@ -90,7 +89,9 @@ async fn main() -> anyhow::Result<()> {
         .format_timestamp_millis()
         .init();
     let listen = settings.listen_addr;
-    let app = Application::build(settings)
+    // The demo is chosen here: mount your own hubs instead (see the README).
+    let app = demo::app(settings)
+        .build()
         .await
         .context("stickless could not start")?;
     let address = local_address(SocketAddr::new(listen.ip(), app.port()));

@@ -127,6 +127,7 @@ pub struct ForwardPlan {
 /// The routing policy of one instance.
 pub struct Router {
     instance: InstanceId,
+    /// The cluster key: it signs the markers of internal probes.
     key: ClusterKey,
     load_balancer: Option<String>,
     max_attempts: u32,
@@ -164,16 +165,17 @@ impl Router {
         })
     }
 
-    /// Decides where the request for `token` goes.
+    /// Decides where the request for `token`, which `key` signed, goes.
     pub fn route(
         &self,
+        key: &ClusterKey,
         connections: &Connections,
         token: &str,
         probe: bool,
         websocket: bool,
         now_secs: u64,
     ) -> Route {
-        let Ok(claims) = self.key.verify(token) else {
+        let Ok(claims) = key.verify(token) else {
             return Route::Reject(Rejection::BadToken);
         };
         if let Some(connection) = connections.get(token) {
@@ -224,7 +226,11 @@ mod tests {
         let key = ClusterKey::from_secret(b"0123456789abcdef");
         let me = InstanceId::parse("me").unwrap();
         let metrics = Arc::new(Metrics::default());
-        let host = HubHost::new(Hub::builder("t").build(), Arc::new(InProcess), me.clone());
+        let host = HubHost::new(
+            Hub::builder("t").build().unwrap(),
+            Arc::new(InProcess),
+            me.clone(),
+        );
         let connections = Connections::new(
             Arc::new(host),
             metrics,
@@ -253,18 +259,18 @@ mod tests {
 
     #[test]
     fn forged_tokens_are_rejected_without_forwarding() {
-        let (router, connections, _) = setup(Some("http://lb"), 10);
+        let (router, connections, key) = setup(Some("http://lb"), 10);
         let forged = token(
             &ClusterKey::from_secret(b"not the cluster secret"),
             "other",
             NOW,
         );
         assert!(matches!(
-            router.route(&connections, &forged, false, false, NOW),
+            router.route(&key, &connections, &forged, false, false, NOW),
             Route::Reject(Rejection::BadToken)
         ));
         assert!(matches!(
-            router.route(&connections, "random", false, true, NOW),
+            router.route(&key, &connections, "random", false, true, NOW),
             Route::Reject(Rejection::BadToken)
         ));
     }
@@ -274,12 +280,12 @@ mod tests {
         let (router, connections, key) = setup(Some("http://lb"), 10);
         let mine = token(&key, "me", NOW);
         assert!(matches!(
-            router.route(&connections, &mine, false, false, NOW),
+            router.route(&key, &connections, &mine, false, false, NOW),
             Route::Reject(Rejection::Gone)
         ));
         let theirs = token(&key, "other", NOW);
         assert!(matches!(
-            router.route(&connections, &theirs, true, false, NOW),
+            router.route(&key, &connections, &theirs, true, false, NOW),
             Route::Reject(Rejection::ProbeMiss)
         ));
     }
@@ -288,7 +294,8 @@ mod tests {
     fn other_owners_are_reached_through_the_load_balancer() {
         let (router, connections, key) = setup(Some("http://lb"), 10);
         let theirs = token(&key, "other", NOW);
-        let Route::Forward(plan) = router.route(&connections, &theirs, false, false, NOW) else {
+        let Route::Forward(plan) = router.route(&key, &connections, &theirs, false, false, NOW)
+        else {
             panic!("not forwarded");
         };
         assert_eq!(plan.owner.as_str(), "other");
@@ -301,7 +308,7 @@ mod tests {
         let (router, connections, key) = setup(Some("http://lb"), 0);
         let theirs = token(&key, "other", NOW);
         assert!(matches!(
-            router.route(&connections, &theirs, false, false, NOW),
+            router.route(&key, &connections, &theirs, false, false, NOW),
             Route::Reject(Rejection::NoRoute)
         ));
     }
@@ -311,12 +318,12 @@ mod tests {
         let (router, connections, key) = setup(Some("http://lb"), 10);
         let fresh = token(&key, "other", NOW - 3);
         assert!(matches!(
-            router.route(&connections, &fresh, false, true, NOW),
+            router.route(&key, &connections, &fresh, false, true, NOW),
             Route::Adopt(_)
         ));
         let stale = token(&key, "other", NOW - 60);
         assert!(matches!(
-            router.route(&connections, &stale, false, true, NOW),
+            router.route(&key, &connections, &stale, false, true, NOW),
             Route::Forward(_)
         ));
     }

@@ -217,6 +217,11 @@ impl Connections {
         }
     }
 
+    /// The host of the hub these connections talk to.
+    pub fn host(&self) -> &Arc<HubHost> {
+        &self.host
+    }
+
     /// Registers a new connection.
     pub fn create(&self, id: ConnectionId, token: ConnectionToken) -> Arc<Connection> {
         let connection = Arc::new(Connection::new(
@@ -350,7 +355,7 @@ mod tests {
     fn connections(disconnect_timeout: Duration) -> Arc<Connections> {
         let metrics = Arc::new(Metrics::default());
         let host = HubHost::new(
-            Hub::builder("t").build(),
+            Hub::builder("t").build().unwrap(),
             Arc::new(InProcess),
             InstanceId::parse("i").unwrap(),
         );

@@ -271,7 +271,8 @@ mod tests {
             .stream("Count", |_ctx: HubContext, (n,): (u32,)| {
                 Ok(futures_util::stream::iter(0..n))
             })
-            .build();
+            .build()
+            .unwrap();
         HubHost::new(hub, Arc::new(InProcess), InstanceId::parse("i").unwrap())
     }
 

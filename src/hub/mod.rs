@@ -15,8 +15,9 @@
 //!         ctx.clients().all().send("Shouted", (text.to_uppercase(),)).await?;
 //!         Ok::<_, HubError>(())
 //!     })
-//!     .build();
+//!     .build()?;
 //! assert!(hub.has_method("echo")); // names are matched ignoring case, as ASP.NET does
+//! # Ok::<(), stickless::hub::BuildError>(())
 //! ```
 //!
 //! The hub knows nothing of transports or routing: it sees a [`HubContext`] and returns
@@ -49,6 +50,19 @@ pub enum HubError {
     /// Sending to other clients failed.
     #[error("An unexpected error occurred: {0}")]
     Send(#[from] SendError),
+}
+
+/// A hub is declared wrongly; found when it is built, before any client connects.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BuildError {
+    /// Two methods whose names differ only in case (clients match names ignoring case).
+    #[error("hub {hub:?} declares the method {method:?} twice")]
+    DuplicateMethod {
+        /// The hub.
+        hub: String,
+        /// The method.
+        method: String,
+    },
 }
 
 impl HubError {
@@ -133,11 +147,12 @@ fn bind<A: DeserializeOwned>(target: &str, args: Vec<Value>) -> Result<A, HubErr
 /// Declares a hub's methods.
 pub struct HubBuilder {
     hub: Hub,
+    duplicates: Vec<String>,
 }
 
 impl HubBuilder {
     /// Adds a method returning one value; `()` makes it void.
-    pub fn method<A, R, F, Fut>(mut self, name: &str, method: F) -> Self
+    pub fn method<A, R, F, Fut>(self, name: &str, method: F) -> Self
     where
         A: DeserializeOwned + Send + 'static,
         R: Serialize + 'static,
@@ -156,14 +171,11 @@ impl HubBuilder {
                 .boxed(),
             Err(error) => futures_util::future::ready(Err(error)).boxed(),
         });
-        self.hub
-            .methods
-            .insert(name.to_lowercase(), (name.to_owned(), Method::Unary(call)));
-        self
+        self.insert(name, Method::Unary(call))
     }
 
     /// Adds a method that streams items to the caller (`connection.stream(...)`).
-    pub fn stream<A, T, F, S>(mut self, name: &str, method: F) -> Self
+    pub fn stream<A, T, F, S>(self, name: &str, method: F) -> Self
     where
         A: DeserializeOwned + Send + 'static,
         T: Serialize + 'static,
@@ -178,10 +190,7 @@ impl HubBuilder {
                 .map(|item| serde_json::to_value(item).unwrap_or(Value::Null))
                 .boxed())
         });
-        self.hub
-            .methods
-            .insert(name.to_lowercase(), (name.to_owned(), Method::Stream(call)));
-        self
+        self.insert(name, Method::Stream(call))
     }
 
     /// Runs when a connection has completed its handshake.
@@ -204,9 +213,31 @@ impl HubBuilder {
         self
     }
 
-    /// The finished hub.
-    pub fn build(self) -> Hub {
-        self.hub
+    fn insert(mut self, name: &str, method: Method) -> Self {
+        let previous = self
+            .hub
+            .methods
+            .insert(name.to_lowercase(), (name.to_owned(), method));
+        if previous.is_some() {
+            self.duplicates.push(name.to_owned());
+        }
+        self
+    }
+
+    /// The hub's name.
+    pub fn name(&self) -> &str {
+        &self.hub.name
+    }
+
+    /// The finished hub, once its declaration is checked.
+    pub fn build(self) -> Result<Hub, BuildError> {
+        if let Some(method) = self.duplicates.into_iter().next() {
+            return Err(BuildError::DuplicateMethod {
+                hub: self.hub.name,
+                method,
+            });
+        }
+        Ok(self.hub)
     }
 }
 
@@ -220,6 +251,7 @@ impl Hub {
                 on_connected: None,
                 on_disconnected: None,
             },
+            duplicates: Vec::new(),
         }
     }
 

@@ -7,16 +7,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use actix_web::http::header::AUTHORIZATION;
-use actix_web::HttpRequest;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::hub::{Hub, HubContext, HubError};
+use crate::hub::{Hub, HubBuilder, HubContext, HubError};
 use crate::protocol::token::ConnectionId;
 
 /// Longest display name, in characters.
-const MAX_NAME: usize = 32;
+pub(crate) const MAX_NAME: usize = 32;
 /// Longest room name, in characters.
 const MAX_ROOM: usize = 64;
 /// Most items `Counter` streams.
@@ -149,32 +147,8 @@ fn presence<'a>(
     }
 }
 
-/// The demo's user hook: the bearer token (or, for browsers' WebSockets and SSE, the
-/// `access_token` query parameter) **is** the user id. This is not authentication; a real
-/// application verifies its tokens here.
-pub fn user_id(req: &HttpRequest) -> Option<String> {
-    let bearer = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned);
-    let query = || {
-        actix_web::web::Query::<Vec<(String, String)>>::from_query(req.query_string())
-            .ok()?
-            .into_inner()
-            .into_iter()
-            .find(|(k, _)| k == "access_token")
-            .map(|(_, v)| v)
-    };
-    bearer
-        .or_else(query)
-        .map(|user| user.trim().chars().take(MAX_NAME).collect::<String>())
-        .filter(|user| !user.is_empty())
-}
-
 /// The chat hub.
-pub fn hub() -> Hub {
+pub fn hub() -> HubBuilder {
     let names = Arc::new(Names::default());
     let n = || names.clone();
     Hub::builder("chat")
@@ -338,5 +312,4 @@ pub fn hub() -> Hub {
                 }))
             },
         )
-        .build()
 }
