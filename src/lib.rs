@@ -51,5 +51,5 @@ pub mod transport;
 pub use app::App;
 pub use clients::{Clients, Groups};
 pub use config::Settings;
-pub use hub::{BuildError, Hub, HubBuilder, HubContext, HubError};
+pub use hub::{BuildError, Hub, HubBuilder, HubContext, HubError, State};
 pub use startup::{AppHandle, Application, StartError};
