@@ -5,7 +5,7 @@
 //! the result is serialized back, so a method is an ordinary async closure:
 //!
 //! ```
-//! use stickless::hub::{Hub, HubContext, HubError};
+//! use stickless::{Hub, HubContext, HubError};
 //!
 //! let hub = Hub::builder("chat")
 //!     .method("Echo", |_ctx: HubContext, (text,): (String,)| async move {
@@ -17,7 +17,7 @@
 //!     })
 //!     .build()?;
 //! assert!(hub.has_method("echo")); // names are matched ignoring case, as ASP.NET does
-//! # Ok::<(), stickless::hub::BuildError>(())
+//! # Ok::<(), stickless::BuildError>(())
 //! ```
 //!
 //! The hub knows nothing of transports or routing: it sees a [`HubContext`] and returns
@@ -87,7 +87,7 @@ impl HubError {
 pub struct HubContext {
     /// The caller's connection id.
     pub connection_id: ConnectionId,
-    /// The caller's user id, from the [`UserIdProvider`].
+    /// The caller's user id, from the application's user hook ([`crate::App::user_id`]).
     pub user: Option<String>,
     /// The transport the caller uses.
     pub transport: TransportKind,
