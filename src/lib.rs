@@ -101,7 +101,7 @@ pub use app::App;
 pub use clients::{Clients, Groups, SendError, Target};
 pub use config::Settings;
 pub use hub::{
-    BuildError, Hub, HubBuilder, HubContext, HubError, HookHandler, MethodHandler, State,
+    BuildError, HookHandler, Hub, HubBuilder, HubContext, HubError, MethodHandler, State,
     StreamHandler,
 };
 pub use protocol::negotiate::TransportKind;

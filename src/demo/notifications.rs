@@ -10,6 +10,9 @@
 //! | `Subscribe` | `topic` | the topic | the caller receives the topic's notifications |
 //! | `Unsubscribe` | `topic` | the topic | it stops receiving them |
 //! | `Publish` | `topic, text` | how many notifications this instance has published | every subscriber receives `Notification` `{topic, text, from, instance}` |
+//!
+//! A server-side notification greets every connection: `Welcome` `{connectionId,
+//! instance}`, sent by the connect hook.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -39,6 +42,15 @@ struct Published(AtomicU64);
 pub fn hub() -> HubBuilder {
     Hub::builder("notifications")
         .state(Published::default())
+        .on_connected(|ctx: HubContext| async move {
+            let welcome = serde_json::json!({
+                "connectionId": ctx.connection_id.as_str(),
+                "instance": ctx.instance.as_str(),
+            });
+            if let Err(error) = ctx.clients().caller().send("Welcome", (welcome,)).await {
+                log::warn!("welcome not sent: {error}");
+            }
+        })
         .method(
             "Subscribe",
             |ctx: HubContext, (topic,): (String,)| async move {
