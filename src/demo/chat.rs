@@ -15,8 +15,7 @@ use futures_util::Stream;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::protocol::token::ConnectionId;
-use crate::{Hub, HubBuilder, HubContext, HubError, State};
+use crate::{ConnectionId, Hub, HubBuilder, HubContext, HubError, State};
 
 /// Longest display name, in characters.
 pub(crate) const MAX_NAME: usize = 32;
