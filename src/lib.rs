@@ -11,6 +11,7 @@
 //!
 //! ```no_run
 //! use std::sync::atomic::{AtomicU64, Ordering};
+//! use clap::Parser;
 //! use stickless::{App, Hub, HubContext, HubError, Settings, State};
 //!
 //! #[derive(Default)]
@@ -34,7 +35,8 @@
 //!         .method("Echo", |_ctx: HubContext, (text,): (String,)| async move {
 //!             Ok::<_, HubError>(text)
 //!         });
-//!     let app = App::new(Settings::for_tests()).hub("/likes", likes).build().await?;
+//!     // Every setting is an environment variable and a --flag (README, "Configuration").
+//!     let app = App::new(Settings::parse()).hub("/likes", likes).build().await?;
 //!     app.run_until_stopped().await?;
 //!     Ok(())
 //! }
