@@ -3,7 +3,7 @@
 //! delivers to them.
 //!
 //! Sending first delivers to local recipients directly, then hands the same record to the
-//! backplane, which carries it to the other instances (it never comes back here: an
+//! bus (the backplane), which carries it to the other instances (it never comes back here: an
 //! instance ignores its own messages). The record is encoded once, whatever the audience.
 
 use std::collections::{HashMap, HashSet};
@@ -13,56 +13,10 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::backplane::Backplane;
-use crate::metrics::Metrics;
+use crate::bus::{Audience, Bus, Envelope, GroupCommand, Topic};
 use crate::outbox::{Outbox, Pushed};
 use crate::protocol::message::HubMessage;
 use crate::protocol::token::ConnectionId;
-
-/// The recipients of one message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Audience {
-    /// Every connection, except some.
-    All {
-        /// Connections left out (`Others` leaves out the caller).
-        except: Vec<ConnectionId>,
-    },
-    /// One connection.
-    Connection(ConnectionId),
-    /// A group's members, except some.
-    Group {
-        /// The group's name.
-        name: String,
-        /// Members left out.
-        except: Vec<ConnectionId>,
-    },
-    /// Every connection of one user.
-    User(String),
-}
-
-/// Something an instance subscribes to so that messages for it reach it: it has a local
-/// connection with that id, a local member of that group, or a local connection of that
-/// user. (`All` needs no topic: every instance receives it.)
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Topic {
-    /// A connection id.
-    Connection(ConnectionId),
-    /// A group name.
-    Group(String),
-    /// A user id.
-    User(String),
-}
-
-/// A group membership change for a connection that may live on another instance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct GroupAction {
-    /// The connection.
-    pub connection: String,
-    /// The group.
-    pub group: String,
-    /// Join (`true`) or leave.
-    pub join: bool,
-}
 
 /// A message could not be sent.
 #[derive(Debug, thiserror::Error)]
@@ -87,21 +41,12 @@ struct Index {
 }
 
 /// This instance's connections, groups and users.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct LocalClients {
     index: RwLock<Index>,
-    metrics: Arc<Metrics>,
 }
 
 impl LocalClients {
-    /// An empty index.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self {
-            index: RwLock::new(Index::default()),
-            metrics,
-        }
-    }
-
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
         // A panic while holding the lock cannot leave the maps half-updated in a way that
         // matters more than losing every connection, so a poisoned lock is used as is.
@@ -182,18 +127,33 @@ impl LocalClients {
         Ok(emptied.then(|| Topic::Group(group.to_owned())))
     }
 
+    /// Joins or leaves a group for a connection if it is here, and subscribes the bus to
+    /// a group new on this instance (or unsubscribes it from one left empty). Returns
+    /// once messages to the group reach the connection; `Err(())` if it is not here.
+    #[allow(clippy::result_unit_err)]
+    pub async fn change_group(
+        &self,
+        bus: &dyn Bus,
+        id: &ConnectionId,
+        group: &str,
+        join: bool,
+    ) -> Result<(), ()> {
+        let changed = if join {
+            self.join(id, group)?
+        } else {
+            self.leave(id, group)?
+        };
+        match changed {
+            Some(topic) if join => bus.subscribe(vec![topic]).await,
+            Some(topic) => bus.unsubscribe(vec![topic]).await,
+            None => {}
+        }
+        Ok(())
+    }
+
     /// Whether the connection is on this instance.
     pub fn contains(&self, id: &ConnectionId) -> bool {
         self.read().connections.contains_key(id)
-    }
-
-    /// Every topic this instance needs, for (re)subscribing after a backplane reconnect.
-    pub fn topics(&self) -> Vec<Topic> {
-        let index = self.read();
-        let connections = index.connections.keys().cloned().map(Topic::Connection);
-        let groups = index.groups.keys().cloned().map(Topic::Group);
-        let users = index.users.keys().cloned().map(Topic::User);
-        connections.chain(groups).chain(users).collect()
     }
 
     /// Queues `record` for every local recipient; returns how many got it.
@@ -203,18 +163,7 @@ impl LocalClients {
             let Some(member) = index.connections.get(id) else {
                 return 0;
             };
-            match member.outbox.push(record.clone()) {
-                Pushed::Queued => {
-                    self.metrics.message_sent();
-                    1
-                }
-                Pushed::Overflowed => {
-                    log::warn!("connection {id} closed: its outbound queue is full");
-                    self.metrics.slow_consumer();
-                    0
-                }
-                Pushed::Closed => 0,
-            }
+            usize::from(member.outbox.push(record.clone()) == Pushed::Queued)
         };
         match audience {
             Audience::All { except } => {
@@ -277,22 +226,14 @@ fn remove_from(
 #[derive(Clone)]
 pub struct Clients {
     local: Arc<LocalClients>,
-    backplane: Arc<dyn Backplane>,
+    bus: Arc<dyn Bus>,
     caller: ConnectionId,
 }
 
 impl Clients {
     /// The clients API for hub code running on behalf of `caller`.
-    pub fn new(
-        local: Arc<LocalClients>,
-        backplane: Arc<dyn Backplane>,
-        caller: ConnectionId,
-    ) -> Self {
-        Self {
-            local,
-            backplane,
-            caller,
-        }
+    pub fn new(local: Arc<LocalClients>, bus: Arc<dyn Bus>, caller: ConnectionId) -> Self {
+        Self { local, bus, caller }
     }
 
     fn target(&self, audience: Audience) -> Target<'_> {
@@ -351,7 +292,7 @@ impl Clients {
     pub fn groups(&self) -> Groups {
         Groups {
             local: self.local.clone(),
-            backplane: self.backplane.clone(),
+            bus: self.bus.clone(),
         }
     }
 }
@@ -378,16 +319,18 @@ impl Target<'_> {
             stream_ids: Vec::new(),
         }
         .encode();
-        let Clients {
-            local, backplane, ..
-        } = self.clients;
+        let Clients { local, bus, .. } = self.clients;
         local.deliver(&self.audience, &record);
         if let Audience::Connection(id) = &self.audience {
             if local.contains(id) {
                 return Ok(());
             }
         }
-        backplane.publish(&self.audience, &record).await;
+        let envelope = Envelope::Message {
+            audience: self.audience,
+            record,
+        };
+        bus.publish(envelope).await;
         Ok(())
     }
 }
@@ -396,7 +339,7 @@ impl Target<'_> {
 #[derive(Clone)]
 pub struct Groups {
     local: Arc<LocalClients>,
-    backplane: Arc<dyn Backplane>,
+    bus: Arc<dyn Bus>,
 }
 
 impl Groups {
@@ -413,44 +356,14 @@ impl Groups {
 
     async fn change(&self, connection_id: &str, group: &str, join: bool) {
         let id = ConnectionId::from_untrusted(connection_id);
-        let changed = if join {
-            self.local.join(&id, group)
-        } else {
-            self.local.leave(&id, group)
-        };
-        match changed {
-            Ok(Some(topic)) if join => self.backplane.subscribe(vec![topic]).await,
-            Ok(Some(topic)) => self.backplane.unsubscribe(vec![topic]).await,
-            Ok(None) => {}
-            Err(()) => {
-                let action = GroupAction {
-                    connection: connection_id.to_owned(),
-                    group: group.to_owned(),
-                    join,
-                };
-                self.backplane.group_action(action).await
-            }
-        }
-    }
-}
-
-/// Applies a group action that arrived from another instance, if the connection is here.
-pub async fn apply_group_action(
-    local: &LocalClients,
-    backplane: &dyn Backplane,
-    action: &GroupAction,
-) {
-    let id = ConnectionId::from_untrusted(&action.connection);
-    let changed = if action.join {
-        local.join(&id, &action.group)
-    } else {
-        local.leave(&id, &action.group)
-    };
-    if let Ok(Some(topic)) = changed {
-        if action.join {
-            backplane.subscribe(vec![topic]).await
-        } else {
-            backplane.unsubscribe(vec![topic]).await
+        let here = self.local.change_group(&*self.bus, &id, group, join).await;
+        if here.is_err() {
+            let command = GroupCommand {
+                connection: id,
+                group: group.to_owned(),
+                join,
+            };
+            self.bus.publish(Envelope::Group(command)).await
         }
     }
 }
@@ -458,22 +371,23 @@ pub async fn apply_group_action(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::tests::outbox;
 
     fn local() -> LocalClients {
-        LocalClients::new(Arc::new(Metrics::default()))
+        LocalClients::default()
     }
 
     #[test]
     fn groups_and_users_report_topics_only_on_first_join_and_last_leave() {
         let local = local();
         let (a, b) = (ConnectionId::random(), ConnectionId::random());
-        let topics = local.add(&a, Some("alice"), Outbox::new(4).0);
+        let topics = local.add(&a, Some("alice"), outbox(4).0);
         assert_eq!(
             topics,
             vec![Topic::Connection(a.clone()), Topic::User("alice".into())]
         );
         assert_eq!(
-            local.add(&b, Some("alice"), Outbox::new(4).0),
+            local.add(&b, Some("alice"), outbox(4).0),
             vec![Topic::Connection(b.clone())]
         );
         assert_eq!(
@@ -490,7 +404,6 @@ mod tests {
             local.remove(&a),
             vec![Topic::Connection(a), Topic::User("alice".into())]
         );
-        assert!(local.topics().is_empty());
         assert_eq!(local.join(&ConnectionId::random(), "room"), Err(()));
     }
 
@@ -498,8 +411,8 @@ mod tests {
     fn delivery_respects_the_audience() {
         let local = local();
         let (a, b) = (ConnectionId::random(), ConnectionId::random());
-        let (outbox_a, mut rx_a) = Outbox::new(8);
-        let (outbox_b, mut rx_b) = Outbox::new(8);
+        let (outbox_a, mut rx_a) = outbox(8);
+        let (outbox_b, mut rx_b) = outbox(8);
         local.add(&a, Some("alice"), outbox_a);
         local.add(&b, None, outbox_b);
         local.join(&b, "room").unwrap();

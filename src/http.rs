@@ -1,6 +1,6 @@
-//! The HTTP surface: `{hub}/negotiate`, `{hub}` (GET, POST, DELETE), `/healthz` and
-//! `/metrics`, and the one mapping of every error to the status the SignalR client
-//! expects (TransportProtocols.md; DESIGN.md example 6).
+//! The HTTP surface: `{hub}/negotiate` and `{hub}` (GET, POST, DELETE) for every mounted
+//! hub, `/healthz` and `/metrics`, and the one mapping of every error to the status the
+//! SignalR client expects (TransportProtocols.md; DESIGN.md example 6).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,7 +13,6 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use serde_json::json;
 
-use crate::backplane::Backplane;
 use crate::config::Settings;
 use crate::connection::{Connection, ConnectionError, Connections};
 use crate::forwarding::Forwarder;
@@ -30,20 +29,43 @@ pub struct AppState {
     pub settings: Settings,
     /// The instance's id.
     pub instance: InstanceId,
-    /// The cluster key.
-    pub key: ClusterKey,
-    /// The connection registry.
-    pub connections: Arc<Connections>,
+    /// The mounted hubs.
+    pub hubs: Vec<Arc<HubEndpoint>>,
     /// The routing policy.
     pub router: Router,
     /// The counters.
     pub metrics: Arc<Metrics>,
-    /// The backplane.
-    pub backplane: Arc<dyn Backplane>,
-    /// The user hook.
-    pub user_id: UserIdProvider,
     /// Set when shutdown starts: no new connections, and the load balancer is told.
     pub stopping: AtomicBool,
+}
+
+/// One mounted hub, as its routes see it.
+pub struct HubEndpoint {
+    /// Its path, e.g. `/chat`.
+    pub path: String,
+    /// Signs and verifies its connection tokens. Derived per hub from the cluster secret,
+    /// so that a token of one hub is refused (404) at another hub's path.
+    pub key: ClusterKey,
+    /// Its connections on this instance, and its host.
+    pub connections: Arc<Connections>,
+    /// Finds the user of a connection.
+    pub user_id: UserIdProvider,
+}
+
+impl AppState {
+    /// Whether every hub's bus carries messages.
+    fn buses_healthy(&self) -> bool {
+        self.hubs
+            .iter()
+            .all(|hub| hub.connections.host().bus().is_healthy())
+    }
+
+    /// The kind of bus, for `/healthz` (every hub has the same kind).
+    pub(crate) fn bus_name(&self) -> &'static str {
+        self.hubs
+            .first()
+            .map_or("in-process", |hub| hub.connections.host().bus().name())
+    }
 }
 
 /// A request the hub endpoint refuses. The texts are ASP.NET's where it has one.
@@ -127,23 +149,28 @@ async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Bytes, Api
     Ok(body.freeze())
 }
 
-/// Registers the routes of hub `hub`.
-pub fn routes(hub: &str) -> impl FnOnce(&mut web::ServiceConfig) + '_ {
+/// Registers the routes of every hub, `/healthz` and `/metrics`.
+pub fn routes(hubs: &[Arc<HubEndpoint>]) -> impl FnOnce(&mut web::ServiceConfig) + '_ {
     move |cfg| {
-        cfg.service(
-            web::resource(format!("/{hub}/negotiate"))
-                .route(web::post().to(negotiate))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource(format!("/{hub}"))
-                .route(web::get().to(hub_get))
-                .route(web::post().to(hub_post))
-                .route(web::delete().to(hub_delete))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .route("/healthz", web::get().to(healthz))
-        .route("/metrics", web::get().to(metrics));
+        for hub in hubs {
+            let data = web::Data::from(hub.clone());
+            cfg.service(
+                web::resource(format!("{}/negotiate", hub.path))
+                    .app_data(data.clone())
+                    .route(web::post().to(negotiate))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
+                web::resource(hub.path.as_str())
+                    .app_data(data)
+                    .route(web::get().to(hub_get))
+                    .route(web::post().to(hub_post))
+                    .route(web::delete().to(hub_delete))
+                    .default_service(web::to(method_not_allowed)),
+            );
+        }
+        cfg.route("/healthz", web::get().to(healthz))
+            .route("/metrics", web::get().to(metrics));
     }
 }
 
@@ -152,7 +179,11 @@ async fn method_not_allowed() -> HttpResponse {
 }
 
 /// `POST {hub}/negotiate`: a new connection, owned by this instance.
-async fn negotiate(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+async fn negotiate(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    hub: web::Data<HubEndpoint>,
+) -> HttpResponse {
     if state.stopping.load(Ordering::Relaxed) {
         // A client reconnecting after our Close message must land on another instance.
         return HttpResponse::ServiceUnavailable()
@@ -167,16 +198,16 @@ async fn negotiate(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
                 return HttpResponse::Ok().json(negotiate::error_body(&error.to_string()))
             }
         };
-    let (id, token) = state.mint();
-    state.connections.create(id.clone(), token.clone());
+    let (id, token) = state.mint(&hub);
+    hub.connections.create(id.clone(), token.clone());
     state.metrics.negotiated();
     HttpResponse::Ok().json(NegotiateResponse::new(version, &id, &token))
 }
 
 impl AppState {
-    fn mint(&self) -> (ConnectionId, ConnectionToken) {
+    fn mint(&self, hub: &HubEndpoint) -> (ConnectionId, ConnectionToken) {
         let id = ConnectionId::random();
-        let token = self.key.mint(&TokenClaims {
+        let token = hub.key.mint(&TokenClaims {
             owner: self.instance.clone(),
             connection_id: id.clone(),
             issued_at: now_secs(),
@@ -184,7 +215,7 @@ impl AppState {
         (id, token)
     }
 
-    fn route(&self, req: &HttpRequest, token: &str, kind: RequestKind) -> Route {
+    fn route(&self, req: &HttpRequest, hub: &HubEndpoint, token: &str, kind: RequestKind) -> Route {
         let marker = req
             .headers()
             .get(PROBE_HEADER)
@@ -192,7 +223,8 @@ impl AppState {
         let now = now_secs();
         let probe = self.router.is_probe(marker, now);
         self.router.route(
-            &self.connections,
+            &hub.key,
+            &hub.connections,
             token,
             probe,
             kind == RequestKind::WebSocket,
@@ -206,6 +238,7 @@ async fn serve(
     req: &HttpRequest,
     payload: web::Payload,
     state: &AppState,
+    hub: &HubEndpoint,
     kind: RequestKind,
     connection: Arc<Connection>,
 ) -> Result<HttpResponse, actix_web::Error> {
@@ -219,9 +252,8 @@ async fn serve(
     };
     let activation = connection.activate(transport).map_err(ApiError::from)?;
     if activation.first {
-        state
-            .connections
-            .start(&connection, transport, (state.user_id)(req));
+        hub.connections
+            .start(&connection, transport, (hub.user_id)(req));
     }
     Ok(match upgraded {
         Some((response, session, messages)) => {
@@ -241,6 +273,7 @@ async fn hub_get(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
+    hub: web::Data<HubEndpoint>,
     forwarder: web::Data<Forwarder>,
 ) -> Result<HttpResponse, actix_web::Error> {
     let kind =
@@ -250,20 +283,20 @@ async fn hub_get(
             return Err(ApiError::MissingId.into());
         }
         // A WebSocket without id is a client that skipped negotiation: a new connection.
-        let (id, token) = state.mint();
-        let connection = state.connections.create(id, token);
-        return serve(&req, payload, &state, kind, connection).await;
+        let (id, token) = state.mint(&hub);
+        let connection = hub.connections.create(id, token);
+        return serve(&req, payload, &state, &hub, kind, connection).await;
     };
-    match state.route(&req, &token, kind) {
-        Route::Local(connection) => serve(&req, payload, &state, kind, connection).await,
+    match state.route(&req, &hub, &token, kind) {
+        Route::Local(connection) => serve(&req, payload, &state, &hub, kind, connection).await,
         Route::Adopt(claims) => {
             state.metrics.adopted();
-            let connection = state
+            let connection = hub
                 .connections
                 .create(claims.connection_id, ConnectionToken::from_trusted(token));
-            let served = serve(&req, payload, &state, kind, connection.clone()).await;
+            let served = serve(&req, payload, &state, &hub, kind, connection.clone()).await;
             if served.is_err() {
-                state.connections.dispose(&connection);
+                hub.connections.dispose(&connection);
             }
             served
         }
@@ -283,10 +316,11 @@ async fn hub_post(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
+    hub: web::Data<HubEndpoint>,
     forwarder: web::Data<Forwarder>,
 ) -> Result<HttpResponse, ApiError> {
     let token = query_param(&req, "id").ok_or(ApiError::MissingId)?;
-    let route = state.route(&req, &token, RequestKind::Send);
+    let route = state.route(&req, &hub, &token, RequestKind::Send);
     if let Route::Reject(why) = route {
         state.metrics.rejected(why);
         return Err(ApiError::UnknownConnection);
@@ -308,17 +342,18 @@ async fn hub_post(
 async fn hub_delete(
     req: HttpRequest,
     state: web::Data<AppState>,
+    hub: web::Data<HubEndpoint>,
     forwarder: web::Data<Forwarder>,
 ) -> Result<HttpResponse, ApiError> {
     let token = query_param(&req, "id").ok_or(ApiError::MissingId)?;
-    match state.route(&req, &token, RequestKind::Delete) {
+    match state.route(&req, &hub, &token, RequestKind::Delete) {
         Route::Local(connection) => {
             if connection.transport()
                 != Some(crate::protocol::negotiate::TransportKind::LongPolling)
             {
                 return Err(ConnectionError::DeleteNotLongPolling.into());
             }
-            state.connections.dispose(&connection);
+            hub.connections.dispose(&connection);
             Ok(HttpResponse::Accepted().finish())
         }
         Route::Forward(plan) => Ok(forwarder
@@ -332,13 +367,13 @@ async fn hub_delete(
     }
 }
 
-/// `GET /healthz`: 200 while the instance serves; `degraded` while the backplane is down
+/// `GET /healthz`: 200 while the instance serves; `degraded` while a hub's bus is down
 /// (local clients are still served, so the load balancer should keep the instance);
 /// 503 `stopping` once shutdown has begun.
 async fn healthz(state: web::Data<AppState>) -> HttpResponse {
     let (mut response, status) = if state.stopping.load(Ordering::Relaxed) {
         (HttpResponse::ServiceUnavailable(), "stopping")
-    } else if state.backplane.is_healthy() {
+    } else if state.buses_healthy() {
         (HttpResponse::Ok(), "ok")
     } else {
         (HttpResponse::Ok(), "degraded")
@@ -346,7 +381,7 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
     response.json(json!({
         "status": status,
         "instance": state.instance.as_str(),
-        "backplane": state.backplane.name(),
+        "backplane": state.bus_name(),
         "connections": state.metrics.live_connections(),
     }))
 }
@@ -355,5 +390,5 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8"))
-        .body(state.metrics.render(state.backplane.is_healthy()))
+        .body(state.metrics.render(state.buses_healthy()))
 }

@@ -5,6 +5,10 @@
 //! serves the connection drains the queue. The queue is bounded so that a client that does
 //! not read cannot make the server grow memory: when it is full, the connection is closed
 //! with a Close message saying why (DESIGN.md, "Scale-out": bounded everything).
+//!
+//! [`Outbox::push`] is the one push path of the server: hub clients' fan-out, session
+//! replies, completions and stream items all go through it, and it alone counts records
+//! sent and slow-consumer closes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -13,7 +17,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
+use crate::metrics::Metrics;
 use crate::protocol::message::HubMessage;
+use crate::protocol::token::ConnectionId;
 
 /// Why and how a connection is closing.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +64,8 @@ pub fn now_millis() -> u64 {
 
 #[derive(Debug)]
 struct Shared {
+    id: ConnectionId,
+    metrics: Arc<Metrics>,
     tx: mpsc::Sender<Bytes>,
     closing: watch::Sender<Option<Closing>>,
     last_queued_ms: AtomicU64,
@@ -79,12 +87,18 @@ pub enum Pushed {
 }
 
 impl Outbox {
-    /// A new outbox holding at most `capacity` records, and the receiver the transports
-    /// drain.
-    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<Bytes>) {
+    /// A new outbox of connection `id` holding at most `capacity` records, and the
+    /// receiver the transports drain.
+    pub fn new(
+        id: ConnectionId,
+        capacity: usize,
+        metrics: Arc<Metrics>,
+    ) -> (Self, mpsc::Receiver<Bytes>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let (closing, _) = watch::channel(None);
         let shared = Shared {
+            id,
+            metrics,
             tx,
             closing,
             last_queued_ms: AtomicU64::new(now_millis()),
@@ -92,7 +106,8 @@ impl Outbox {
         (Self(Arc::new(shared)), rx)
     }
 
-    /// Queues one whole record without waiting.
+    /// Queues one whole record without waiting, and counts it (sent, or a slow consumer
+    /// closed).
     pub fn push(&self, record: Bytes) -> Pushed {
         if self.is_closing() {
             return Pushed::Closed;
@@ -100,10 +115,16 @@ impl Outbox {
         match self.0.tx.try_send(record) {
             Ok(()) => {
                 self.0.last_queued_ms.store(now_millis(), Ordering::Relaxed);
+                self.0.metrics.message_sent();
                 Pushed::Queued
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Pushed::Closed,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                log::warn!(
+                    "connection {} closed: its outbound queue is full",
+                    self.0.id
+                );
+                self.0.metrics.slow_consumer();
                 self.close(Closing::with_message(
                     Some(
                         "Connection closed: the client did not read its messages fast enough."
@@ -153,23 +174,37 @@ pub async fn closed(closing: &mut watch::Receiver<Option<Closing>>) -> Closing {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// An outbox for a test, and its receiver.
+    pub(crate) fn outbox(capacity: usize) -> (Outbox, mpsc::Receiver<Bytes>) {
+        Outbox::new(ConnectionId::random(), capacity, Arc::default())
+    }
 
     #[test]
     fn a_full_queue_closes_the_connection_with_a_reason() {
-        let (outbox, _rx) = Outbox::new(1);
+        let (outbox, _rx) = outbox(1);
         assert_eq!(outbox.push(Bytes::from_static(b"a")), Pushed::Queued);
         assert_eq!(outbox.push(Bytes::from_static(b"b")), Pushed::Overflowed);
         assert!(outbox.is_closing());
         let reason = outbox.closing().borrow().clone().unwrap();
         assert!(reason.is_error);
         assert_eq!(outbox.push(Bytes::from_static(b"c")), Pushed::Closed);
+        let metrics = outbox.0.metrics.render(true);
+        assert!(
+            metrics.contains("stickless_messages_sent_total 1\n"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("stickless_slow_consumer_closes_total 1\n"),
+            "{metrics}"
+        );
     }
 
     #[test]
     fn the_first_close_reason_wins() {
-        let (outbox, _rx) = Outbox::new(1);
+        let (outbox, _rx) = outbox(1);
         outbox.close(Closing::silent());
         outbox.close(Closing::with_message(Some("x".into()), false));
         assert_eq!(*outbox.closing().borrow(), Some(Closing::silent()));

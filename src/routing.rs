@@ -24,7 +24,7 @@ use std::time::Duration;
 use actix_web::http::header::{HeaderMap, ACCEPT, CONNECTION, UPGRADE};
 use actix_web::http::Method;
 
-use crate::backplane::Backplane;
+use crate::bus::peers::Peers;
 use crate::connection::{Connection, Connections};
 use crate::metrics::Rejection;
 use crate::protocol::negotiate::TransportKind;
@@ -127,11 +127,12 @@ pub struct ForwardPlan {
 /// The routing policy of one instance.
 pub struct Router {
     instance: InstanceId,
+    /// The cluster key: it signs the markers of internal probes.
     key: ClusterKey,
     load_balancer: Option<String>,
     max_attempts: u32,
     adoption_window: Option<Duration>,
-    backplane: Arc<dyn Backplane>,
+    peers: Arc<Peers>,
 }
 
 impl Router {
@@ -144,7 +145,7 @@ impl Router {
         load_balancer: Option<String>,
         max_attempts: u32,
         adoption_window: Option<Duration>,
-        backplane: Arc<dyn Backplane>,
+        peers: Arc<Peers>,
     ) -> Self {
         Self {
             instance,
@@ -152,7 +153,7 @@ impl Router {
             load_balancer,
             max_attempts,
             adoption_window,
-            backplane,
+            peers,
         }
     }
 
@@ -164,16 +165,17 @@ impl Router {
         })
     }
 
-    /// Decides where the request for `token` goes.
+    /// Decides where the request for `token`, which `key` signed, goes.
     pub fn route(
         &self,
+        key: &ClusterKey,
         connections: &Connections,
         token: &str,
         probe: bool,
         websocket: bool,
         now_secs: u64,
     ) -> Route {
-        let Ok(claims) = self.key.verify(token) else {
+        let Ok(claims) = key.verify(token) else {
             return Route::Reject(Rejection::BadToken);
         };
         if let Some(connection) = connections.get(token) {
@@ -194,7 +196,7 @@ impl Router {
         let plan = ForwardPlan {
             owner: claims.owner.clone(),
             connection_id: claims.connection_id.clone(),
-            direct: self.backplane.peer_url(&claims.owner),
+            direct: self.peers.url(&claims.owner),
             load_balancer: self
                 .load_balancer
                 .clone()
@@ -211,11 +213,11 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backplane::InProcess;
-    use crate::clients::LocalClients;
+    use crate::bus::InProcess;
     use crate::config::Settings;
     use crate::connection::SessionConfig;
-    use crate::hub::{Hub, HubHost};
+    use crate::hub::host::HubHost;
+    use crate::hub::Hub;
     use crate::metrics::Metrics;
 
     const NOW: u64 = 1_800_000_000;
@@ -225,8 +227,7 @@ mod tests {
         let me = InstanceId::parse("me").unwrap();
         let metrics = Arc::new(Metrics::default());
         let host = HubHost::new(
-            Hub::builder("t").build(),
-            Arc::new(LocalClients::new(metrics.clone())),
+            Hub::builder("t").build().unwrap(),
             Arc::new(InProcess),
             me.clone(),
         );
@@ -241,7 +242,7 @@ mod tests {
             lb.map(str::to_owned),
             attempts,
             Some(Duration::from_secs(15)),
-            Arc::new(InProcess),
+            Arc::new(Peers::new(InstanceId::parse("me").unwrap(), None)),
         );
         (router, connections, key)
     }
@@ -258,18 +259,18 @@ mod tests {
 
     #[test]
     fn forged_tokens_are_rejected_without_forwarding() {
-        let (router, connections, _) = setup(Some("http://lb"), 10);
+        let (router, connections, key) = setup(Some("http://lb"), 10);
         let forged = token(
             &ClusterKey::from_secret(b"not the cluster secret"),
             "other",
             NOW,
         );
         assert!(matches!(
-            router.route(&connections, &forged, false, false, NOW),
+            router.route(&key, &connections, &forged, false, false, NOW),
             Route::Reject(Rejection::BadToken)
         ));
         assert!(matches!(
-            router.route(&connections, "random", false, true, NOW),
+            router.route(&key, &connections, "random", false, true, NOW),
             Route::Reject(Rejection::BadToken)
         ));
     }
@@ -279,12 +280,12 @@ mod tests {
         let (router, connections, key) = setup(Some("http://lb"), 10);
         let mine = token(&key, "me", NOW);
         assert!(matches!(
-            router.route(&connections, &mine, false, false, NOW),
+            router.route(&key, &connections, &mine, false, false, NOW),
             Route::Reject(Rejection::Gone)
         ));
         let theirs = token(&key, "other", NOW);
         assert!(matches!(
-            router.route(&connections, &theirs, true, false, NOW),
+            router.route(&key, &connections, &theirs, true, false, NOW),
             Route::Reject(Rejection::ProbeMiss)
         ));
     }
@@ -293,7 +294,8 @@ mod tests {
     fn other_owners_are_reached_through_the_load_balancer() {
         let (router, connections, key) = setup(Some("http://lb"), 10);
         let theirs = token(&key, "other", NOW);
-        let Route::Forward(plan) = router.route(&connections, &theirs, false, false, NOW) else {
+        let Route::Forward(plan) = router.route(&key, &connections, &theirs, false, false, NOW)
+        else {
             panic!("not forwarded");
         };
         assert_eq!(plan.owner.as_str(), "other");
@@ -306,7 +308,7 @@ mod tests {
         let (router, connections, key) = setup(Some("http://lb"), 0);
         let theirs = token(&key, "other", NOW);
         assert!(matches!(
-            router.route(&connections, &theirs, false, false, NOW),
+            router.route(&key, &connections, &theirs, false, false, NOW),
             Route::Reject(Rejection::NoRoute)
         ));
     }
@@ -316,12 +318,12 @@ mod tests {
         let (router, connections, key) = setup(Some("http://lb"), 10);
         let fresh = token(&key, "other", NOW - 3);
         assert!(matches!(
-            router.route(&connections, &fresh, false, true, NOW),
+            router.route(&key, &connections, &fresh, false, true, NOW),
             Route::Adopt(_)
         ));
         let stale = token(&key, "other", NOW - 60);
         assert!(matches!(
-            router.route(&connections, &stale, false, true, NOW),
+            router.route(&key, &connections, &stale, false, true, NOW),
             Route::Forward(_)
         ));
     }

@@ -1,29 +1,23 @@
-//! Building and running an instance (zero-to-production `startup.rs`):
-//! [`Application::build`] binds (port 0 picks a free one), [`Application::port`] says
+//! Running an instance (zero-to-production `startup.rs`): [`crate::App::build`] binds
+//! (port 0 picks a free one) and returns an [`Application`]; [`Application::port`] says
 //! where, and [`Application::run_until_stopped`] serves until [`AppHandle::shutdown`].
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use actix_cors::Cors;
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::{Condition, DefaultHeaders, Logger};
-use actix_web::{http, web, App, HttpServer};
+use actix_web::{http, web, HttpServer};
 
-use crate::backplane::redis::{RedisBackplane, RedisError};
-use crate::backplane::{Backplane, InProcess};
-use crate::chat;
-use crate::clients::LocalClients;
-use crate::config::{ConfigError, Settings};
-use crate::connection::{Connections, SessionConfig};
+use crate::bus::BusError;
+use crate::config::ConfigError;
 use crate::forwarding::Forwarder;
 use crate::http::{max_body_size, routes, AppState};
-use crate::hub::{Hub, HubHost, UserIdProvider};
-use crate::metrics::Metrics;
+use crate::hub::BuildError;
 use crate::outbox::Closing;
-use crate::routing::Router;
+use crate::protocol::token::ClusterKey;
 
 /// The response header naming the instance that served a request.
 pub const INSTANCE_HEADER: &str = "X-Stickless-Instance";
@@ -34,9 +28,15 @@ pub enum StartError {
     /// Settings that cannot work together.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The Redis backplane could not be set up.
+    /// A hub is declared wrongly (e.g. a method needs a state the hub does not have).
     #[error(transparent)]
-    Redis(#[from] RedisError),
+    Hub(#[from] BuildError),
+    /// Two hubs at one path, a path that is not `/name`, two hubs of one name, or none.
+    #[error("{0}")]
+    Mount(String),
+    /// The bus (backplane) could not be set up.
+    #[error(transparent)]
+    Bus(#[from] BusError),
     /// Binding the listen address failed.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -82,58 +82,10 @@ fn cors(origins: &[String]) -> Cors {
 }
 
 impl Application {
-    /// Builds the chat demo.
-    pub async fn build(settings: Settings) -> Result<Self, StartError> {
-        Self::build_with(settings, chat::hub(), Arc::new(chat::user_id)).await
-    }
-
-    /// Builds an instance serving `hub`, identifying users with `user_id`. Must run
-    /// inside the actix (tokio) runtime, which the backplane and sweeper tasks join.
-    pub async fn build_with(
-        settings: Settings,
-        hub: Hub,
-        user_id: UserIdProvider,
-    ) -> Result<Self, StartError> {
-        settings.validate()?;
-        let instance = settings.instance_id();
-        let key = settings.cluster_key();
-        let metrics = Arc::new(Metrics::default());
-        let local = Arc::new(LocalClients::new(metrics.clone()));
-        let backplane: Arc<dyn Backplane> = match &settings.redis_url {
-            Some(url) => Arc::new(RedisBackplane::start(
-                url,
-                hub.name(),
-                instance.clone(),
-                settings.advertise_url(),
-                local.clone(),
-                metrics.clone(),
-            )?),
-            None => Arc::new(InProcess),
-        };
-        let hub_name = hub.name().to_owned();
-        let host = Arc::new(HubHost::new(
-            hub,
-            local,
-            backplane.clone(),
-            instance.clone(),
-        ));
-        let connections = Arc::new(Connections::new(
-            host,
-            metrics.clone(),
-            SessionConfig::from_settings(&settings),
-        ));
-        tokio::spawn(connections.clone().run_sweeper());
-        let router = Router::new(
-            instance.clone(),
-            key.clone(),
-            settings.load_balancer_url.clone(),
-            settings.max_forward_attempts,
-            settings
-                .adopt_websockets
-                .then_some(settings.disconnect_timeout),
-            backplane.clone(),
-        );
-
+    /// Binds the listen address and prepares the server for the hubs in `state`;
+    /// `key` (the cluster key) signs the probes of forwarded requests.
+    pub(crate) fn start(state: AppState, key: ClusterKey) -> Result<Self, StartError> {
+        let settings = &state.settings;
         let listener =
             TcpListener::bind(settings.listen_addr).map_err(|source| StartError::Bind {
                 addr: settings.listen_addr,
@@ -146,37 +98,25 @@ impl Application {
                 source,
             })?
             .port();
-        let static_dir = settings.static_dir.clone();
-        if !static_dir.join("index.html").is_file() {
+        if !settings.static_dir.join("index.html").is_file() {
             log::warn!(
                 "no index.html in STATIC_DIR {}: the chat page is not served",
-                static_dir.display()
+                settings.static_dir.display()
             );
         }
         let workers = settings.workers;
         let shutdown_secs = settings.shutdown_timeout.as_secs().max(1);
-        let state = web::Data::new(AppState {
-            settings,
-            instance: instance.clone(),
-            key,
-            connections,
-            router,
-            metrics,
-            backplane,
-            user_id,
-            stopping: AtomicBool::new(false),
-        });
-
+        let state = web::Data::new(state);
         let app_state = state.clone();
         let mut server = HttpServer::new(move || {
             let settings = &app_state.settings;
             let forwarder = Forwarder::new(
-                app_state.key.clone(),
+                key.clone(),
                 app_state.metrics.clone(),
                 settings.poll_timeout,
                 max_body_size(settings),
             );
-            let mut app = App::new()
+            let mut app = actix_web::App::new()
                 .app_data(app_state.clone())
                 .app_data(web::Data::new(forwarder))
                 .wrap(Condition::new(
@@ -185,7 +125,7 @@ impl Application {
                 ))
                 .wrap(DefaultHeaders::new().add((INSTANCE_HEADER, app_state.instance.as_str())))
                 .wrap(Logger::new("%a \"%r\" %s %b %Dms").log_target("stickless::access"))
-                .configure(routes(&hub_name));
+                .configure(routes(&app_state.hubs));
             if settings.static_dir.join("index.html").is_file() {
                 app = app.service(
                     actix_files::Files::new("/", &settings.static_dir).index_file("index.html"),
@@ -209,9 +149,12 @@ impl Application {
                 source,
             })?
             .run();
+        let paths: Vec<&str> = state.hubs.iter().map(|hub| hub.path.as_str()).collect();
         log::info!(
-            "instance {instance} ready on port {port} (backplane: {}, forwarding: {})",
-            state.backplane.name(),
+            "instance {} ready on port {port} (hubs: {}, backplane: {}, forwarding: {})",
+            state.instance,
+            paths.join(" "),
+            state.bus_name(),
             state.settings.load_balancer_url.as_deref().unwrap_or("off")
         );
         Ok(Self {
@@ -245,12 +188,15 @@ impl AppHandle {
     /// behind a load balancer), gives them `SHUTDOWN_TIMEOUT` to receive it, then stops.
     pub async fn shutdown(&self) {
         self.state.stopping.store(true, Ordering::Relaxed);
-        let connections = &self.state.connections;
-        log::info!("shutting down: closing {} connection(s)", connections.len());
-        connections.close_all(Closing::with_message(
-            Some("Server is shutting down.".into()),
-            true,
-        ));
+        let hubs = &self.state.hubs;
+        let count: usize = hubs.iter().map(|hub| hub.connections.len()).sum();
+        log::info!("shutting down: closing {count} connection(s)");
+        for hub in hubs {
+            hub.connections.close_all(Closing::with_message(
+                Some("Server is shutting down.".into()),
+                true,
+            ));
+        }
         let deadline = Instant::now() + self.state.settings.shutdown_timeout;
         while self.state.metrics.live_connections() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch, OwnedMutexGuard};
 
-use crate::hub::{Caller, HubHost};
+use crate::hub::host::{Caller, HubHost};
 use crate::metrics::Metrics;
 use crate::outbox::{closed, Closing, Outbox};
 use crate::protocol::negotiate::TransportKind;
@@ -90,8 +90,13 @@ impl Drop for Activation {
 }
 
 impl Connection {
-    fn new(id: ConnectionId, token: ConnectionToken, queue_length: usize) -> Self {
-        let (outbox, outbound) = Outbox::new(queue_length);
+    fn new(
+        id: ConnectionId,
+        token: ConnectionToken,
+        queue_length: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let (outbox, outbound) = Outbox::new(id.clone(), queue_length, metrics);
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CHUNKS);
         Self {
             id,
@@ -212,12 +217,18 @@ impl Connections {
         }
     }
 
+    /// The host of the hub these connections talk to.
+    pub fn host(&self) -> &Arc<HubHost> {
+        &self.host
+    }
+
     /// Registers a new connection.
     pub fn create(&self, id: ConnectionId, token: ConnectionToken) -> Arc<Connection> {
         let connection = Arc::new(Connection::new(
             id,
             token,
             self.config.outbound_queue_length,
+            self.metrics.clone(),
         ));
         self.by_token
             .write()
@@ -250,11 +261,6 @@ impl Connections {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .len()
-    }
-
-    /// Whether no connection is registered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Asks every connection to close, e.g. with a Close message at shutdown.
@@ -336,18 +342,15 @@ impl Connections {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backplane::InProcess;
-    use crate::clients::LocalClients;
+    use crate::bus::InProcess;
     use crate::config::Settings;
     use crate::hub::Hub;
     use crate::protocol::token::InstanceId;
 
     fn connections(disconnect_timeout: Duration) -> Arc<Connections> {
         let metrics = Arc::new(Metrics::default());
-        let local = Arc::new(LocalClients::new(metrics.clone()));
         let host = HubHost::new(
-            Hub::builder("t").build(),
-            local,
+            Hub::builder("t").build().unwrap(),
             Arc::new(InProcess),
             InstanceId::parse("i").unwrap(),
         );

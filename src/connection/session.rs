@@ -1,5 +1,5 @@
-//! A connection's protocol session: the task that reads the client's records and runs
-//! the hub for it.
+//! A connection's protocol session: the task that moves messages between a client's
+//! transport and its hub host (which owns dispatch: [`crate::hub::host`]).
 //!
 //! One task per connection (DESIGN.md example 8): a `select!` loop over inbound bytes,
 //! the method currently running, a one-second tick, and the close signal. It
@@ -21,18 +21,20 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::{Connection, Connections};
 use crate::config::Settings;
-use crate::hub::{Caller, HubContext, Method};
+use crate::hub::host::{Caller, Invoked};
+use crate::hub::HubContext;
 use crate::metrics::Metrics;
 use crate::outbox::{closed, now_millis, Closing, Outbox, Pushed};
 use crate::protocol::framing::{FrameError, RecordBuffer};
 use crate::protocol::handshake::{self, HandshakeError, HandshakeRequest};
-use crate::protocol::message::{ping_record, HubMessage, Outcome};
+use crate::protocol::message::{ping_record, HubMessage};
 use crate::protocol::negotiate::TransportKind;
 
 /// Invocations read ahead of the one running; past this the session stops reading, and
@@ -210,28 +212,9 @@ impl Session<'_> {
         }
     }
 
-    fn push(&self, record: Bytes) -> bool {
-        match self.outbox.push(record) {
-            Pushed::Queued => {
-                self.metrics.message_sent();
-                true
-            }
-            Pushed::Overflowed => {
-                self.metrics.slow_consumer();
-                false
-            }
-            Pushed::Closed => false,
-        }
-    }
-
-    fn complete(&self, invocation_id: String, outcome: Outcome) {
-        self.push(
-            HubMessage::Completion {
-                invocation_id,
-                outcome,
-            }
-            .encode(),
-        );
+    /// Queues a message for the client (the outbox counts it).
+    fn send(&self, message: &HubMessage) {
+        self.outbox.push(message.encode());
     }
 
     fn fail(&self, error: String) -> Next {
@@ -301,127 +284,49 @@ impl Session<'_> {
         }
         if now_millis().saturating_sub(self.outbox.last_queued_ms()) >= interval.as_millis() as u64
         {
-            self.push(ping_record());
+            self.outbox.push(ping_record());
         }
         Next::Continue
     }
 
-    /// Starts one invocation; returns the future to drive for a unary method.
+    /// Starts one invocation: the host dispatches it; a unary method's future is
+    /// returned to be driven in order, a stream runs in its own task.
     fn start(&mut self, message: HubMessage) -> Option<BoxFuture<'static, ()>> {
-        let (invocation_id, target, arguments, stream_ids, streaming) = match message {
-            HubMessage::Invocation {
-                invocation_id,
-                target,
-                arguments,
-                stream_ids,
-            } => (invocation_id, target, arguments, stream_ids, false),
-            HubMessage::StreamInvocation {
-                invocation_id,
-                target,
-                arguments,
-                stream_ids,
-            } => (Some(invocation_id), target, arguments, stream_ids, true),
-            _ => return None,
-        };
-        let error = |text: String| {
-            if let Some(id) = &invocation_id {
-                self.complete(id.clone(), Outcome::Error(text));
+        match self.connections.host.invoke(&self.context, message) {
+            Invoked::Done(reply) => {
+                if let Some(reply) = reply {
+                    self.send(&reply);
+                }
+                None
             }
-            None
-        };
-        if !stream_ids.is_empty() {
-            return error(format!(
-                "Failed to invoke '{target}': client-to-server streaming is not supported by this server."
-            ));
-        }
-        let method = self.connections.host.hub().method(&target).cloned();
-        match (method, streaming) {
-            (None, _) => error(format!("Unknown hub method '{target}'")),
-            (Some((name, Method::Stream(_))), false) => error(format!(
-                "The client attempted to invoke the streaming '{name}' method with a non-streaming invocation."
-            )),
-            (Some((name, Method::Unary(_))), true) => error(format!(
-                "The client attempted to invoke the non-streaming '{name}' method with a streaming invocation."
-            )),
-            (Some((_, Method::Unary(call))), false) => {
-                let future = call(self.context.clone(), arguments);
+            Invoked::Unary(running) => {
                 let outbox = self.outbox.clone();
-                let metrics = self.metrics_handle();
-                let connection_id = self.context.connection_id.clone();
                 Some(
                     async move {
-                        let result = future.await;
-                        let Some(invocation_id) = invocation_id else {
-                            if let Err(error) = result {
-                                log::debug!("connection {connection_id}: {target} failed: {error}");
-                            }
-                            return;
-                        };
-                        let outcome = match result {
-                            Ok(serde_json::Value::Null) => Outcome::Void,
-                            Ok(value) => Outcome::Result(value),
-                            Err(error) => Outcome::Error(error.to_string()),
-                        };
-                        let record = HubMessage::Completion {
-                            invocation_id,
-                            outcome,
-                        }
-                        .encode();
-                        if outbox.push(record) == Pushed::Queued {
-                            metrics.message_sent();
+                        if let Some(completion) = running.await {
+                            outbox.push(completion.encode());
                         }
                     }
                     .boxed(),
                 )
             }
-            (Some((_, Method::Stream(call))), true) => {
-                let invocation_id = invocation_id.unwrap_or_default();
-                match call(self.context.clone(), arguments) {
-                    Ok(items) => {
-                        let task = tokio::spawn(stream_items(
-                            items,
-                            invocation_id.clone(),
-                            self.outbox.clone(),
-                            self.metrics_handle(),
-                        ));
-                        self.streams.insert(invocation_id, task);
-                    }
-                    Err(failure) => self.complete(invocation_id, Outcome::Error(failure.to_string())),
-                }
+            Invoked::Stream {
+                invocation_id,
+                messages,
+            } => {
+                let task = tokio::spawn(send_all(messages, self.outbox.clone()));
+                self.streams.insert(invocation_id, task);
                 None
             }
         }
     }
-
-    fn metrics_handle(&self) -> Arc<Metrics> {
-        self.connections.metrics.clone()
-    }
 }
 
-/// Sends a stream's items, then its Completion (which has no result: HubProtocol.md,
-/// "Streaming").
-async fn stream_items(
-    mut items: futures_util::stream::BoxStream<'static, serde_json::Value>,
-    invocation_id: String,
-    outbox: Outbox,
-    metrics: Arc<Metrics>,
-) {
-    while let Some(item) = items.next().await {
-        let record = HubMessage::StreamItem {
-            invocation_id: invocation_id.clone(),
-            item,
-        }
-        .encode();
-        if outbox.push(record) != Pushed::Queued {
+/// Sends a stream's messages until it ends or the connection stops taking them.
+async fn send_all(mut messages: BoxStream<'static, HubMessage>, outbox: Outbox) {
+    while let Some(message) = messages.next().await {
+        if outbox.push(message.encode()) != Pushed::Queued {
             return;
         }
-        metrics.message_sent();
-    }
-    let done = HubMessage::Completion {
-        invocation_id,
-        outcome: Outcome::Void,
-    };
-    if outbox.push(done.encode()) == Pushed::Queued {
-        metrics.message_sent();
     }
 }

@@ -24,9 +24,10 @@ use futures_util::future::LocalBoxFuture;
 use futures_util::{SinkExt, Stream, StreamExt};
 use serde_json::{json, Value};
 use stickless::config::Settings;
+use stickless::demo;
 use stickless::devcluster::{Cluster, ClusterOptions};
 use stickless::protocol::token::{ClusterKey, ConnectionId, InstanceId, TokenClaims};
-use stickless::startup::{AppHandle, Application};
+use stickless::startup::AppHandle;
 
 /// The hub's path.
 pub const HUB: &str = "/chat";
@@ -491,7 +492,8 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = test_settings();
     configure(&mut settings);
-    let application = Application::build(settings)
+    let application = demo::app(settings)
+        .build()
         .await
         .expect("the application builds");
     let port = application.port();

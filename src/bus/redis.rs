@@ -1,4 +1,4 @@
-//! The Redis pub/sub backplane.
+//! The Redis pub/sub bus.
 //!
 //! Channels, namespaced per hub (`{p}` = `stickless:<hub>`, e.g. `stickless:chat`):
 //!
@@ -9,24 +9,24 @@
 //! | `{p}:group:<group>` | messages to a group's members |
 //! | `{p}:user:<userId>` | messages to a user's connections |
 //! | `{p}:internal:groups` | join/leave requests for connections on other instances |
-//! | `{p}:internal:instances` | instances announcing their `ADVERTISE_URL` |
+//! | `{p}:internal:instances` | instances announcing their `ADVERTISE_URL` (first hub only) |
 //!
 //! An instance subscribes to `all`, the internal channels, and the connection, group and
-//! user channels of its own connections only (as ASP.NET's Redis backplane does), so a
-//! message to a group crosses to just the instances that have members. Payloads are JSON
-//! with the sender's instance id; an instance ignores its own messages, since it already
-//! delivered them locally. One publisher task sends everything in order, which keeps the
-//! order of one sender's messages.
+//! user channels it was told to (those of its own connections, as ASP.NET's Redis
+//! backplane does), so a message to a group crosses to just the instances that have
+//! members. Payloads are JSON with the sender's instance id; an instance ignores its own
+//! messages, since it already delivered them locally. One publisher task sends everything
+//! in order, which keeps the order of one sender's messages.
 //!
 //! If Redis goes away, local delivery goes on, both tasks reconnect with capped
-//! exponential backoff, every topic is subscribed again, and [`Backplane::is_healthy`]
-//! is false meanwhile (`/healthz` says `degraded`). Messages published while Redis is
-//! unreachable wait in a bounded queue and are dropped (and counted) when it is full.
+//! exponential backoff, every topic is subscribed again, and [`Bus::is_healthy`] is false
+//! meanwhile (`/healthz` says `degraded`). Messages published while Redis is unreachable
+//! wait in a bounded queue and are dropped (and counted) when it is full.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -35,30 +35,28 @@ use redis::aio::PubSubSink;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::Backplane;
-use crate::clients::{apply_group_action, Audience, GroupAction, LocalClients, Topic};
+use super::{Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, Topic};
 use crate::metrics::Metrics;
 use crate::protocol::token::{ConnectionId, InstanceId};
 
 /// Messages waiting to be published while Redis is slow or away.
 const PUBLISH_QUEUE: usize = 8192;
+/// Messages received and not yet taken by the hub host; past this, reading from Redis
+/// waits.
+const INBOUND_QUEUE: usize = 8192;
 /// First reconnect delay; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest reconnect delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Longest wait for Redis to confirm a publish or a subscription.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
-/// How often an instance announces its direct URL.
-const ANNOUNCE_EVERY: Duration = Duration::from_secs(10);
-/// An announced URL is forgotten when not repeated for this long.
-const PEER_TTL: Duration = Duration::from_secs(35);
 
-/// The Redis backplane could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum RedisError {
-    /// `REDIS_URL` is not usable.
-    #[error("invalid REDIS_URL: {0}")]
-    Url(#[from] redis::RedisError),
+/// A group command as it travels.
+#[derive(Debug, Serialize, Deserialize)]
+struct WireGroup {
+    connection: String,
+    group: String,
+    join: bool,
 }
 
 /// What travels on the channels.
@@ -73,7 +71,7 @@ enum Wire {
         record: String,
     },
     /// A group change for a connection on some instance.
-    Group { origin: String, action: GroupAction },
+    Group { origin: String, action: WireGroup },
     /// An instance's direct URL; `reply` is false on the first announcement, which asks
     /// the others to announce themselves back.
     Hello {
@@ -106,6 +104,18 @@ impl Channels {
             Topic::User(user) => format!("{}:user:{user}", self.prefix),
         }
     }
+    /// The channel of an audience, and whom it leaves out.
+    fn of(&self, audience: &Audience) -> (String, Vec<String>) {
+        let ids = |except: &[ConnectionId]| except.iter().map(|id| id.to_string()).collect();
+        match audience {
+            Audience::All { except } => (self.all(), ids(except)),
+            Audience::Connection(id) => (self.topic(&Topic::Connection(id.clone())), vec![]),
+            Audience::Group { name, except } => {
+                (self.topic(&Topic::Group(name.clone())), ids(except))
+            }
+            Audience::User(user) => (self.topic(&Topic::User(user.clone())), vec![]),
+        }
+    }
     /// The audience of a message that arrived on `channel`.
     fn audience(&self, channel: &str, except: Vec<String>) -> Option<Audience> {
         let rest = channel.strip_prefix(&self.prefix)?.strip_prefix(':')?;
@@ -135,78 +145,67 @@ struct Shared {
     client: redis::Client,
     channels: Channels,
     instance: InstanceId,
-    advertise_url: Option<String>,
     subscribed: AtomicBool,
     publishing: AtomicBool,
     sink: Mutex<Option<PubSubSink>>,
+    /// The topic channels this instance needs, subscribed again after every reconnect.
+    wanted: Mutex<HashSet<String>>,
     publish_tx: mpsc::Sender<(String, String)>,
-    peers: Mutex<HashMap<String, (String, Instant)>>,
-    local: Arc<LocalClients>,
     metrics: Arc<Metrics>,
 }
 
-/// A backplane over Redis pub/sub.
+/// A bus over Redis pub/sub.
 #[derive(Clone)]
-pub struct RedisBackplane {
+pub struct RedisBus {
     shared: Arc<Shared>,
 }
 
-impl RedisBackplane {
-    /// Starts the subscriber and publisher tasks for hub `hub` (they connect, and keep
-    /// reconnecting, in the background). Must run inside a tokio runtime.
+impl RedisBus {
+    /// Starts the subscriber and publisher tasks for the channels under `namespace` (they
+    /// connect, and keep reconnecting, in the background). Must run inside a tokio
+    /// runtime.
     pub fn start(
         url: &str,
-        hub: &str,
+        namespace: &str,
         instance: InstanceId,
-        advertise_url: Option<String>,
-        local: Arc<LocalClients>,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, RedisError> {
+    ) -> Result<(Self, Events), BusError> {
         let client = redis::Client::open(url)?;
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
+        let (events_tx, events_rx) = mpsc::channel(INBOUND_QUEUE);
         let shared = Arc::new(Shared {
             client,
             channels: Channels {
-                prefix: format!("stickless:{hub}"),
+                prefix: namespace.to_owned(),
             },
             instance,
-            advertise_url,
             subscribed: AtomicBool::new(false),
             publishing: AtomicBool::new(false),
             sink: Mutex::new(None),
+            wanted: Mutex::new(HashSet::new()),
             publish_tx,
-            peers: Mutex::new(HashMap::new()),
-            local,
             metrics,
         });
-        let backplane = Self { shared };
-        tokio::spawn(backplane.clone().subscriber());
-        tokio::spawn(backplane.clone().publisher(publish_rx));
-        Ok(backplane)
+        let bus = Self { shared };
+        tokio::spawn(bus.clone().subscriber(events_tx));
+        tokio::spawn(bus.clone().publisher(publish_rx));
+        let events = futures_util::stream::unfold(events_rx, |mut rx| async move {
+            rx.recv().await.map(|event| (event, rx))
+        });
+        Ok((bus, Box::pin(events)))
     }
 
     fn enqueue(&self, channel: String, wire: &Wire) {
         let payload = match serde_json::to_string(wire) {
             Ok(payload) => payload,
             Err(error) => {
-                log::error!("backplane message not encodable: {error}");
+                log::error!("bus message not encodable: {error}");
                 return;
             }
         };
         if self.shared.publish_tx.try_send((channel, payload)).is_err() {
             self.shared.metrics.backplane_published(false);
-            log::warn!("backplane publish queue full; message dropped");
-        }
-    }
-
-    fn announce(&self, reply: bool) {
-        if let Some(url) = &self.shared.advertise_url {
-            let hello = Wire::Hello {
-                origin: self.shared.instance.to_string(),
-                url: url.clone(),
-                reply,
-            };
-            self.enqueue(self.shared.channels.instances(), &hello);
+            log::warn!("bus publish queue full; message dropped");
         }
     }
 
@@ -218,13 +217,25 @@ impl RedisBackplane {
         if topics.is_empty() {
             return;
         }
-        let Some(mut sink) = self.current_sink() else {
-            return; // Disconnected: the reconnect subscribes every current topic.
-        };
         let channels: Vec<String> = topics
             .iter()
             .map(|t| self.shared.channels.topic(t))
             .collect();
+        // The wish is recorded before the sink is read, and the subscriber publishes the
+        // sink before it reads the wishes: either this call sees the new sink, or the
+        // reconnect sees this wish.
+        if let Ok(mut wanted) = self.shared.wanted.lock() {
+            for channel in &channels {
+                if subscribe {
+                    wanted.insert(channel.clone());
+                } else {
+                    wanted.remove(channel);
+                }
+            }
+        }
+        let Some(mut sink) = self.current_sink() else {
+            return; // Disconnected: the reconnect subscribes every wanted channel.
+        };
         let change = async {
             if subscribe {
                 sink.subscribe(&channels).await
@@ -236,15 +247,13 @@ impl RedisBackplane {
         match tokio::time::timeout(REDIS_TIMEOUT, change).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
-                log::warn!("backplane (un)subscribe failed, will resubscribe on reconnect: {error}")
+                log::warn!("bus (un)subscribe failed, will resubscribe on reconnect: {error}")
             }
-            Err(_) => {
-                log::warn!("backplane (un)subscribe timed out, will resubscribe on reconnect")
-            }
+            Err(_) => log::warn!("bus (un)subscribe timed out, will resubscribe on reconnect"),
         }
     }
 
-    async fn subscriber(self) {
+    async fn subscriber(self, events: mpsc::Sender<Event>) {
         let shared = &self.shared;
         let mut backoff = MIN_BACKOFF;
         let mut connected_before = false;
@@ -252,8 +261,6 @@ impl RedisBackplane {
             match shared.client.get_async_pubsub().await {
                 Ok(pubsub) => {
                     let (sink, mut stream) = pubsub.split();
-                    // The sink is published before the topics are read, so a topic added
-                    // concurrently is either in this list or subscribed through this sink.
                     if let Ok(mut slot) = shared.sink.lock() {
                         *slot = Some(sink.clone());
                     }
@@ -262,43 +269,44 @@ impl RedisBackplane {
                         shared.channels.groups(),
                         shared.channels.instances(),
                     ];
-                    channels.extend(
-                        shared
-                            .local
-                            .topics()
-                            .iter()
-                            .map(|t| shared.channels.topic(t)),
-                    );
+                    if let Ok(wanted) = shared.wanted.lock() {
+                        channels.extend(wanted.iter().cloned());
+                    }
                     let mut sink = sink;
                     match sink.subscribe(&channels).await {
                         Ok(()) => {
                             shared.subscribed.store(true, Ordering::Relaxed);
                             backoff = MIN_BACKOFF;
-                            if connected_before {
+                            let again = if connected_before {
                                 shared.metrics.backplane_reconnected();
-                                log::info!(
-                                    "backplane: reconnected to Redis, {} channels subscribed",
-                                    channels.len()
-                                );
+                                "re"
                             } else {
-                                log::info!(
-                                    "backplane: connected to Redis, {} channels subscribed",
-                                    channels.len()
-                                );
-                            }
+                                ""
+                            };
+                            log::info!(
+                                "bus: {again}connected to Redis, {} channels subscribed",
+                                channels.len()
+                            );
                             connected_before = true;
-                            self.announce(false);
-                            while let Some(message) = stream.next().await {
-                                self.receive(&message).await;
+                            if events.send(Event::Connected).await.is_err() {
+                                return; // Nobody drains this bus any more.
                             }
-                            log::warn!("backplane: lost the Redis subscription; reconnecting");
+                            while let Some(message) = stream.next().await {
+                                let Some(event) = self.receive(&message) else {
+                                    continue;
+                                };
+                                if events.send(event).await.is_err() {
+                                    return;
+                                }
+                            }
+                            log::warn!("bus: lost the Redis subscription; reconnecting");
                         }
-                        Err(error) => log::warn!("backplane: subscribing failed: {error}"),
+                        Err(error) => log::warn!("bus: subscribing failed: {error}"),
                     }
                 }
-                Err(error) => log::warn!(
-                    "backplane: cannot connect to Redis ({error}); retrying in {backoff:?}"
-                ),
+                Err(error) => {
+                    log::warn!("bus: cannot connect to Redis ({error}); retrying in {backoff:?}")
+                }
             }
             shared.subscribed.store(false, Ordering::Relaxed);
             if let Ok(mut slot) = shared.sink.lock() {
@@ -309,59 +317,69 @@ impl RedisBackplane {
         }
     }
 
-    async fn receive(&self, message: &redis::Msg) {
+    /// Decodes a message from Redis; `None` for our own and for malformed ones.
+    fn receive(&self, message: &redis::Msg) -> Option<Event> {
         let shared = &self.shared;
         let wire: Wire = match serde_json::from_slice(message.get_payload_bytes()) {
             Ok(wire) => wire,
             Err(error) => {
                 log::warn!(
-                    "backplane: ignoring a malformed message on {}: {error}",
+                    "bus: ignoring a malformed message on {}: {error}",
                     message.get_channel_name()
                 );
-                return;
+                return None;
             }
         };
-        match wire {
+        let envelope = match wire {
             Wire::Message { origin, .. }
             | Wire::Group { origin, .. }
             | Wire::Hello { origin, .. }
-                if origin == shared.instance.as_str() => {}
+                if origin == shared.instance.as_str() =>
+            {
+                return None
+            }
             Wire::Message { except, record, .. } => {
                 shared.metrics.backplane_received();
-                if let Some(audience) = shared.channels.audience(message.get_channel_name(), except)
-                {
-                    shared.local.deliver(&audience, &Bytes::from(record));
+                let audience = shared
+                    .channels
+                    .audience(message.get_channel_name(), except)?;
+                Envelope::Message {
+                    audience,
+                    record: Bytes::from(record),
                 }
             }
             Wire::Group { action, .. } => {
                 shared.metrics.backplane_received();
-                apply_group_action(&shared.local, self, &action).await;
+                Envelope::Group(GroupCommand {
+                    connection: ConnectionId::from_untrusted(&action.connection),
+                    group: action.group,
+                    join: action.join,
+                })
             }
             Wire::Hello { origin, url, reply } => {
-                if let Ok(mut peers) = shared.peers.lock() {
-                    peers.insert(origin, (url, Instant::now()));
-                }
-                // Answer every first announcement, even from a peer we know: it may have
-                // restarted and forgotten us.
-                if !reply {
-                    self.announce(true);
-                }
+                let Ok(instance) = InstanceId::parse(&origin) else {
+                    log::warn!("bus: ignoring an announcement from a bad instance id");
+                    return None;
+                };
+                Envelope::Announcement(Announcement {
+                    instance,
+                    url,
+                    reply,
+                })
             }
-        }
+        };
+        Some(Event::Received(envelope))
     }
 
     async fn publisher(self, mut queue: mpsc::Receiver<(String, String)>) {
         let shared = &self.shared;
         let mut backoff = MIN_BACKOFF;
-        let mut announce = tokio::time::interval(ANNOUNCE_EVERY);
         loop {
             let mut connection = match shared.client.get_multiplexed_async_connection().await {
                 Ok(connection) => connection,
                 Err(error) => {
                     shared.publishing.store(false, Ordering::Relaxed);
-                    log::debug!(
-                        "backplane publisher: cannot connect ({error}); retrying in {backoff:?}"
-                    );
+                    log::debug!("bus publisher: cannot connect ({error}); retrying in {backoff:?}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
@@ -369,17 +387,7 @@ impl RedisBackplane {
             };
             shared.publishing.store(true, Ordering::Relaxed);
             backoff = MIN_BACKOFF;
-            loop {
-                let (channel, payload) = tokio::select! {
-                    next = queue.recv() => match next {
-                        Some(item) => item,
-                        None => return,
-                    },
-                    _ = announce.tick() => {
-                        self.announce(true);
-                        continue;
-                    }
-                };
+            while let Some((channel, payload)) = queue.recv().await {
                 let mut command = redis::cmd("PUBLISH");
                 command.arg(&channel).arg(&payload);
                 let publish = command.query_async::<i64>(&mut connection);
@@ -389,16 +397,19 @@ impl RedisBackplane {
                 };
                 shared.metrics.backplane_published(result.is_ok());
                 if let Err(error) = result {
-                    log::warn!("backplane: publish to {channel} failed ({error}); reconnecting");
+                    log::warn!("bus: publish to {channel} failed ({error}); reconnecting");
                     break;
                 }
             }
             shared.publishing.store(false, Ordering::Relaxed);
+            if queue.is_closed() && queue.is_empty() {
+                return;
+            }
         }
     }
 }
 
-impl Backplane for RedisBackplane {
+impl Bus for RedisBus {
     fn name(&self) -> &'static str {
         "redis"
     }
@@ -408,27 +419,39 @@ impl Backplane for RedisBackplane {
             && self.shared.publishing.load(Ordering::Relaxed)
     }
 
-    fn publish<'a>(&'a self, audience: &'a Audience, record: &'a Bytes) -> BoxFuture<'a, ()> {
-        Box::pin(async move {
-            let channels = &self.shared.channels;
-            let (channel, except) = match audience {
-                Audience::All { except } => (channels.all(), except.clone()),
-                Audience::Connection(id) => {
-                    (channels.topic(&Topic::Connection(id.clone())), vec![])
-                }
-                Audience::Group { name, except } => {
-                    (channels.topic(&Topic::Group(name.clone())), except.clone())
-                }
-                Audience::User(user) => (channels.topic(&Topic::User(user.clone())), vec![]),
-            };
-            let wire = Wire::Message {
-                origin: self.shared.instance.to_string(),
-                except: except.iter().map(|id| id.to_string()).collect(),
-                // Records are JSON text, so UTF-8; a lossy copy cannot change them.
-                record: String::from_utf8_lossy(record).into_owned(),
-            };
-            self.enqueue(channel, &wire);
-        })
+    fn publish(&self, envelope: Envelope) -> BoxFuture<'_, ()> {
+        let origin = self.shared.instance.to_string();
+        let channels = &self.shared.channels;
+        let (channel, wire) = match envelope {
+            Envelope::Message { audience, record } => {
+                let (channel, except) = channels.of(&audience);
+                let wire = Wire::Message {
+                    origin,
+                    except,
+                    // Records are JSON text, so UTF-8; a lossy copy cannot change them.
+                    record: String::from_utf8_lossy(&record).into_owned(),
+                };
+                (channel, wire)
+            }
+            Envelope::Group(command) => {
+                let action = WireGroup {
+                    connection: command.connection.to_string(),
+                    group: command.group,
+                    join: command.join,
+                };
+                (channels.groups(), Wire::Group { origin, action })
+            }
+            Envelope::Announcement(hello) => {
+                let wire = Wire::Hello {
+                    origin,
+                    url: hello.url,
+                    reply: hello.reply,
+                };
+                (channels.instances(), wire)
+            }
+        };
+        self.enqueue(channel, &wire);
+        Box::pin(async {})
     }
 
     fn subscribe(&self, topics: Vec<Topic>) -> BoxFuture<'_, ()> {
@@ -437,22 +460,6 @@ impl Backplane for RedisBackplane {
 
     fn unsubscribe(&self, topics: Vec<Topic>) -> BoxFuture<'_, ()> {
         Box::pin(self.change_subscriptions(topics, false))
-    }
-
-    fn group_action(&self, action: GroupAction) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            let wire = Wire::Group {
-                origin: self.shared.instance.to_string(),
-                action,
-            };
-            self.enqueue(self.shared.channels.groups(), &wire);
-        })
-    }
-
-    fn peer_url(&self, instance: &InstanceId) -> Option<String> {
-        let peers = self.shared.peers.lock().ok()?;
-        let (url, seen) = peers.get(instance.as_str())?;
-        (seen.elapsed() < PEER_TTL).then(|| url.clone())
     }
 }
 

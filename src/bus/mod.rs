@@ -1,0 +1,198 @@
+//! The bus — the user-facing "backplane" — carries messages between the instances of a
+//! cluster.
+//!
+//! It sits at the bottom of the layers (DESIGN.md, "Layers") and imports nothing above
+//! it: it owns its addressing types ([`Audience`], [`Topic`], [`GroupCommand`]), offers
+//! [`Bus::publish`] and hands what other instances published to a stream of [`Event`]s,
+//! which the hub host drains. It knows nothing of connections or hubs; which topics an
+//! instance needs is told to it ([`Bus::subscribe`]), and it remembers them to subscribe
+//! again after a reconnect.
+//!
+//! One bus is opened per hub, with the hub's channel namespace ([`open`]). The
+//! implementations:
+//!
+//! - [`InProcess`]: one instance, nothing to carry (the default);
+//! - [`redis::RedisBus`]: Redis pub/sub (`REDIS_URL`), channels documented there and in
+//!   the README.
+//!
+//! Peer discovery (which instance has which direct URL) is not a bus method: it is its
+//! own component, [`peers::Peers`], that uses a bus as its carrier.
+
+pub mod peers;
+pub mod redis;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::protocol::token::{ConnectionId, InstanceId};
+
+/// The recipients of one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Audience {
+    /// Every connection, except some.
+    All {
+        /// Connections left out (`Others` leaves out the caller).
+        except: Vec<ConnectionId>,
+    },
+    /// One connection.
+    Connection(ConnectionId),
+    /// A group's members, except some.
+    Group {
+        /// The group's name.
+        name: String,
+        /// Members left out.
+        except: Vec<ConnectionId>,
+    },
+    /// Every connection of one user.
+    User(String),
+}
+
+/// Something an instance subscribes to so that messages for it reach it: it has a local
+/// connection with that id, a local member of that group, or a local connection of that
+/// user. (`All` needs no topic: every instance receives it.)
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// A connection id.
+    Connection(ConnectionId),
+    /// A group name.
+    Group(String),
+    /// A user id.
+    User(String),
+}
+
+/// A group membership change for a connection that may live on another instance; the
+/// instance holding the connection applies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupCommand {
+    /// The connection.
+    pub connection: ConnectionId,
+    /// The group.
+    pub group: String,
+    /// Join (`true`) or leave.
+    pub join: bool,
+}
+
+/// An instance telling the others its direct URL (see [`peers`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announcement {
+    /// The announcing instance.
+    pub instance: InstanceId,
+    /// Its direct URL (`ADVERTISE_URL`).
+    pub url: String,
+    /// False on a first announcement, which asks every other instance to announce itself
+    /// back.
+    pub reply: bool,
+}
+
+/// What one instance publishes and the others receive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Envelope {
+    /// A framed hub record for an audience.
+    Message {
+        /// Who receives it.
+        audience: Audience,
+        /// The record, encoded once for every recipient.
+        record: Bytes,
+    },
+    /// A group change for a connection on whatever instance holds it.
+    Group(GroupCommand),
+    /// An instance's direct URL.
+    Announcement(Announcement),
+}
+
+/// What the stream of a bus yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Another instance published this (a bus never hands an instance its own messages:
+    /// it delivered them locally already).
+    Received(Envelope),
+    /// The bus (re)connected and its subscriptions are live: a moment to announce.
+    Connected,
+}
+
+/// The inbound side of a bus: everything other instances published for this one.
+pub type Events = BoxStream<'static, Event>;
+
+/// How instances reach each other. Implementations must keep the order of one sender's
+/// messages, and keep carrying after their broker comes back.
+pub trait Bus: Send + Sync {
+    /// `in-process` or `redis`, for `/healthz`.
+    fn name(&self) -> &'static str;
+
+    /// False while the bus cannot carry messages (its broker is unreachable).
+    fn is_healthy(&self) -> bool;
+
+    /// Carries an envelope to the other instances (to those subscribed to its audience's
+    /// topic, for messages). Returns once it is queued, not delivered.
+    fn publish(&self, envelope: Envelope) -> BoxFuture<'_, ()>;
+
+    /// Makes messages for these topics reach this instance; resolves once they do (or at
+    /// once while disconnected: the bus subscribes them again when it reconnects).
+    fn subscribe(&self, topics: Vec<Topic>) -> BoxFuture<'_, ()>;
+
+    /// Stops messages for these topics reaching this instance.
+    fn unsubscribe(&self, topics: Vec<Topic>) -> BoxFuture<'_, ()>;
+}
+
+/// The bus of a single instance: there is nobody else to tell.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct InProcess;
+
+impl InProcess {
+    /// The bus, and its stream, which never yields.
+    pub fn open() -> (Arc<dyn Bus>, Events) {
+        (Arc::new(Self), Box::pin(futures_util::stream::pending()))
+    }
+}
+
+impl Bus for InProcess {
+    fn name(&self) -> &'static str {
+        "in-process"
+    }
+
+    fn is_healthy(&self) -> bool {
+        true
+    }
+
+    fn publish(&self, _: Envelope) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    fn subscribe(&self, _: Vec<Topic>) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    fn unsubscribe(&self, _: Vec<Topic>) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// A bus could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// `REDIS_URL` is not usable.
+    #[error("invalid REDIS_URL: {0}")]
+    RedisUrl(#[from] ::redis::RedisError),
+}
+
+/// Opens the bus the settings choose, for the hub whose channels start with `namespace`
+/// (e.g. `stickless:chat`). Must run inside a tokio runtime (buses run their own tasks).
+pub fn open(
+    settings: &Settings,
+    namespace: &str,
+    instance: InstanceId,
+    metrics: Arc<Metrics>,
+) -> Result<(Arc<dyn Bus>, Events), BusError> {
+    match &settings.redis_url {
+        Some(url) => {
+            let (bus, events) = redis::RedisBus::start(url, namespace, instance, metrics)?;
+            Ok((Arc::new(bus), events))
+        }
+        None => Ok(InProcess::open()),
+    }
+}
