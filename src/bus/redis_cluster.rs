@@ -32,14 +32,13 @@
 //! confirmed channel again on the node that now owns its slot (after a lost connection, a
 //! `MOVED`, a failover or a resharding). A subscription that could not be made (its shard
 //! was down) is kept and retried every [`MAINTAIN_EVERY`]. Every master is pinged as often;
-//! while one does not answer, or a subscription is missing, or the last publish failed,
-//! [`Bus::is_healthy`] is false (`/healthz` says `degraded`). Messages whose channel hashes
+//! while one does not answer, or a subscription is missing, [`Bus::is_healthy`] is false
+//! (`/healthz` says `degraded`). Messages whose channel hashes
 //! to a dead shard are lost (counted as publish errors); the others keep flowing. Messages
 //! wait for the publisher in the same bounded queue as the Redis bus, and are dropped (and
 //! counted) when it is full.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,7 +46,10 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+use std::collections::HashMap;
+
+use redis::aio::MultiplexedConnection;
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 use redis::{PushInfo, PushKind, Value};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -289,6 +291,184 @@ fn sharded_message(push: PushInfo) -> Option<(String, Vec<u8>)> {
     }
 }
 
+/// Number of hash slots of a Redis Cluster.
+const SLOTS: u16 = 16384;
+
+/// The slot of a key or channel: CRC16 (XMODEM) of its hash tag, or of the whole name when
+/// it has none, modulo 16384 (Redis Cluster specification, "Hash tags").
+fn slot_of(channel: &str) -> u16 {
+    let key = channel.as_bytes();
+    let tag = key.iter().position(|b| *b == b'{').and_then(|open| {
+        let close = key[open + 1..].iter().position(|b| *b == b'}')?;
+        (close > 0).then(|| &key[open + 1..open + 1 + close])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tag.unwrap_or(key)) % SLOTS
+}
+
+/// A master's address.
+type Address = (String, u16);
+
+/// What the last probe saw: which master serves which slots, and which masters answered.
+#[derive(Debug, Default)]
+struct Topology {
+    /// `(first slot, last slot, master)`.
+    ranges: Vec<(u16, u16, Address)>,
+    /// Masters that did not answer.
+    down: HashSet<Address>,
+}
+
+impl Topology {
+    /// The master of `channel`'s slot, if known and it answered.
+    fn live_owner(&self, channel: &str) -> Option<&Address> {
+        let slot = slot_of(channel);
+        self.ranges
+            .iter()
+            .find(|(first, last, _)| (*first..=*last).contains(&slot))
+            .map(|(_, _, master)| master)
+            .filter(|master| !self.down.contains(*master))
+    }
+
+    /// Whether the master of `channel`'s slot is known and answered.
+    fn serves(&self, channel: &str) -> bool {
+        self.live_owner(channel).is_some()
+    }
+
+    /// Whether every slot has a master and every master answered.
+    fn all_up(&self) -> bool {
+        let covered: u32 = self
+            .ranges
+            .iter()
+            .map(|(first, last, _)| u32::from(last.saturating_sub(*first)) + 1)
+            .sum();
+        covered == u32::from(SLOTS) && self.down.is_empty()
+    }
+}
+
+/// Pings every master on connections of its own. The cluster connection is not used for
+/// this: a command for a dead node makes it rebuild every node's connection (dropping the
+/// subscriptions of the live shards), and a fan-out to "all masters" skips a node whose
+/// connection is being repaired.
+struct Probe {
+    /// The seeds' settings (password, timeouts); each master's address replaces theirs.
+    template: ConnectionInfo,
+    seeds: Vec<Address>,
+    connections: HashMap<Address, MultiplexedConnection>,
+}
+
+impl Probe {
+    fn new(seeds: &[String]) -> Result<Self, redis::RedisError> {
+        let infos = seeds
+            .iter()
+            .map(|seed| seed.as_str().into_connection_info())
+            .collect::<Result<Vec<_>, _>>()?;
+        let template = infos.first().cloned().ok_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "no seed node"))
+        })?;
+        let seeds = infos
+            .iter()
+            .filter_map(|info| match info.addr() {
+                ConnectionAddr::Tcp(host, port) => Some((host.clone(), *port)),
+                _ => None,
+            })
+            .collect();
+        Ok(Self {
+            template,
+            seeds,
+            connections: HashMap::new(),
+        })
+    }
+
+    /// Runs `command` on `address`, connecting first if needed; a failure drops the
+    /// connection so the next probe connects afresh.
+    async fn query(&mut self, address: &Address, command: &redis::Cmd) -> Option<Value> {
+        let mut connection = match self.connections.get(address) {
+            Some(connection) => connection.clone(),
+            None => {
+                let info = self
+                    .template
+                    .clone()
+                    .set_addr(ConnectionAddr::Tcp(address.0.clone(), address.1));
+                let client = redis::Client::open(info).ok()?;
+                let connect = client.get_multiplexed_async_connection();
+                let connection = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                    .await
+                    .ok()?
+                    .ok()?;
+                self.connections.insert(address.clone(), connection.clone());
+                connection
+            }
+        };
+        let reply = tokio::time::timeout(REDIS_TIMEOUT, command.query_async(&mut connection));
+        match reply.await {
+            Ok(Ok(value)) => Some(value),
+            _ => {
+                self.connections.remove(address);
+                None
+            }
+        }
+    }
+
+    /// Reads the slot map from the first node that answers (a known master, else a seed),
+    /// then pings every master.
+    async fn run(&mut self) -> Topology {
+        let mut candidates: Vec<Address> = self.connections.keys().cloned().collect();
+        candidates.extend(self.seeds.iter().cloned());
+        let mut ranges = Vec::new();
+        for address in candidates {
+            let slots = redis::cmd("CLUSTER").arg("SLOTS").clone();
+            if let Some(reply) = self.query(&address, &slots).await {
+                ranges = slot_ranges(&reply);
+                if !ranges.is_empty() {
+                    break;
+                }
+            }
+        }
+        let masters: HashSet<Address> = ranges.iter().map(|(_, _, m)| m.clone()).collect();
+        self.connections
+            .retain(|address, _| masters.contains(address));
+        let mut down = HashSet::new();
+        for master in masters {
+            if self.query(&master, &redis::cmd("PING")).await.is_none() {
+                down.insert(master);
+            }
+        }
+        Topology { ranges, down }
+    }
+}
+
+/// The slot ranges and their masters in a `CLUSTER SLOTS` reply: each entry is
+/// `[first slot, last slot, [master host, master port, …], replicas…]`
+/// ([CLUSTER SLOTS](https://redis.io/docs/latest/commands/cluster-slots/)).
+fn slot_ranges(reply: &Value) -> Vec<(u16, u16, Address)> {
+    let Value::Array(entries) = reply else {
+        return Vec::new();
+    };
+    let int = |value: Option<&Value>| match value {
+        Some(Value::Int(n)) => u16::try_from(*n).ok(),
+        _ => None,
+    };
+    entries
+        .iter()
+        .filter_map(|entry| {
+            let Value::Array(fields) = entry else {
+                return None;
+            };
+            let Some(Value::Array(master)) = fields.get(2) else {
+                return None;
+            };
+            let host = match master.first() {
+                Some(Value::BulkString(host)) => String::from_utf8_lossy(host).into_owned(),
+                _ => return None,
+            };
+            Some((
+                int(fields.first())?,
+                int(fields.get(1))?,
+                (host, int(master.get(1))?),
+            ))
+        })
+        .collect()
+}
+
 struct Shared {
     channels: Channels,
     instance: InstanceId,
@@ -298,10 +478,8 @@ struct Shared {
     wanted: Mutex<HashSet<String>>,
     /// Wanted channels not confirmed yet (their shard was unreachable): retried.
     missing: Mutex<HashSet<String>>,
-    /// The last ping of every master was answered.
-    masters_up: AtomicBool,
-    /// The last publish succeeded (or nothing was published yet).
-    publishing: AtomicBool,
+    /// Which master serves which slots, and which answered the last probe.
+    topology: Mutex<Topology>,
     publish_tx: mpsc::Sender<(String, Vec<u8>)>,
     events: mpsc::Sender<Event>,
     metrics: Arc<Metrics>,
@@ -334,6 +512,7 @@ impl RedisClusterBus {
             .retries(1)
             .build()
             .map_err(BusError::RedisClusterUrls)?;
+        let probe = Probe::new(seeds).map_err(BusError::RedisClusterUrls)?;
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
         let (events_tx, events_rx) = mpsc::channel(INBOUND_QUEUE);
         let channels = Channels {
@@ -346,14 +525,13 @@ impl RedisClusterBus {
             connection: Mutex::new(None),
             wanted: Mutex::new(fixed.iter().cloned().collect()),
             missing: Mutex::new(fixed.into_iter().collect()),
-            masters_up: AtomicBool::new(false),
-            publishing: AtomicBool::new(true),
+            topology: Mutex::new(Topology::default()),
             publish_tx,
             events: events_tx,
             metrics,
         });
         let bus = Self { shared };
-        tokio::spawn(bus.clone().maintain(client));
+        tokio::spawn(bus.clone().maintain(client, probe));
         tokio::spawn(bus.clone().publisher(publish_rx));
         tokio::spawn(bus.clone().receiver(push_rx));
         let events = futures_util::stream::unfold(events_rx, |mut rx| async move {
@@ -389,7 +567,9 @@ impl RedisClusterBus {
             Err(_) => return,
         };
         for channel in missing {
-            if self.ssubscribe(connection, &channel).await {
+            // A command for a dead node makes the cluster connection rebuild every node's
+            // connection, cutting the live shards' subscriptions: wait for the shard.
+            if self.shard_up(&channel) && self.ssubscribe(connection, &channel).await {
                 if let Ok(mut missing) = self.shared.missing.lock() {
                     missing.remove(&channel);
                 }
@@ -397,19 +577,9 @@ impl RedisClusterBus {
         }
     }
 
-    /// Whether every master answers a ping.
-    async fn ping_masters(connection: &mut ClusterConnection) -> bool {
-        let route = RoutingInfo::MultiNode((
-            MultipleNodeRoutingInfo::AllMasters,
-            Some(ResponsePolicy::AllSucceeded),
-        ));
-        let ping = connection.route_command(redis::cmd("PING"), route);
-        matches!(tokio::time::timeout(REDIS_TIMEOUT, ping).await, Ok(Ok(_)))
-    }
-
-    /// Reaches the cluster (with backoff), then every [`MAINTAIN_EVERY`] pings every master
+    /// Reaches the cluster (with backoff), then every [`MAINTAIN_EVERY`] probes the masters
     /// and retries missing subscriptions; tells the hub host when the bus becomes healthy.
-    async fn maintain(self, client: redis::cluster::ClusterClient) {
+    async fn maintain(self, client: redis::cluster::ClusterClient, mut probe: Probe) {
         let shared = &self.shared;
         let mut backoff = MIN_BACKOFF;
         let mut connection = loop {
@@ -432,8 +602,11 @@ impl RedisClusterBus {
         let mut tick = tokio::time::interval(MAINTAIN_EVERY);
         loop {
             tick.tick().await;
-            let up = Self::ping_masters(&mut connection).await;
-            shared.masters_up.store(up, Ordering::Relaxed);
+            let topology = probe.run().await;
+            self.resubscribe_moved(&topology);
+            if let Ok(mut slot) = shared.topology.lock() {
+                *slot = topology;
+            }
             self.subscribe_missing(&mut connection).await;
             let healthy = self.is_healthy();
             if healthy && !was_healthy {
@@ -447,6 +620,36 @@ impl RedisClusterBus {
             }
             was_healthy = healthy;
         }
+    }
+
+    /// Marks as missing every wanted channel whose live master is not the one it had: its
+    /// shard came back (a restarted master may have lost its subscribers) or its slot moved
+    /// (failover, resharding). The cluster connection resubscribes on its own too; an
+    /// `SSUBSCRIBE` repeated on a subscribed connection changes nothing, so both may run.
+    fn resubscribe_moved(&self, new: &Topology) {
+        let shared = &self.shared;
+        let (Ok(old), Ok(wanted), Ok(mut missing)) = (
+            shared.topology.lock(),
+            shared.wanted.lock(),
+            shared.missing.lock(),
+        ) else {
+            return;
+        };
+        for channel in wanted.iter() {
+            let now = new.live_owner(channel);
+            if now.is_some() && now != old.live_owner(channel) {
+                missing.insert(channel.clone());
+            }
+        }
+    }
+
+    /// Whether the master owning `channel`'s slot answered the last probe.
+    fn shard_up(&self, channel: &str) -> bool {
+        self.shared
+            .topology
+            .lock()
+            .map(|topology| topology.serves(channel))
+            .unwrap_or(false)
     }
 
     /// Turns pushes from every node into events, in order.
@@ -476,9 +679,15 @@ impl RedisClusterBus {
             let Some(mut connection) = self.connection() else {
                 // Not connected yet: the message is lost, as on a dead shard.
                 shared.metrics.backplane_published(false);
-                shared.publishing.store(false, Ordering::Relaxed);
                 continue;
             };
+            if !self.shard_up(&channel) {
+                // Lost, as SPUBLISH to a dead shard would lose it, without disturbing the
+                // cluster connection (see `subscribe_missing`).
+                shared.metrics.backplane_published(false);
+                log::debug!("bus: the shard of {channel} is down; message lost");
+                continue;
+            }
             let mut command = redis::cmd("SPUBLISH");
             command.arg(&channel).arg(&payload);
             let publish = command.query_async::<i64>(&mut connection);
@@ -487,7 +696,6 @@ impl RedisClusterBus {
                 Err(_) => Err("timed out".to_owned()),
             };
             shared.metrics.backplane_published(result.is_ok());
-            shared.publishing.store(result.is_ok(), Ordering::Relaxed);
             if let Err(error) = result {
                 log::warn!("bus: SPUBLISH to {channel} failed, message lost: {error}");
             }
@@ -516,6 +724,9 @@ impl RedisClusterBus {
             return; // Not connected yet: `maintain` subscribes what is missing.
         };
         for channel in channels {
+            if !self.shard_up(&channel) {
+                continue; // `maintain` subscribes it once its shard is back.
+            }
             if subscribe {
                 if self.ssubscribe(&mut connection, &channel).await {
                     if let Ok(mut missing) = self.shared.missing.lock() {
@@ -549,8 +760,11 @@ impl Bus for RedisClusterBus {
             .map(|missing| missing.is_empty())
             .unwrap_or(false);
         subscribed
-            && shared.masters_up.load(Ordering::Relaxed)
-            && shared.publishing.load(Ordering::Relaxed)
+            && shared
+                .topology
+                .lock()
+                .map(|topology| topology.all_up())
+                .unwrap_or(false)
     }
 
     fn publish(&self, envelope: Envelope) -> BoxFuture<'_, ()> {
@@ -648,6 +862,58 @@ mod tests {
             assert_eq!(decode(&me, &payload).expect("decodes"), Some(envelope));
             assert_eq!(decode(&other, &payload).expect("decodes"), None);
         }
+    }
+
+    #[test]
+    fn slots_are_computed_as_redis_does() {
+        // The examples of the CLUSTER KEYSLOT page and the cluster specification.
+        assert_eq!(slot_of("somekey"), 11058);
+        assert_eq!(slot_of("foo{hash_tag}"), 2515);
+        assert_eq!(slot_of("123456789"), 12739);
+        // An empty tag does not count: the whole name is hashed.
+        assert_ne!(slot_of("{}a"), slot_of("a"));
+        assert_eq!(slot_of("{user}:a"), slot_of("{user}:b"));
+    }
+
+    #[test]
+    fn the_topology_knows_live_owners_and_full_coverage() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let entry = |first: i64, last: i64, port: i64| {
+            Value::Array(vec![
+                Value::Int(first),
+                Value::Int(last),
+                Value::Array(vec![bulk("127.0.0.1"), Value::Int(port), bulk("id")]),
+            ])
+        };
+        let reply = Value::Array(vec![
+            entry(0, 5460, 7000),
+            entry(5461, 10922, 7001),
+            entry(10923, 16383, 7002),
+        ]);
+        let ranges = slot_ranges(&reply);
+        assert_eq!(ranges.len(), 3);
+        let mut topology = Topology {
+            ranges,
+            down: HashSet::new(),
+        };
+        assert!(topology.all_up());
+        let channel = "foo{hash_tag}"; // slot 2515, on 7000
+        assert_eq!(
+            topology.live_owner(channel),
+            Some(&("127.0.0.1".to_owned(), 7000))
+        );
+        topology.down.insert(("127.0.0.1".to_owned(), 7000));
+        assert!(!topology.serves(channel));
+        assert!(topology.serves("somekey")); // slot 11058, on 7002
+        assert!(!topology.all_up());
+        // A master missing from the reply leaves slots uncovered: not healthy.
+        let partial = Topology {
+            ranges: slot_ranges(&Value::Array(vec![entry(0, 5460, 7000)])),
+            down: HashSet::new(),
+        };
+        assert!(!partial.all_up());
+        assert!(Topology::default().live_owner(channel).is_none());
+        assert!(slot_ranges(&Value::Nil).is_empty());
     }
 
     #[test]

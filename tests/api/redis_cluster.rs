@@ -8,11 +8,18 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use actix_web::HttpRequest;
 use serde_json::{json, Value};
+use stickless::hub::{Hub, HubContext, HubError};
+use stickless::protocol::token::InstanceId;
+use stickless::startup::Application;
 
-use crate::helpers::{eventually, within};
+use crate::helpers::{
+    eventually, is_call, test_settings, within, Api, HubClient, LpClient, TestApp, WsClient,
+};
 
 /// Masters in the test cluster.
 const MASTERS: usize = 3;
@@ -48,11 +55,11 @@ impl RedisCluster {
     /// Starts the masters, creates the cluster and waits until every node says
     /// `cluster_state:ok`.
     pub async fn start() -> Self {
-        let unique = format!(
-            "stickless-redis-cluster-{}-{}",
-            std::process::id(),
-            Instant::now().elapsed().as_nanos() ^ u128::from(free_port())
-        );
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let unique = format!("stickless-redis-cluster-{}-{nanos}", std::process::id());
         let dir = std::env::temp_dir().join(unique);
         std::fs::create_dir_all(&dir).expect("a temporary folder");
         let nodes = (0..MASTERS)
@@ -121,7 +128,10 @@ impl RedisCluster {
         node.process = Some(child);
         let port = node.port;
         eventually(CLUSTER_DEADLINE, "redis-server answers", || async move {
-            redis_cli(port, &["PING"]).await.ok().filter(|pong| pong == "PONG")
+            redis_cli(port, &["PING"])
+                .await
+                .ok()
+                .filter(|pong| pong == "PONG")
         })
         .await;
     }
@@ -143,7 +153,10 @@ impl RedisCluster {
                 let info = redis_cli(port, &["CLUSTER", "INFO"]).await.ok()?;
                 let ok = info.contains("cluster_state:ok")
                     && info.contains(&format!("cluster_known_nodes:{MASTERS}"))
-                    && !redis_cli(port, &["CLUSTER", "NODES"]).await.ok()?.contains("fail");
+                    && !redis_cli(port, &["CLUSTER", "NODES"])
+                        .await
+                        .ok()?
+                        .contains("fail");
                 ok.then_some(())
             })
             .await;
@@ -158,13 +171,19 @@ impl RedisCluster {
                 continue;
             }
             let port = node.port;
-            eventually(CLUSTER_DEADLINE, "the dead master marked fail", || async move {
-                let nodes = redis_cli(port, &["CLUSTER", "NODES"]).await.ok()?;
-                nodes
-                    .lines()
-                    .any(|line| line.contains(&format!(":{dead_port}@")) && line.contains("fail"))
-                    .then_some(())
-            })
+            eventually(
+                CLUSTER_DEADLINE,
+                "the dead master marked fail",
+                || async move {
+                    let nodes = redis_cli(port, &["CLUSTER", "NODES"]).await.ok()?;
+                    nodes
+                        .lines()
+                        .any(|line| {
+                            line.contains(&format!(":{dead_port}@")) && line.contains("fail")
+                        })
+                        .then_some(())
+                },
+            )
             .await;
         }
     }
@@ -228,4 +247,313 @@ async fn redis_cli(port: u16, args: &[&str]) -> Result<String, String> {
         return Err(format!("redis-cli exited with {}", output.status));
     }
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+// ---------------------------------------------------------------------------------------
+// Instances on the cluster bus
+// ---------------------------------------------------------------------------------------
+
+/// The secret every instance of a test shares.
+const SECRET: &str = "redis-cluster-test-secret";
+/// The namespace of the test hub's channels (`stickless:<hub>`).
+const NAMESPACE: &str = "stickless:chat";
+
+/// A hub (at `/chat`, where the helpers' clients connect) with one method per kind of
+/// target, including a group join for a connection on any instance. Every delivery is a
+/// call of `Got(text)`, except `Send`, which broadcasts `Send(text)` (the helpers' marker).
+fn test_hub() -> Hub {
+    Hub::builder("chat")
+        .method("Send", |ctx: HubContext, (text,): (String,)| async move {
+            ctx.clients().all().send("Send", (text,)).await?;
+            Ok(())
+        })
+        .method(
+            "JoinGroup",
+            |ctx: HubContext, (group,): (String,)| async move {
+                ctx.groups().add(ctx.connection_id.as_str(), &group).await;
+                Ok(())
+            },
+        )
+        .method(
+            "AddToGroup",
+            |ctx: HubContext, (connection, group): (String, String)| async move {
+                ctx.groups().add(&connection, &group).await;
+                Ok(())
+            },
+        )
+        .method(
+            "SendToGroup",
+            |ctx: HubContext, (group, text): (String, String)| async move {
+                ctx.clients().group(&group).send("Got", (text,)).await?;
+                Ok::<_, HubError>(())
+            },
+        )
+        .method(
+            "SendTo",
+            |ctx: HubContext, (connection, text): (String, String)| async move {
+                ctx.clients()
+                    .client(&connection)
+                    .send("Got", (text,))
+                    .await?;
+                Ok(())
+            },
+        )
+        .method(
+            "SendToUser",
+            |ctx: HubContext, (user, text): (String, String)| async move {
+                ctx.clients().user(&user).send("Got", (text,)).await?;
+                Ok(())
+            },
+        )
+        .build()
+}
+
+/// The bearer token is the user id (as in the chat demo).
+fn bearer_user(req: &HttpRequest) -> Option<String> {
+    req.headers()
+        .get("Authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::to_owned)
+}
+
+/// Starts an in-process instance named `name` on the cluster bus and waits until its
+/// `/healthz` says `ok` (every master answers, every channel subscribed).
+async fn spawn_instance(redis: &RedisCluster, name: &str) -> TestApp {
+    let mut settings = test_settings();
+    settings.redis_cluster_urls = redis.urls();
+    settings.cluster_secret = Some(SECRET.into());
+    settings.instance_id = Some(InstanceId::parse(name).expect("an instance id"));
+    let application = Application::build_with(settings, test_hub(), Arc::new(bearer_user))
+        .await
+        .expect("the application builds");
+    let port = application.port();
+    let handle = application.handle();
+    actix_web::rt::spawn(application.run_until_stopped());
+    let address = format!("http://127.0.0.1:{port}");
+    let api = Api::new(address.clone());
+    wait_for_status(&api, "ok").await;
+    assert_eq!(api.healthz().await["backplane"], "redis-cluster");
+    TestApp {
+        address,
+        port,
+        handle,
+        instance: name.to_owned(),
+        api,
+    }
+}
+
+/// Waits until `/healthz` of `api` reports `status`.
+async fn wait_for_status(api: &Api, status: &str) {
+    let what = format!("/healthz says {status}");
+    eventually(CLUSTER_DEADLINE, &what, || async move {
+        (api.healthz().await["status"] == status).then_some(())
+    })
+    .await;
+}
+
+/// Whether `record` is a call of `Got(text)`.
+fn got(record: &Value, text: &str) -> bool {
+    is_call(record, "Got") && record["arguments"][0] == text
+}
+
+/// Broadcasts `Send(marker)` from `clients[from]` and returns, per client, the texts of the
+/// `Got` calls it received before the marker. Only meaningful for messages whose channel
+/// lives on the same shard as `all`, or that were awaited already: order is kept per
+/// channel, not across shards.
+async fn got_before_marker(
+    clients: &mut [Box<dyn HubClient>],
+    from: usize,
+    marker: &str,
+) -> Vec<Vec<String>> {
+    clients[from].fire("Send", json!([marker])).await;
+    let mut seen = Vec::new();
+    for client in clients.iter_mut() {
+        let texts = client
+            .records_before_marker(marker)
+            .await
+            .iter()
+            .filter(|r| is_call(r, "Got"))
+            .map(|r| r["arguments"][0].as_str().unwrap_or_default().to_owned())
+            .collect();
+        seen.push(texts);
+    }
+    seen
+}
+
+/// A group name whose channel lives on master `wanted` (`true`) or on any other master
+/// (`false`).
+async fn group_on(redis: &RedisCluster, wanted: usize, on_it: bool) -> String {
+    for n in 0..1000 {
+        let name = format!("room-{n}");
+        let owner = redis
+            .owner_of(&format!("{{{NAMESPACE}:group:{name}}}"))
+            .await;
+        if (owner == wanted) == on_it {
+            return name;
+        }
+    }
+    panic!("no group name found for master {wanted}");
+}
+
+#[actix_web::test]
+async fn every_kind_of_message_crosses_instances_over_a_redis_cluster() {
+    let redis = RedisCluster::start().await;
+    let a = spawn_instance(&redis, "node-a").await;
+    let b = spawn_instance(&redis, "node-b").await;
+    let c = spawn_instance(&redis, "node-c").await;
+    let alice = [("Authorization", "Bearer alice")];
+    let mut clients: Vec<Box<dyn HubClient>> = vec![
+        Box::new(WsClient::connect(&a).await),
+        Box::new(LpClient::connect(&b).await),
+        Box::new(WsClient::connect(&c).await),
+        Box::new(WsClient::connect_via(&b, &b, &alice).await),
+        Box::new(LpClient::connect_with_headers(&c, &alice).await),
+    ];
+    let ids: Vec<String> = clients
+        .iter()
+        .map(|c| c.connection_id().to_owned())
+        .collect();
+
+    // All: every client on every instance.
+    clients[0].call("Send", json!(["to all"])).await;
+    for client in clients.iter_mut() {
+        client.recv_call("Send", &|m| m == "to all").await;
+    }
+
+    // Group: clients 1 (on b) and 2 (on c) join themselves; the send comes from a.
+    clients[1].call("JoinGroup", json!(["room"])).await;
+    clients[2].call("JoinGroup", json!(["room"])).await;
+    clients[0]
+        .call("SendToGroup", json!(["room", "to room"]))
+        .await;
+    clients[1].recv("room on b", &|r| got(r, "to room")).await;
+    clients[2].recv("room on c", &|r| got(r, "to room")).await;
+
+    // Client: one connection on another instance.
+    clients[0]
+        .call("SendTo", json!([ids[4], "to one connection"]))
+        .await;
+    clients[4]
+        .recv("the connection's message", &|r| got(r, "to one connection"))
+        .await;
+
+    // User: both of alice's connections, on b and on c.
+    clients[0]
+        .call("SendToUser", json!(["alice", "to alice"]))
+        .await;
+    clients[3].recv("alice on b", &|r| got(r, "to alice")).await;
+    clients[4].recv("alice on c", &|r| got(r, "to alice")).await;
+
+    // A group join for a connection on another instance travels on that connection's
+    // channel; the group's messages travel on the group's channel, maybe another shard,
+    // so the test waits for the join to show rather than assume an order between them.
+    clients[0]
+        .call("AddToGroup", json!([ids[2], "remote"]))
+        .await;
+    let deadline = std::time::Instant::now() + CLUSTER_DEADLINE;
+    let mut probe = 0;
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the remote group join did not take effect"
+        );
+        probe += 1;
+        clients[0]
+            .call(
+                "SendToGroup",
+                json!(["remote", format!("remote probe {probe}")]),
+            )
+            .await;
+        let is_probe = |r: &Value| {
+            is_call(r, "Got")
+                && r["arguments"][0]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("remote probe"))
+        };
+        if let Some(record) = clients[2].next_record(Duration::from_millis(500)).await {
+            assert!(is_probe(&record), "unexpected {record}");
+            break;
+        }
+    }
+
+    // Nobody got what was not theirs (everything above was awaited, so the marker comes
+    // after it).
+    let seen = got_before_marker(&mut clients, 0, "end").await;
+    for (index, texts) in seen.iter().enumerate() {
+        assert!(
+            texts.iter().all(|t| t.starts_with("remote probe")) || index == 2,
+            "client {index} got {texts:?}"
+        );
+        if index != 2 {
+            assert!(texts.is_empty(), "client {index} got {texts:?}");
+        }
+    }
+}
+
+#[actix_web::test]
+async fn a_dead_master_loses_only_its_shards_messages_and_the_bus_recovers_with_it() {
+    let mut redis = RedisCluster::start().await;
+    let all_shard = redis.owner_of(&format!("{{{NAMESPACE}:all}}")).await;
+    let dead = (all_shard + 1) % MASTERS;
+    let doomed = group_on(&redis, dead, true).await;
+    let surviving = group_on(&redis, dead, false).await;
+    let a = spawn_instance(&redis, "node-a").await;
+    let b = spawn_instance(&redis, "node-b").await;
+    let mut sender = WsClient::connect(&a).await;
+    let mut member = LpClient::connect(&b).await;
+    member.call("JoinGroup", json!([doomed.as_str()])).await;
+    member.call("JoinGroup", json!([surviving.as_str()])).await;
+    sender
+        .call("SendToGroup", json!([doomed.as_str(), "before"]))
+        .await;
+    member
+        .recv("the doomed shard works at first", &|r| got(r, "before"))
+        .await;
+    let errors = "stickless_backplane_publish_errors_total";
+    let errors_before = a.metric(errors).await;
+
+    redis.kill_node(dead);
+
+    // Both instances notice: one master does not answer.
+    wait_for_status(&a, "degraded").await;
+    wait_for_status(&b, "degraded").await;
+    redis.wait_until_marked_failed(dead).await;
+
+    // Messages on the surviving shards flow: a group there, and `all`.
+    sender
+        .call("SendToGroup", json!([doomed.as_str(), "lost"]))
+        .await;
+    sender
+        .call("SendToGroup", json!([surviving.as_str(), "survives"]))
+        .await;
+    member
+        .recv("the surviving shard's group", &|r| got(r, "survives"))
+        .await;
+    sender.call("Send", json!(["all survives"])).await;
+    member.recv_call("Send", &|m| m == "all survives").await;
+    // The message on the dead shard was lost, and counted.
+    eventually(CLUSTER_DEADLINE, "the lost publish counted", || async {
+        (a.metric(errors).await > errors_before).then_some(())
+    })
+    .await;
+
+    redis.start_node(dead).await;
+    redis.wait_until_ok(0..MASTERS).await;
+
+    // Both instances recover, and the subscription on the restarted shard is back.
+    wait_for_status(&a, "ok").await;
+    wait_for_status(&b, "ok").await;
+    sender
+        .call("SendToGroup", json!([doomed.as_str(), "after"]))
+        .await;
+    member
+        .recv("the restarted shard's group", &|r| got(r, "after"))
+        .await;
+    assert!(
+        !member.inbox().records.iter().any(|r| got(r, "lost")),
+        "a message published while its shard was dead arrived: {:?}",
+        member.inbox().records
+    );
 }
