@@ -472,8 +472,9 @@ async fn every_kind_of_message_crosses_instances_over_a_redis_cluster() {
                     .as_str()
                     .is_some_and(|t| t.starts_with("remote probe"))
         };
-        if let Some(record) = clients[2].next_record(Duration::from_millis(500)).await {
-            assert!(is_probe(&record), "unexpected {record}");
+        // Anything else (a keep-alive Ping) is not what this waits for.
+        let record = clients[2].next_record(Duration::from_millis(500)).await;
+        if record.as_ref().is_some_and(is_probe) {
             break;
         }
     }
