@@ -8,14 +8,10 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use actix_web::HttpRequest;
 use serde_json::{json, Value};
-use stickless::hub::{Hub, HubContext, HubError};
-use stickless::protocol::token::InstanceId;
-use stickless::startup::Application;
+use stickless::{demo, App, Hub, HubBuilder, HubContext, HubError, InstanceId};
 
 use crate::helpers::{
     eventually, is_call, test_settings, within, Api, HubClient, LpClient, TestApp, WsClient,
@@ -261,7 +257,7 @@ const NAMESPACE: &str = "stickless:chat";
 /// A hub (at `/chat`, where the helpers' clients connect) with one method per kind of
 /// target, including a group join for a connection on any instance. Every delivery is a
 /// call of `Got(text)`, except `Send`, which broadcasts `Send(text)` (the helpers' marker).
-fn test_hub() -> Hub {
+fn test_hub() -> HubBuilder {
     Hub::builder("chat")
         .method("Send", |ctx: HubContext, (text,): (String,)| async move {
             ctx.clients().all().send("Send", (text,)).await?;
@@ -305,17 +301,6 @@ fn test_hub() -> Hub {
                 Ok(())
             },
         )
-        .build()
-}
-
-/// The bearer token is the user id (as in the chat demo).
-fn bearer_user(req: &HttpRequest) -> Option<String> {
-    req.headers()
-        .get("Authorization")?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::to_owned)
 }
 
 /// Starts an in-process instance named `name` on the cluster bus and waits until its
@@ -325,7 +310,10 @@ async fn spawn_instance(redis: &RedisCluster, name: &str) -> TestApp {
     settings.redis_cluster_urls = redis.urls();
     settings.cluster_secret = Some(SECRET.into());
     settings.instance_id = Some(InstanceId::parse(name).expect("an instance id"));
-    let application = Application::build_with(settings, test_hub(), Arc::new(bearer_user))
+    let application = App::new(settings)
+        .hub("/chat", test_hub())
+        .user_id(demo::user_id)
+        .build()
         .await
         .expect("the application builds");
     let port = application.port();
