@@ -29,14 +29,15 @@
 //! messages: it delivered them locally already.
 //!
 //! Failures. The cluster connection reconnects to nodes on its own and subscribes every
-//! confirmed channel again on the node that now owns its slot (after a lost connection, a
-//! `MOVED`, a failover or a resharding). A subscription that could not be made (its shard
-//! was down) is kept and retried every [`MAINTAIN_EVERY`]. Every master is pinged as often;
-//! while one does not answer, or a subscription is missing, [`Bus::is_healthy`] is false
-//! (`/healthz` says `degraded`). Messages whose channel hashes
-//! to a dead shard are lost (counted as publish errors); the others keep flowing. Messages
-//! wait for the publisher in the same bounded queue as the Redis bus, and are dropped (and
-//! counted) when it is full.
+//! confirmed channel again on the node that now owns its slot. On top of that, every
+//! [`MAINTAIN_EVERY`] the bus reads `CLUSTER SLOTS` and pings every master on connections
+//! of its own; a wanted channel whose shard came back or whose slot moved (a restart, a
+//! failover, a resharding) is subscribed again, and one that could not be subscribed (its
+//! shard was down) is retried. While a master does not answer, or a subscription is
+//! missing, [`Bus::is_healthy`] is false (`/healthz` says `degraded`). Messages whose
+//! channel hashes to a dead shard are lost (counted as publish errors); the others keep
+//! flowing. While no master answers, messages wait in the same bounded queue as the Redis
+//! bus's, and are dropped (and counted) when it is full.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -52,7 +53,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 use redis::{PushInfo, PushKind, Value};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::{Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, Topic};
 use crate::metrics::Metrics;
@@ -333,6 +334,13 @@ impl Topology {
         self.live_owner(channel).is_some()
     }
 
+    /// Whether some master answered.
+    fn any_up(&self) -> bool {
+        self.ranges
+            .iter()
+            .any(|(_, _, master)| !self.down.contains(master))
+    }
+
     /// Whether every slot has a master and every master answered.
     fn all_up(&self) -> bool {
         let covered: u32 = self
@@ -480,6 +488,8 @@ struct Shared {
     missing: Mutex<HashSet<String>>,
     /// Which master serves which slots, and which answered the last probe.
     topology: Mutex<Topology>,
+    /// Whether some master answered the last probe: the publisher waits for it.
+    reachable: watch::Sender<bool>,
     publish_tx: mpsc::Sender<(String, Vec<u8>)>,
     events: mpsc::Sender<Event>,
     metrics: Arc<Metrics>,
@@ -526,6 +536,7 @@ impl RedisClusterBus {
             wanted: Mutex::new(fixed.iter().cloned().collect()),
             missing: Mutex::new(fixed.into_iter().collect()),
             topology: Mutex::new(Topology::default()),
+            reachable: watch::Sender::new(false),
             publish_tx,
             events: events_tx,
             metrics,
@@ -604,6 +615,7 @@ impl RedisClusterBus {
             tick.tick().await;
             let topology = probe.run().await;
             self.resubscribe_moved(&topology);
+            shared.reachable.send_replace(topology.any_up());
             if let Ok(mut slot) = shared.topology.lock() {
                 *slot = topology;
             }
@@ -673,13 +685,18 @@ impl RedisClusterBus {
     }
 
     /// Publishes queued messages one after another, which keeps one sender's order.
+    /// While no master answers, it waits, as the Redis bus waits for Redis: the queue
+    /// keeps what is published meanwhile, up to its bound. While only some shards are down,
+    /// their messages are dropped so the others' keep flowing.
     async fn publisher(self, mut queue: mpsc::Receiver<(String, Vec<u8>)>) {
         let shared = &self.shared;
+        let mut reachable = shared.reachable.subscribe();
         while let Some((channel, payload)) = queue.recv().await {
+            if reachable.wait_for(|up| *up).await.is_err() {
+                return; // The bus is gone.
+            }
             let Some(mut connection) = self.connection() else {
-                // Not connected yet: the message is lost, as on a dead shard.
-                shared.metrics.backplane_published(false);
-                continue;
+                continue; // Not reachable without a connection: unreachable in practice.
             };
             if !self.shard_up(&channel) {
                 // Lost, as SPUBLISH to a dead shard would lose it, without disturbing the
@@ -906,6 +923,7 @@ mod tests {
         assert!(!topology.serves(channel));
         assert!(topology.serves("somekey")); // slot 11058, on 7002
         assert!(!topology.all_up());
+        assert!(topology.any_up());
         // A master missing from the reply leaves slots uncovered: not healthy.
         let partial = Topology {
             ranges: slot_ranges(&Value::Array(vec![entry(0, 5460, 7000)])),
@@ -913,6 +931,7 @@ mod tests {
         };
         assert!(!partial.all_up());
         assert!(Topology::default().live_owner(channel).is_none());
+        assert!(!Topology::default().any_up());
         assert!(slot_ranges(&Value::Nil).is_empty());
     }
 

@@ -184,6 +184,34 @@ impl RedisCluster {
         }
     }
 
+    /// Moves the (keyless) slot of `channel` to master `to`, as `redis-cli --cluster
+    /// reshard` does: `IMPORTING` on the target, `MIGRATING` on the source, then the new
+    /// owner on every node ([CLUSTER SETSLOT](https://redis.io/docs/latest/commands/cluster-setslot/)).
+    pub async fn move_slot_of(&self, channel: &str, to: usize) {
+        let from = self.owner_of(channel).await;
+        let slot = redis_cli(self.nodes[0].port, &["CLUSTER", "KEYSLOT", channel])
+            .await
+            .expect("CLUSTER KEYSLOT");
+        let id = |index: usize| redis_cli(self.nodes[index].port, &["CLUSTER", "MYID"]);
+        let (from_id, to_id) = (id(from).await.expect("an id"), id(to).await.expect("an id"));
+        let setslot = |index: usize, state: &'static str, node: String| {
+            let port = self.nodes[index].port;
+            let slot = slot.clone();
+            async move {
+                let args = ["CLUSTER", "SETSLOT", slot.as_str(), state, node.as_str()];
+                let reply = redis_cli(port, &args).await.expect("CLUSTER SETSLOT");
+                assert_eq!(reply, "OK", "CLUSTER SETSLOT {state} on master {index}");
+            }
+        };
+        setslot(to, "IMPORTING", from_id).await;
+        setslot(from, "MIGRATING", to_id.clone()).await;
+        setslot(to, "NODE", to_id.clone()).await;
+        setslot(from, "NODE", to_id.clone()).await;
+        for index in (0..MASTERS).filter(|i| *i != from && *i != to) {
+            setslot(index, "NODE", to_id.clone()).await;
+        }
+    }
+
     /// The index of the master that owns the slot of `channel` (as Redis hashes it: by its
     /// hash tag).
     pub async fn owner_of(&self, channel: &str) -> usize {
@@ -385,6 +413,39 @@ async fn group_on(redis: &RedisCluster, wanted: usize, on_it: bool) -> String {
     panic!("no group name found for master {wanted}");
 }
 
+/// Sends `Got("<group> probe N")` to `group` from `sender` until `member` receives one,
+/// failing after [`CLUSTER_DEADLINE`]: for a change (a join over the bus, a moved slot)
+/// that takes effect at a moment no client can observe otherwise.
+async fn probe_group(
+    sender: &mut dyn HubClient,
+    member: &mut dyn HubClient,
+    group: &str,
+    what: &str,
+) {
+    let prefix = format!("{group} probe");
+    let is_probe = |r: &Value| {
+        is_call(r, "Got")
+            && r["arguments"][0]
+                .as_str()
+                .is_some_and(|t| t.starts_with(&prefix))
+    };
+    let deadline = std::time::Instant::now() + CLUSTER_DEADLINE;
+    for probe in 1.. {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not take effect"
+        );
+        sender
+            .call("SendToGroup", json!([group, format!("{prefix} {probe}")]))
+            .await;
+        // Anything else (a keep-alive Ping) is not what this waits for.
+        let record = member.next_record(Duration::from_millis(500)).await;
+        if record.as_ref().is_some_and(is_probe) {
+            return;
+        }
+    }
+}
+
 #[actix_web::test]
 async fn every_kind_of_message_crosses_instances_over_a_redis_cluster() {
     let redis = RedisCluster::start().await;
@@ -440,32 +501,14 @@ async fn every_kind_of_message_crosses_instances_over_a_redis_cluster() {
     clients[0]
         .call("AddToGroup", json!([ids[2], "remote"]))
         .await;
-    let deadline = std::time::Instant::now() + CLUSTER_DEADLINE;
-    let mut probe = 0;
-    loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the remote group join did not take effect"
-        );
-        probe += 1;
-        clients[0]
-            .call(
-                "SendToGroup",
-                json!(["remote", format!("remote probe {probe}")]),
-            )
-            .await;
-        let is_probe = |r: &Value| {
-            is_call(r, "Got")
-                && r["arguments"][0]
-                    .as_str()
-                    .is_some_and(|t| t.starts_with("remote probe"))
-        };
-        // Anything else (a keep-alive Ping) is not what this waits for.
-        let record = clients[2].next_record(Duration::from_millis(500)).await;
-        if record.as_ref().is_some_and(is_probe) {
-            break;
-        }
-    }
+    let (sender, rest) = clients.split_at_mut(1);
+    probe_group(
+        sender[0].as_mut(),
+        rest[1].as_mut(),
+        "remote",
+        "the remote group join",
+    )
+    .await;
 
     // Nobody got what was not theirs (everything above was awaited, so the marker comes
     // after it).
@@ -545,4 +588,36 @@ async fn a_dead_master_loses_only_its_shards_messages_and_the_bus_recovers_with_
         "a message published while its shard was dead arrived: {:?}",
         member.inbox().records
     );
+}
+
+#[actix_web::test]
+async fn a_group_follows_its_slot_when_the_cluster_is_resharded() {
+    let redis = RedisCluster::start().await;
+    let a = spawn_instance(&redis, "node-a").await;
+    let b = spawn_instance(&redis, "node-b").await;
+    let mut sender = WsClient::connect(&a).await;
+    let mut member = LpClient::connect(&b).await;
+    member.call("JoinGroup", json!(["moving"])).await;
+    sender
+        .call("SendToGroup", json!(["moving", "before"]))
+        .await;
+    member
+        .recv("the group before resharding", &|r| got(r, "before"))
+        .await;
+    let channel = format!("{{{NAMESPACE}:group:moving}}");
+    let from = redis.owner_of(&channel).await;
+    let to = (from + 1) % MASTERS;
+
+    redis.move_slot_of(&channel, to).await;
+    assert_eq!(redis.owner_of(&channel).await, to);
+
+    probe_group(
+        &mut sender,
+        &mut member,
+        "moving",
+        "resubscribing the moved slot",
+    )
+    .await;
+    wait_for_status(&a, "ok").await;
+    wait_for_status(&b, "ok").await;
 }
