@@ -621,3 +621,49 @@ async fn a_group_follows_its_slot_when_the_cluster_is_resharded() {
     wait_for_status(&a, "ok").await;
     wait_for_status(&b, "ok").await;
 }
+
+#[actix_web::test]
+async fn when_the_master_of_all_dies_broadcasts_stay_local_and_groups_elsewhere_flow() {
+    let mut redis = RedisCluster::start().await;
+    let dead = redis.owner_of(&format!("{{{NAMESPACE}:all}}")).await;
+    let surviving = group_on(&redis, dead, false).await;
+    let a = spawn_instance(&redis, "node-a").await;
+    let b = spawn_instance(&redis, "node-b").await;
+    let mut sender = WsClient::connect(&a).await;
+    let mut neighbour = LpClient::connect(&a).await;
+    let mut member = LpClient::connect(&b).await;
+    member.call("JoinGroup", json!([surviving.as_str()])).await;
+
+    redis.kill_node(dead);
+    wait_for_status(&a, "degraded").await;
+    wait_for_status(&b, "degraded").await;
+
+    // The broadcast reaches the sender's own instance only.
+    sender.call("Send", json!(["broadcast"])).await;
+    neighbour.recv_call("Send", &|m| m == "broadcast").await;
+    sender.recv_call("Send", &|m| m == "broadcast").await;
+    // A group on another shard still crosses; published after the broadcast by the same
+    // sender, it shows the broadcast was handled (dropped) before it.
+    sender
+        .call("SendToGroup", json!([surviving.as_str(), "group flows"]))
+        .await;
+    member
+        .recv("the surviving shard's group", &|r| got(r, "group flows"))
+        .await;
+    assert!(
+        !member
+            .inbox()
+            .records
+            .iter()
+            .any(|r| is_call(r, "Send") && r["arguments"][0] == "broadcast"),
+        "a broadcast crossed instances while the master of all was dead: {:?}",
+        member.inbox().records
+    );
+
+    redis.start_node(dead).await;
+    redis.wait_until_ok(0..MASTERS).await;
+    wait_for_status(&a, "ok").await;
+    wait_for_status(&b, "ok").await;
+    sender.call("Send", json!(["broadcast again"])).await;
+    member.recv_call("Send", &|m| m == "broadcast again").await;
+}
