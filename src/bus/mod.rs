@@ -124,7 +124,7 @@ pub type Events = BoxStream<'static, Event>;
 /// How instances reach each other. Implementations must keep the order of one sender's
 /// messages, and keep carrying after their broker comes back.
 pub trait Bus: Send + Sync {
-    /// `in-process` or `redis`, for `/healthz`.
+    /// `in-process`, `redis` or `redis-cluster`, for `/healthz`.
     fn name(&self) -> &'static str;
 
     /// False while the bus cannot carry messages (its broker is unreachable).
