@@ -27,6 +27,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 # ---------------------------------------------------------------------------------------
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v nginx >/dev/null || missing+=(nginx)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v node >/dev/null || missing+=(nodejs)

@@ -37,6 +37,11 @@ pub struct Settings {
     #[arg(long, env = "REDIS_URL", value_parser = parse_redis_url)]
     pub redis_url: Option<String>,
 
+    /// Redis Cluster bus with sharded pub/sub: seed nodes, comma-separated
+    /// (`redis://host:port,redis://host:port`); excludes REDIS_URL.
+    #[arg(long, env = "REDIS_CLUSTER_URLS", value_delimiter = ',', value_parser = parse_redis_url)]
+    pub redis_cluster_urls: Vec<String>,
+
     /// Where misrouted requests are re-forwarded (http://host:port); unset = no forwarding.
     #[arg(long, env = "LOAD_BALANCER_URL", value_parser = parse_base_url)]
     pub load_balancer_url: Option<String>,
@@ -120,11 +125,17 @@ pub enum ConfigError {
         "KEEP_ALIVE_INTERVAL must be between 1s and 25s (clients drop a server silent for 30 s)"
     )]
     KeepAlive,
+    /// One bus only: a Redis server or a Redis Cluster.
+    #[error("REDIS_URL and REDIS_CLUSTER_URLS are both set: set REDIS_URL for one Redis server, or REDIS_CLUSTER_URLS for a Redis Cluster, not both")]
+    TwoBuses,
 }
 
 impl Settings {
     /// Checks settings that depend on each other.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.redis_url.is_some() && !self.redis_cluster_urls.is_empty() {
+            return Err(ConfigError::TwoBuses);
+        }
         match &self.cluster_secret {
             Some(secret) if secret.len() < MIN_SECRET_LEN => {
                 return Err(ConfigError::SecretTooShort)
@@ -132,6 +143,9 @@ impl Settings {
             Some(_) => {}
             None if self.redis_url.is_some() => {
                 return Err(ConfigError::SecretRequired("REDIS_URL"))
+            }
+            None if !self.redis_cluster_urls.is_empty() => {
+                return Err(ConfigError::SecretRequired("REDIS_CLUSTER_URLS"))
             }
             None if self.load_balancer_url.is_some() => {
                 return Err(ConfigError::SecretRequired("LOAD_BALANCER_URL"))
@@ -289,6 +303,29 @@ mod tests {
         ));
         settings.cluster_secret = Some("0123456789abcdef".into());
         assert!(settings.validate().is_ok());
+    }
+
+    #[test]
+    fn redis_and_redis_cluster_exclude_each_other() {
+        let mut settings = Settings::try_parse_from([
+            "stickless",
+            "--redis-cluster-urls",
+            "redis://127.0.0.1:7000,redis://127.0.0.1:7001",
+        ])
+        .expect("two seed nodes parse");
+        assert_eq!(settings.redis_cluster_urls.len(), 2);
+        assert!(matches!(
+            settings.validate(),
+            Err(ConfigError::SecretRequired("REDIS_CLUSTER_URLS"))
+        ));
+        settings.cluster_secret = Some("0123456789abcdef".into());
+        assert!(settings.validate().is_ok());
+        settings.redis_url = Some("redis://127.0.0.1".into());
+        assert!(matches!(settings.validate(), Err(ConfigError::TwoBuses)));
+        assert!(
+            Settings::try_parse_from(["stickless", "--redis-cluster-urls", "127.0.0.1:7000"])
+                .is_err()
+        );
     }
 
     #[test]

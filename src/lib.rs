@@ -59,7 +59,7 @@
 //!        └ connection     one client's state; its session moves messages to the host
 //!           └ hub         declaring methods and state; hub::host: dispatch, one per hub
 //!              └ clients  All / Others / Caller / Client / Group / User; local delivery
-//!                 └ bus   the backplane: in-process or Redis pub/sub; bus::peers: discovery
+//!                 └ bus   the backplane: in-process, Redis pub/sub or Redis Cluster (sharded); bus::peers: discovery
 //! outbox         a connection's bounded queue: the one push path, counted
 //! protocol       pure: negotiate JSON, handshake, hub messages, 0x1E framing, tokens
 //! ```

@@ -14,12 +14,15 @@
 //! - [`InProcess`]: one instance, nothing to carry (the default);
 //! - [`redis::RedisBus`]: Redis pub/sub (`REDIS_URL`), channels documented there and in
 //!   the README.
+//! - [`redis_cluster::RedisClusterBus`]: Redis Cluster sharded pub/sub
+//!   (`REDIS_CLUSTER_URLS`), hash-tagged channels documented there and in the README.
 //!
 //! Peer discovery (which instance has which direct URL) is not a bus method: it is its
 //! own component, [`peers::Peers`], that uses a bus as its carrier.
 
 pub mod peers;
 pub mod redis;
+pub mod redis_cluster;
 
 use std::sync::Arc;
 
@@ -121,7 +124,7 @@ pub type Events = BoxStream<'static, Event>;
 /// How instances reach each other. Implementations must keep the order of one sender's
 /// messages, and keep carrying after their broker comes back.
 pub trait Bus: Send + Sync {
-    /// `in-process` or `redis`, for `/healthz`.
+    /// `in-process`, `redis` or `redis-cluster`, for `/healthz`.
     fn name(&self) -> &'static str;
 
     /// False while the bus cannot carry messages (its broker is unreachable).
@@ -178,6 +181,9 @@ pub enum BusError {
     /// `REDIS_URL` is not usable.
     #[error("invalid REDIS_URL: {0}")]
     RedisUrl(#[from] ::redis::RedisError),
+    /// `REDIS_CLUSTER_URLS` is not usable.
+    #[error("invalid REDIS_CLUSTER_URLS: {0}")]
+    RedisClusterUrls(::redis::RedisError),
 }
 
 /// Opens the bus the settings choose, for the hub whose channels start with `namespace`
@@ -188,6 +194,15 @@ pub fn open(
     instance: InstanceId,
     metrics: Arc<Metrics>,
 ) -> Result<(Arc<dyn Bus>, Events), BusError> {
+    if !settings.redis_cluster_urls.is_empty() {
+        let (bus, events) = redis_cluster::RedisClusterBus::start(
+            &settings.redis_cluster_urls,
+            namespace,
+            instance,
+            metrics,
+        )?;
+        return Ok((Arc::new(bus), events));
+    }
     match &settings.redis_url {
         Some(url) => {
             let (bus, events) = redis::RedisBus::start(url, namespace, instance, metrics)?;

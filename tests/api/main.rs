@@ -8,4 +8,5 @@
 
 mod cluster;
 mod helpers;
+mod redis_cluster;
 mod single;
