@@ -8,6 +8,7 @@
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::hub_protocol::TransferFormat;
 use super::token::{ConnectionId, ConnectionToken};
 
 /// The highest negotiate version this server speaks; clients asking for more get this.
@@ -47,6 +48,12 @@ impl TransportKind {
             Self::ServerSentEvents => &["Text"],
             Self::WebSockets | Self::LongPolling => &["Text", "Binary"],
         }
+    }
+
+    /// Whether the transport can carry records of `format` (`TransportProtocols.md`:
+    /// Server-Sent Events carry text only).
+    pub fn supports(self, format: TransferFormat) -> bool {
+        self.transfer_formats().contains(&format.name())
     }
 
     /// Whether the transport keeps the connection alive by itself, so hub Pings are off
