@@ -295,3 +295,26 @@ proptest! {
         prop_assert_eq!(negotiate::negotiate_version(Some(&raw.to_string())), Ok(raw.min(1)));
     }
 }
+
+proptest! {
+    #[test]
+    fn connections_of_every_negotiate_version_verify_to_their_id(
+        owner in "[A-Za-z0-9_-]{1,64}",
+        version in 0u32..3,
+    ) {
+        let key = ClusterKey::from_secret(b"secret");
+        let claims = TokenClaims {
+            owner: InstanceId::parse(&owner).unwrap(),
+            connection_id: ConnectionId::random(),
+            issued_at: 7,
+        };
+        let (id, token) = key.mint_connection(&claims, version);
+        prop_assert_eq!(key.verify(token.as_str()).unwrap().connection_id, id.clone());
+        prop_assert_eq!(id.as_str() == token.as_str(), version == 0);
+    }
+
+    #[test]
+    fn arbitrary_negotiate_versions_never_panic(raw in any::<String>()) {
+        let _ = negotiate::parse_negotiate_version(Some(&raw));
+    }
+}
