@@ -629,6 +629,141 @@ mod tests {
         }
     }
 
+    /// Decodes a hex string of framed records.
+    fn records(hex: &str) -> Vec<HubMessage> {
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        super::super::hub_protocol::HubProtocol::MessagePack
+            .parse(&bytes, 1024)
+            .unwrap()
+    }
+
+    #[test]
+    fn records_written_by_the_official_client_parse() {
+        // Bytes from `MessagePackHubProtocol.writeMessage` of npm
+        // `@microsoft/signalr-protocol-msgpack` 10.0 (with `@msgpack/msgpack`).
+        let cases = [
+            (
+                // invoke("Send", "hi", 42, 1.5, -7, {a: [true, null]}): no stream ids
+                "1f950180a130a453656e6495a268692acb3ff8000000000000f981a16192c3c0",
+                HubMessage::Invocation {
+                    invocation_id: Some("0".into()),
+                    target: "Send".into(),
+                    arguments: vec![
+                        json!("hi"),
+                        json!(42),
+                        json!(1.5),
+                        json!(-7),
+                        json!({"a": [true, null]}),
+                    ],
+                    stream_ids: vec![],
+                },
+            ),
+            (
+                // invoke("Upload", subject): one client stream
+                "10960180a131a655706c6f61649091a132",
+                HubMessage::Invocation {
+                    invocation_id: Some("1".into()),
+                    target: "Upload".into(),
+                    arguments: vec![],
+                    stream_ids: vec!["2".into()],
+                },
+            ),
+            (
+                // send("D", new Date(Date.UTC(2024, 0, 2, 3, 4, 5, 678)))
+                "11950180c0a14491d7ffa1a5d60065937d25",
+                HubMessage::Invocation {
+                    invocation_id: None,
+                    target: "D".into(),
+                    arguments: vec![json!("2024-01-02T03:04:05.678Z")],
+                    stream_ids: vec![],
+                },
+            ),
+            (
+                // send("B", new Uint8Array([1, 2, 3]))
+                "0c950180c0a14291c403010203",
+                HubMessage::Invocation {
+                    invocation_id: None,
+                    target: "B".into(),
+                    arguments: vec![json!("AQID")],
+                    stream_ids: vec![],
+                },
+            ),
+            (
+                // send("N", 2 ** 53, -(2 ** 40), 0.1): unsafe integers travel as float 64
+                "22950180c0a14e93cb4340000000000000d3ffffff0000000000cb3fb999999999999a",
+                HubMessage::Invocation {
+                    invocation_id: None,
+                    target: "N".into(),
+                    arguments: vec![
+                        json!(9_007_199_254_740_992.0),
+                        json!(-(1i64 << 40)),
+                        json!(0.1),
+                    ],
+                    stream_ids: vec![],
+                },
+            ),
+            (
+                "0f950480a133a7436f756e746572910a",
+                HubMessage::StreamInvocation {
+                    invocation_id: "3".into(),
+                    target: "Counter".into(),
+                    arguments: vec![json!(10)],
+                    stream_ids: vec![],
+                },
+            ),
+            (
+                "07940280a132a178",
+                HubMessage::StreamItem {
+                    invocation_id: "2".into(),
+                    item: json!("x"),
+                },
+            ),
+            (
+                "0b950380a1350381a26f6b01",
+                HubMessage::Completion {
+                    invocation_id: "5".into(),
+                    outcome: Outcome::Result(json!({"ok": 1})),
+                },
+            ),
+            (
+                "26950380a13501bf436c69656e74206469646e27742070726f76696465206120726573756c742e",
+                HubMessage::Completion {
+                    invocation_id: "5".into(),
+                    outcome: Outcome::Error("Client didn't provide a result.".into()),
+                },
+            ),
+            (
+                "06940380a13202",
+                HubMessage::Completion {
+                    invocation_id: "2".into(),
+                    outcome: Outcome::Void,
+                },
+            ),
+            (
+                "05930580a133",
+                HubMessage::CancelInvocation {
+                    invocation_id: "3".into(),
+                },
+            ),
+            ("029106", HubMessage::Ping),
+            (
+                "039207c0",
+                HubMessage::Close {
+                    error: None,
+                    allow_reconnect: false,
+                },
+            ),
+            ("059208cd012c", HubMessage::Ack { sequence_id: 300 }),
+            ("03920901", HubMessage::Sequence { sequence_id: 1 }),
+        ];
+        for (hex, message) in cases {
+            assert_eq!(records(hex), vec![message], "{hex}");
+        }
+    }
+
     #[test]
     fn ping_is_exactly_0x91_0x06_and_framed_once() {
         assert_eq!(&encode(&HubMessage::Ping)[..], &[0x02, 0x91, 0x06]);
