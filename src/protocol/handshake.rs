@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::framing::frame;
+use super::framing::{frame, FrameError};
 use super::hub_protocol::{HubProtocol, TransferFormat};
 use super::negotiate::TransportKind;
 
@@ -82,6 +82,17 @@ impl HandshakeError {
         match self {
             Self::Malformed(detail) => format!("{self} InvalidDataException: {detail}"),
             _ => self.to_string(),
+        }
+    }
+}
+
+impl From<FrameError> for HandshakeError {
+    /// A handshake record that cannot be framed: over the size limit, ASP.NET answers
+    /// "Handshake was canceled." (`HandshakeSizeLimitExceeded`); otherwise it is malformed.
+    fn from(error: FrameError) -> Self {
+        match error {
+            FrameError::TooLarge { .. } => Self::TimedOut,
+            other => Self::Malformed(other.to_string()),
         }
     }
 }
@@ -232,6 +243,16 @@ mod tests {
         );
         assert!(error.detailed().starts_with(
             "An unexpected error occurred during connection handshake. InvalidDataException: "
+        ));
+    }
+
+    #[test]
+    fn an_oversized_handshake_is_canceled_as_aspnet_says() {
+        let error = HandshakeError::from(FrameError::TooLarge { size: 9, max: 8 });
+        assert_eq!(error.to_string(), "Handshake was canceled.");
+        assert!(matches!(
+            HandshakeError::from(FrameError::NotUtf8),
+            HandshakeError::Malformed(_)
         ));
     }
 

@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | nil, bool, str, array | null, bool, string, array | the same thing |
 //! | int (any width) | integer number, exactly | `u64`/`i64` hold every MessagePack int |
-//! | float 32/64 | number (`f64`); NaN and ±∞ become `null` | JSON has no NaN; `JSON.stringify` also writes `null` |
+//! | float 32/64 | number (`f64`), even when integral; NaN and ±∞ become `null` | JSON has no NaN; `JSON.stringify` also writes `null`. The JS client writes integers beyond 2^53 as float 64 |
 //! | map | object; integer keys become their decimal text | JSON keys are strings |
 //! | bin | string, standard base64 with padding | how ASP.NET's JSON protocol writes `byte[]` |
 //! | timestamp (ext −1) | ISO-8601 UTC string, `2024-01-02T03:04:05.678Z` (more digits only if needed) | what `JSON.stringify(date)` gives, so a JS `Date` reads the same in both protocols |
@@ -414,7 +414,9 @@ impl Items {
     }
 
     /// Checks the length, then takes and checks the headers map (`HubProtocol.md`,
-    /// "MessagePack Headers Encoding": string keys and string values).
+    /// "MessagePack Headers Encoding": string keys and string values). Nil stands for no
+    /// headers and nil values are allowed, as ASP.NET's reader reads them as null strings:
+    /// pysignalr writes nil headers.
     fn headers(&mut self, name: &'static str, needed: usize) -> Result<(), MsgPackError> {
         self.require(name, needed)?;
         let wrong = MsgPackError::WrongType {
@@ -422,10 +424,11 @@ impl Items {
             expected: "a map of strings to strings",
         };
         match self.next() {
+            Some(Mp::Nil) => Ok(()),
             Some(Mp::Map(pairs))
                 if pairs
                     .iter()
-                    .all(|(key, value)| key.is_str() && value.is_str()) =>
+                    .all(|(key, value)| key.is_str() && (value.is_str() || value.is_nil())) =>
             {
                 Ok(())
             }
@@ -794,6 +797,33 @@ mod tests {
                 target: "Send".into(),
                 arguments: vec![json!("hi")],
                 stream_ids: vec![],
+            }
+        );
+    }
+
+    #[test]
+    fn nil_headers_as_pysignalr_writes_them_are_no_headers() {
+        // pysignalr 1.3: `[1, nil, "id", "Send", ["hi"]]`
+        let body = [
+            0x95, 0x01, 0xc0, 0xa2, b'i', b'd', 0xa4, b'S', b'e', b'n', b'd', 0x91, 0xa2, b'h',
+            b'i',
+        ];
+        assert_eq!(
+            parsed(&body),
+            HubMessage::Invocation {
+                invocation_id: Some("id".into()),
+                target: "Send".into(),
+                arguments: vec![json!("hi")],
+                stream_ids: vec![],
+            }
+        );
+        // A header with a nil value.
+        let body = [0x94, 0x02, 0x81, 0xa1, b'k', 0xc0, 0xa1, b'1', 0x2a];
+        assert_eq!(
+            parsed(&body),
+            HubMessage::StreamItem {
+                invocation_id: "1".into(),
+                item: json!(42),
             }
         );
     }
