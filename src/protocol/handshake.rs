@@ -1,9 +1,10 @@
 //! The handshake: the first record a client sends on every connection, and the server's
 //! reply (`HubProtocol.md`, "Overview"; ASP.NET `HandshakeProtocol.cs`).
 //!
-//! The reply to a good request is `{}`; to a bad one `{"error":"…"}`, after which the
-//! server closes. The reply must not contain `type`: the JS client would take it for a
-//! hub message and fail the start.
+//! The request and the reply are JSON records ended by 0x1E whichever hub protocol is
+//! chosen, MessagePack included. The reply to a good request is `{}`; to a bad one
+//! `{"error":"…"}`, after which the server closes. The reply must not contain `type`: the
+//! JS client would take it for a hub message and fail the start.
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -162,7 +163,18 @@ pub fn success_reply() -> Bytes {
 
 /// The framed reply to a refused handshake.
 pub fn error_reply(error: &HandshakeError) -> Bytes {
-    frame(&json!({ "error": error.to_string() }).to_string())
+    error_reply_detailed(error, false)
+}
+
+/// The framed reply to a refused handshake, with [`HandshakeError::detailed`] text when
+/// the server enables detailed errors (ASP.NET's `EnableDetailedErrors`).
+pub fn error_reply_detailed(error: &HandshakeError, detailed: bool) -> Bytes {
+    let text = if detailed {
+        error.detailed()
+    } else {
+        error.to_string()
+    };
+    frame(&json!({ "error": text }).to_string())
 }
 
 #[cfg(test)]
@@ -254,6 +266,19 @@ mod tests {
             HandshakeError::from(FrameError::NotUtf8),
             HandshakeError::Malformed(_)
         ));
+    }
+
+    #[test]
+    fn detailed_replies_are_only_sent_when_asked_for() {
+        let error = HandshakeError::Malformed("EOF".into());
+        assert_eq!(
+            &error_reply(&error)[..],
+            b"{\"error\":\"An unexpected error occurred during connection handshake.\"}\x1e"
+        );
+        assert_eq!(
+            &error_reply_detailed(&error, true)[..],
+            &b"{\"error\":\"An unexpected error occurred during connection handshake. InvalidDataException: EOF\"}\x1e"[..]
+        );
     }
 
     #[test]
