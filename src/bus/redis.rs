@@ -44,6 +44,8 @@ use crate::protocol::token::{ConnectionId, InstanceId};
 
 /// Messages waiting to be published while Redis is slow or away.
 const PUBLISH_QUEUE: usize = 8192;
+/// Most messages sent to Redis in one pipeline.
+const PUBLISH_BATCH: usize = 256;
 /// Messages received and not yet taken by the hub host; past this, reading from Redis
 /// waits.
 const INBOUND_QUEUE: usize = 8192;
@@ -407,17 +409,30 @@ impl RedisBus {
             };
             shared.publishing.store(true, Ordering::Relaxed);
             backoff = MIN_BACKOFF;
-            while let Some((channel, payload)) = queue.recv().await {
-                let mut command = redis::cmd("PUBLISH");
-                command.arg(&channel).arg(payload.as_ref());
-                let publish = command.query_async::<i64>(&mut connection);
+            let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+            while queue.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+                // Whatever is queued goes in one pipeline: one round trip to Redis for
+                // many messages, still published in queue order (Redis runs a
+                // connection's commands in order).
+                let mut pipeline = redis::pipe();
+                for (channel, payload) in &batch {
+                    pipeline
+                        .cmd("PUBLISH")
+                        .arg(channel)
+                        .arg(payload.as_ref())
+                        .ignore();
+                }
+                let publish = pipeline.query_async::<()>(&mut connection);
                 let result = match tokio::time::timeout(REDIS_TIMEOUT, publish).await {
                     Ok(result) => result.map_err(|e| e.to_string()),
                     Err(_) => Err("timed out".to_owned()),
                 };
-                shared.metrics.backplane_published(result.is_ok());
+                for _ in &batch {
+                    shared.metrics.backplane_published(result.is_ok());
+                }
+                batch.clear();
                 if let Err(error) = result {
-                    log::warn!("bus: publish to {channel} failed ({error}); reconnecting");
+                    log::warn!("bus: publishing failed ({error}); reconnecting");
                     break;
                 }
             }
