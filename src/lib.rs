@@ -3,53 +3,109 @@
 //! A SignalR-compatible real-time server on actix-web that runs any number of instances
 //! behind a plain round-robin load balancer, with no sticky sessions.
 //!
-//! ## The way of a request
+//! ## Writing an application
 //!
-//! ```text
-//! http          negotiate · {hub} GET/POST/DELETE · /healthz · /metrics · static files
-//!  └ routing    is the connection here? if not: adopt, go direct, or re-forward
-//!     ├ forwarding   awc: HTTP, event streams and WebSockets relayed to the owner
-//!     └ transport    WebSockets · Server-Sent Events · Long Polling (move records only)
-//!        └ connection     one client's state; its session runs handshake, pings, hub calls
-//!           └ hub         the application's methods (chat: the demo's hub)
-//!              └ clients  All / Others / Caller / Client / Group / User
-//!                 └ backplane   in-process (one instance) or Redis pub/sub
-//! protocol      pure: negotiate JSON, handshake, hub messages, 0x1E framing, tokens
+//! Declare hubs, mount them on an [`App`], build it and run it. A method is an async
+//! closure or function taking the caller's [`HubContext`], optionally the hub's
+//! [`State`], and its arguments as a tuple:
+//!
+//! ```no_run
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use clap::Parser;
+//! use stickless::{App, Hub, HubContext, HubError, Settings, State};
+//!
+//! #[derive(Default)]
+//! struct Likes(AtomicU64);
+//!
+//! async fn like(
+//!     ctx: HubContext,
+//!     State(likes): State<Likes>,
+//!     (what,): (String,),
+//! ) -> Result<u64, HubError> {
+//!     let total = likes.0.fetch_add(1, Ordering::Relaxed) + 1;
+//!     ctx.clients().others().send("Liked", (what, total)).await?;
+//!     Ok(total)
+//! }
+//!
+//! #[actix_web::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let likes = Hub::builder("likes")
+//!         .state(Likes::default())
+//!         .method("Like", like)
+//!         .method("Echo", |_ctx: HubContext, (text,): (String,)| async move {
+//!             Ok::<_, HubError>(text)
+//!         });
+//!     // Every setting is an environment variable and a --flag (README, "Configuration").
+//!     let app = App::new(Settings::parse()).hub("/likes", likes).build().await?;
+//!     app.run_until_stopped().await?;
+//!     Ok(())
+//! }
 //! ```
 //!
+//! A handler that takes a `State<S>` the hub was not given fails [`App::build`] with a
+//! [`BuildError`], before any client connects. The demo's hubs ([`demo::chat`],
+//! [`demo::notifications`]) are the examples to copy.
+//!
+//! ## The way of a request (the modules, top to bottom)
+//!
+//! Data flows down, never back up; no module imports one above it.
+//!
+//! ```text
+//! app            App: mounts hubs, each at its own path (main.rs picks the demo)
+//! http           {hub}/negotiate · {hub} GET/POST/DELETE per hub · /healthz · /metrics
+//!  └ routing     is the connection here? if not: adopt, go direct, or re-forward
+//!     ├ forwarding   awc: HTTP, event streams and WebSockets relayed to the owner
+//!     └ transport    WebSockets · Server-Sent Events · Long Polling (move records only)
+//!        └ connection     one client's state; its session moves messages to the host
+//!           └ hub         declaring methods and state; hub::host: dispatch, one per hub
+//!              └ clients  All / Others / Caller / Client / Group / User; local delivery
+//!                 └ bus   the backplane: in-process or Redis pub/sub; bus::peers: discovery
+//! outbox         a connection's bounded queue: the one push path, counted
+//! protocol       pure: negotiate JSON, handshake, hub messages, 0x1E framing, tokens
+//! ```
+//!
+//! - `app` ([`App`]): the builder; `startup` ([`Application`], [`AppHandle`]): run and
+//!   stop; [`config`] ([`Settings`]): every setting.
+//! - `http`: the routes of every hub and the mapping of errors to what the SignalR
+//!   client expects.
+//! - `routing`: the one decision of where a request for a connection goes;
+//!   `forwarding`: carries misrouted requests to the owning instance.
+//! - `transport`: WebSockets, Server-Sent Events and Long Polling.
+//! - `connection`: connections, their registry and their sessions.
+//! - `hub`: [`Hub`], [`HubBuilder`], [`HubContext`], [`State`], [`HubError`]; `hub::host`
+//!   turns invocations into Completions, streams and errors, and drains the hub's bus.
+//! - `clients` ([`Clients`], [`Groups`]): who receives a message.
+//! - `bus`: carries messages between instances; owns its addressing types; peer
+//!   discovery (advertised URLs) is its own component.
+//! - `outbox`, `metrics`: the outbound queue, the counters.
 //! - [`protocol`]: the SignalR wire format, pure and unit-tested.
-//! - [`http`]: the routes and the mapping of errors to what the SignalR client expects.
-//! - [`routing`]: the one decision of where a request for a connection goes.
-//! - [`forwarding`]: carries misrouted requests to the owning instance.
-//! - [`transport`]: WebSockets, Server-Sent Events and Long Polling.
-//! - [`connection`]: connections, their registry and their protocol sessions.
-//! - [`outbox`]: a connection's bounded outbound queue and close signal.
-//! - [`hub`]: declaring hub methods, and the context they run in.
-//! - [`chat`]: the demo's hub — the module a template user edits.
-//! - [`clients`]: who receives a message, and local delivery.
-//! - [`bus`]: the backplane, carrying messages between instances; [`bus::peers`]: discovery.
-//! - [`metrics`], [`config`], [`startup`]: counters, settings, start and stop.
+//! - [`demo`]: the demo's hubs — the module a template user replaces.
 //! - [`devcluster`]: redis-server, N instances and nginx on loopback, for tests and demos.
 
-pub mod app;
-pub mod bus;
-pub mod clients;
+pub(crate) mod app;
+pub(crate) mod bus;
+pub(crate) mod clients;
 pub mod config;
-pub mod connection;
+pub(crate) mod connection;
 pub mod demo;
 pub mod devcluster;
-pub mod forwarding;
-pub mod http;
-pub mod hub;
-pub mod metrics;
-pub mod outbox;
+pub(crate) mod forwarding;
+pub(crate) mod http;
+pub(crate) mod hub;
+pub(crate) mod metrics;
+pub(crate) mod outbox;
 pub mod protocol;
-pub mod routing;
+pub(crate) mod routing;
 pub mod startup;
-pub mod transport;
+pub(crate) mod transport;
 
 pub use app::App;
-pub use clients::{Clients, Groups};
+pub use clients::{Clients, Groups, SendError, Target};
 pub use config::Settings;
-pub use hub::{BuildError, Hub, HubBuilder, HubContext, HubError};
+pub use hub::{
+    BuildError, HookHandler, Hub, HubBuilder, HubContext, HubError, MethodHandler, State,
+    StreamHandler,
+};
+pub use protocol::negotiate::TransportKind;
+pub use protocol::token::{ConnectionId, InstanceId};
 pub use startup::{AppHandle, Application, StartError};

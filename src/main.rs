@@ -1,4 +1,4 @@
-//! The `stickless` server: the chat demo on one instance by default, or one instance of
+//! The `stickless` server: the demo's hubs on one instance by default, or one instance of
 //! a cluster when `REDIS_URL`, `LOAD_BALANCER_URL` and `CLUSTER_SECRET` are set.
 
 use std::io::{Read, Write};
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use stickless::{demo, Settings};
+use stickless::{demo, App, Settings};
 
 /// Command line: the settings, plus the container health check.
 #[derive(Parser)]
@@ -89,8 +89,11 @@ async fn main() -> anyhow::Result<()> {
         .format_timestamp_millis()
         .init();
     let listen = settings.listen_addr;
-    // The demo is chosen here: mount your own hubs instead (see the README).
-    let app = demo::app(settings)
+    // The application is chosen here: mount your own hubs (see the README).
+    let app = App::new(settings)
+        .hub("/chat", demo::chat::hub())
+        .hub("/notifications", demo::notifications::hub())
+        .user_id(demo::user_id)
         .build()
         .await
         .context("stickless could not start")?;

@@ -263,11 +263,6 @@ impl Connections {
             .len()
     }
 
-    /// Whether no connection is registered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Asks every connection to close, e.g. with a Close message at shutdown.
     pub fn close_all(&self, closing: Closing) {
         let all: Vec<Arc<Connection>> = self

@@ -1,17 +1,21 @@
-//! The chat demo's hub: the one module a template user edits to build their own app.
+//! The chat demo's hub: the example a template user copies to build their own.
+//!
+//! A method is one closure: it takes the caller's [`HubContext`], optionally the hub's
+//! [`State`] (here the display names), and its arguments as a tuple; it returns a value
+//! for the caller or a [`HubError`] whose text the caller sees.
 //!
 //! Its contract (methods, events, payloads) is documented in `docs/chat-hub.md`; the
 //! chat page in `static/` and the interop tests are written against it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::Stream;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::hub::{Hub, HubBuilder, HubContext, HubError};
-use crate::protocol::token::ConnectionId;
+use crate::{ConnectionId, Hub, HubBuilder, HubContext, HubError, State};
 
 /// Longest display name, in characters.
 pub(crate) const MAX_NAME: usize = 32;
@@ -147,35 +151,12 @@ fn presence<'a>(
     }
 }
 
-/// The chat hub.
+/// The chat hub: its methods, each an async function (or a closure) below.
 pub fn hub() -> HubBuilder {
-    let names = Arc::new(Names::default());
-    let n = || names.clone();
     Hub::builder("chat")
-        .on_connected({
-            let names = n();
-            move |ctx: HubContext| {
-                let names = names.clone();
-                async move {
-                    let event = presence(&ctx, "joined", names.get(&ctx), None);
-                    if let Err(error) = ctx.clients().others().send("Presence", (event,)).await {
-                        log::warn!("presence not sent: {error}");
-                    }
-                }
-            }
-        })
-        .on_disconnected({
-            let names = n();
-            move |ctx: HubContext| {
-                let names = names.clone();
-                async move {
-                    let event = presence(&ctx, "left", names.forget(&ctx), None);
-                    if let Err(error) = ctx.clients().others().send("Presence", (event,)).await {
-                        log::warn!("presence not sent: {error}");
-                    }
-                }
-            }
-        })
+        .state(Names::default())
+        .on_connected(joined)
+        .on_disconnected(left)
         .method(
             "Send",
             |ctx: HubContext, (message,): (String,)| async move {
@@ -190,126 +171,160 @@ pub fn hub() -> HubBuilder {
                 "transport": ctx.transport.name(),
             }))
         })
-        .method("SetName", {
-            let names = n();
-            move |ctx: HubContext, (name,): (String,)| {
-                let names = names.clone();
-                async move {
-                    let name = clean(&name, "name", MAX_NAME)?;
-                    names.set(&ctx, name.clone());
-                    let event = presence(&ctx, "renamed", name.clone(), None);
-                    ctx.clients().others().send("Presence", (event,)).await?;
-                    Ok(name)
-                }
-            }
-        })
-        .method("SendMessage", {
-            let names = n();
-            move |ctx: HubContext, (text,): (String,)| {
-                let names = names.clone();
-                async move {
-                    let msg = message(&ctx, &names, text);
-                    ctx.clients().all().send("ReceiveMessage", (msg,)).await?;
-                    Ok(())
-                }
-            }
-        })
-        .method("JoinRoom", {
-            let names = n();
-            move |ctx: HubContext, (room,): (String,)| {
-                let names = names.clone();
-                async move {
-                    let room = clean(&room, "room name", MAX_ROOM)?;
-                    ctx.groups().add(ctx.connection_id.as_str(), &room).await;
-                    let event = presence(&ctx, "joinedRoom", names.get(&ctx), Some(room.clone()));
-                    ctx.clients()
-                        .group(&room)
-                        .send("Presence", (event,))
-                        .await?;
-                    Ok(room)
-                }
-            }
-        })
-        .method("LeaveRoom", {
-            let names = n();
-            move |ctx: HubContext, (room,): (String,)| {
-                let names = names.clone();
-                async move {
-                    let room = clean(&room, "room name", MAX_ROOM)?;
-                    ctx.groups().remove(ctx.connection_id.as_str(), &room).await;
-                    let event = presence(&ctx, "leftRoom", names.get(&ctx), Some(room.clone()));
-                    ctx.clients()
-                        .group(&room)
-                        .send("Presence", (event,))
-                        .await?;
-                    Ok(room)
-                }
-            }
-        })
-        .method("SendToRoom", {
-            let names = n();
-            move |ctx: HubContext, (room, text): (String, String)| {
-                let names = names.clone();
-                async move {
-                    let room = clean(&room, "room name", MAX_ROOM)?;
-                    let mut msg = message(&ctx, &names, text);
-                    msg.room = Some(room.clone());
-                    ctx.clients()
-                        .group(&room)
-                        .send("ReceiveMessage", (msg,))
-                        .await?;
-                    Ok(())
-                }
-            }
-        })
-        .method("SendTo", {
-            let names = n();
-            move |ctx: HubContext, (connection_id, text): (String, String)| {
-                let names = names.clone();
-                async move {
-                    let mut msg = message(&ctx, &names, text);
-                    msg.to = Some(connection_id.clone());
-                    ctx.clients()
-                        .client(&connection_id)
-                        .send("ReceiveMessage", (msg,))
-                        .await?;
-                    Ok(())
-                }
-            }
-        })
-        .method("SendToUser", {
-            let names = n();
-            move |ctx: HubContext, (user, text): (String, String)| {
-                let names = names.clone();
-                async move {
-                    let mut msg = message(&ctx, &names, text);
-                    msg.to_user = Some(user.clone());
-                    ctx.clients()
-                        .user(&user)
-                        .send("ReceiveMessage", (msg,))
-                        .await?;
-                    Ok(())
-                }
-            }
-        })
-        .stream(
-            "Counter",
-            |_ctx: HubContext, (count, delay_ms): (u32, u64)| {
-                if count > MAX_COUNT || delay_ms > MAX_DELAY_MS {
-                    return Err(HubError::new(format!(
-                    "Counter takes at most {MAX_COUNT} items and {MAX_DELAY_MS} ms between them."
-                )));
-                }
-                let delay = Duration::from_millis(delay_ms);
-                Ok(futures_util::stream::unfold(0u32, move |i| async move {
-                    if i >= count {
-                        return None;
-                    }
-                    if i > 0 && !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    Some((i, i + 1))
-                }))
-            },
-        )
+        .method("SetName", set_name)
+        .method("SendMessage", send_message)
+        .method("JoinRoom", join_room)
+        .method("LeaveRoom", leave_room)
+        .method("SendToRoom", send_to_room)
+        .method("SendTo", send_to)
+        .method("SendToUser", send_to_user)
+        .stream("Counter", counter)
+}
+
+/// A connection started: everybody else hears it joined.
+async fn joined(ctx: HubContext, State(names): State<Names>) {
+    tell_others(&ctx, presence(&ctx, "joined", names.get(&ctx), None)).await;
+}
+
+/// A connection ended: everybody else hears it left.
+async fn left(ctx: HubContext, State(names): State<Names>) {
+    tell_others(&ctx, presence(&ctx, "left", names.forget(&ctx), None)).await;
+}
+
+/// `SetName(name)`: renames the caller; everybody else hears of it.
+async fn set_name(
+    ctx: HubContext,
+    State(names): State<Names>,
+    (name,): (String,),
+) -> Result<String, HubError> {
+    let name = clean(&name, "name", MAX_NAME)?;
+    names.set(&ctx, name.clone());
+    let event = presence(&ctx, "renamed", name.clone(), None);
+    ctx.clients().others().send("Presence", (event,)).await?;
+    Ok(name)
+}
+
+/// `SendMessage(text)`: a chat message to everybody.
+async fn send_message(
+    ctx: HubContext,
+    State(names): State<Names>,
+    (text,): (String,),
+) -> Result<(), HubError> {
+    let msg = message(&ctx, &names, text);
+    ctx.clients().all().send("ReceiveMessage", (msg,)).await?;
+    Ok(())
+}
+
+/// `JoinRoom(room)`: the caller joins the room's group; its members hear of it.
+async fn join_room(
+    ctx: HubContext,
+    State(names): State<Names>,
+    (room,): (String,),
+) -> Result<String, HubError> {
+    let room = clean(&room, "room name", MAX_ROOM)?;
+    ctx.groups().add(ctx.connection_id.as_str(), &room).await;
+    let event = presence(&ctx, "joinedRoom", names.get(&ctx), Some(room.clone()));
+    ctx.clients()
+        .group(&room)
+        .send("Presence", (event,))
+        .await?;
+    Ok(room)
+}
+
+/// `LeaveRoom(room)`: the caller leaves the room; the members left hear of it.
+async fn leave_room(
+    ctx: HubContext,
+    State(names): State<Names>,
+    (room,): (String,),
+) -> Result<String, HubError> {
+    let room = clean(&room, "room name", MAX_ROOM)?;
+    ctx.groups().remove(ctx.connection_id.as_str(), &room).await;
+    let event = presence(&ctx, "leftRoom", names.get(&ctx), Some(room.clone()));
+    ctx.clients()
+        .group(&room)
+        .send("Presence", (event,))
+        .await?;
+    Ok(room)
+}
+
+/// `SendToRoom(room, text)`: a chat message to the room's members, on every instance.
+async fn send_to_room(
+    ctx: HubContext,
+    State(names): State<Names>,
+    (room, text): (String, String),
+) -> Result<(), HubError> {
+    let room = clean(&room, "room name", MAX_ROOM)?;
+    let msg = ChatMessage {
+        room: Some(room.clone()),
+        ..message(&ctx, &names, text)
+    };
+    ctx.clients()
+        .group(&room)
+        .send("ReceiveMessage", (msg,))
+        .await?;
+    Ok(())
+}
+
+/// `SendTo(connectionId, text)`: a chat message to one connection, wherever it is.
+async fn send_to(
+    ctx: HubContext,
+    State(names): State<Names>,
+    (to, text): (String, String),
+) -> Result<(), HubError> {
+    let msg = ChatMessage {
+        to: Some(to.clone()),
+        ..message(&ctx, &names, text)
+    };
+    ctx.clients()
+        .client(&to)
+        .send("ReceiveMessage", (msg,))
+        .await?;
+    Ok(())
+}
+
+/// `SendToUser(user, text)`: a chat message to every connection of a user.
+async fn send_to_user(
+    ctx: HubContext,
+    State(names): State<Names>,
+    (user, text): (String, String),
+) -> Result<(), HubError> {
+    let msg = ChatMessage {
+        to_user: Some(user.clone()),
+        ..message(&ctx, &names, text)
+    };
+    ctx.clients()
+        .user(&user)
+        .send("ReceiveMessage", (msg,))
+        .await?;
+    Ok(())
+}
+
+/// `Counter(count, delayMs)`, a stream: `0 … count-1`, one every `delayMs`.
+fn counter(
+    _ctx: HubContext,
+    (count, delay_ms): (u32, u64),
+) -> Result<impl Stream<Item = u32>, HubError> {
+    if count > MAX_COUNT || delay_ms > MAX_DELAY_MS {
+        return Err(HubError::new(format!(
+            "Counter takes at most {MAX_COUNT} items and {MAX_DELAY_MS} ms between them."
+        )));
+    }
+    let delay = Duration::from_millis(delay_ms);
+    Ok(futures_util::stream::unfold(0u32, move |i| async move {
+        if i >= count {
+            return None;
+        }
+        if i > 0 && !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Some((i, i + 1))
+    }))
+}
+
+/// Tells everybody else about a connection coming or going; a hook has nobody to report
+/// a failure to, so it is logged.
+async fn tell_others(ctx: &HubContext, event: Presence<'_>) {
+    if let Err(error) = ctx.clients().others().send("Presence", (event,)).await {
+        log::warn!("presence not sent: {error}");
+    }
 }

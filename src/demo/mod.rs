@@ -1,20 +1,24 @@
-//! The demo application: the hubs a template user replaces with their own, and the one
-//! function that mounts them ([`app`]). `main.rs` chooses this demo; nothing in the
-//! infrastructure imports it.
+//! The demo application: the hubs a template user replaces with their own. `main.rs`
+//! mounts them; nothing in the infrastructure imports this module.
 //!
-//! - [`chat`]: the chat page's hub at `/chat`.
+//! - [`chat`]: the chat page's hub at `/chat`;
+//! - [`notifications`]: topics and notifications at `/notifications`.
 
 pub mod chat;
+pub mod notifications;
 
 use actix_web::http::header::AUTHORIZATION;
 use actix_web::HttpRequest;
 
 use crate::{App, Settings};
 
-/// The demo: the chat hub at `/chat`, users named by their bearer token.
+/// The demo as `main.rs` mounts it — the chat hub at `/chat` and the notifications hub
+/// at `/notifications`, users named by their bearer token — for tests that start it in
+/// process.
 pub fn app(settings: Settings) -> App {
     App::new(settings)
         .hub("/chat", chat::hub())
+        .hub("/notifications", notifications::hub())
         .user_id(user_id)
 }
 

@@ -74,11 +74,6 @@ impl HubHost {
         }
     }
 
-    /// The hosted hub.
-    pub fn hub(&self) -> &Hub {
-        &self.hub
-    }
-
     /// The hub's bus, for health.
     pub fn bus(&self) -> &Arc<dyn Bus> {
         &self.bus

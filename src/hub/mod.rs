@@ -5,7 +5,7 @@
 //! the result is serialized back, so a method is an ordinary async closure:
 //!
 //! ```
-//! use stickless::hub::{Hub, HubContext, HubError};
+//! use stickless::{Hub, HubContext, HubError};
 //!
 //! let hub = Hub::builder("chat")
 //!     .method("Echo", |_ctx: HubContext, (text,): (String,)| async move {
@@ -17,24 +17,24 @@
 //!     })
 //!     .build()?;
 //! assert!(hub.has_method("echo")); // names are matched ignoring case, as ASP.NET does
-//! # Ok::<(), stickless::hub::BuildError>(())
+//! # Ok::<(), stickless::BuildError>(())
 //! ```
 //!
 //! The hub knows nothing of transports or routing: it sees a [`HubContext`] and returns
 //! values. Its [`host::HubHost`] turns invocations into Completions, streams and errors.
 
+mod handler;
 pub mod host;
 
+use handler::{Bound, States};
+pub use handler::{HookHandler, MethodHandler, State, StreamHandler};
+
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 
 use actix_web::HttpRequest;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
-use futures_util::{FutureExt, Stream, StreamExt};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use serde_json::Value;
 
 use crate::clients::{Clients, Groups, SendError};
@@ -55,6 +55,16 @@ pub enum HubError {
 /// A hub is declared wrongly; found when it is built, before any client connects.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BuildError {
+    /// A handler takes a `State<S>` the hub was not given with `.state(…)`.
+    #[error("in hub {hub:?}, {handler} takes State<{state}>, but the hub has no such state: add .state(…) to Hub::builder({hub:?})")]
+    MissingState {
+        /// The hub.
+        hub: String,
+        /// The method or hook.
+        handler: String,
+        /// The state's type.
+        state: &'static str,
+    },
     /// Two methods whose names differ only in case (clients match names ignoring case).
     #[error("hub {hub:?} declares the method {method:?} twice")]
     DuplicateMethod {
@@ -77,7 +87,7 @@ impl HubError {
 pub struct HubContext {
     /// The caller's connection id.
     pub connection_id: ConnectionId,
-    /// The caller's user id, from the [`UserIdProvider`].
+    /// The caller's user id, from the application's user hook ([`crate::App::user_id`]).
     pub user: Option<String>,
     /// The transport the caller uses.
     pub transport: TransportKind,
@@ -108,18 +118,21 @@ type UnaryFn = Arc<
 type StreamFn = Arc<
     dyn Fn(HubContext, Vec<Value>) -> Result<BoxStream<'static, Value>, HubError> + Send + Sync,
 >;
-type LifecycleFn = Arc<dyn Fn(HubContext) -> BoxFuture<'static, ()> + Send + Sync>;
+/// A bound connect or disconnect hook.
+#[doc(hidden)]
+pub type LifecycleFn = Arc<dyn Fn(HubContext) -> BoxFuture<'static, ()> + Send + Sync>;
 
-/// A registered method.
+/// A registered method, bound to its state (public only for the handler traits).
+#[doc(hidden)]
 #[derive(Clone)]
-pub(crate) enum Method {
+pub enum Method {
     /// Returns one value (or nothing).
     Unary(UnaryFn),
     /// Returns a stream of items.
     Stream(StreamFn),
 }
 
-/// A hub: named methods plus connect and disconnect hooks.
+/// A hub: named methods plus connect and disconnect hooks, bound to their state.
 pub struct Hub {
     name: String,
     methods: HashMap<String, (String, Method)>,
@@ -127,131 +140,117 @@ pub struct Hub {
     on_disconnected: Option<LifecycleFn>,
 }
 
-/// Binds an invocation's arguments to `A`. Zero arguments bind to `()`; otherwise the
-/// array binds to a tuple (or a `Vec`), so a wrong count is an error, as in ASP.NET.
-fn bind<A: DeserializeOwned>(target: &str, args: Vec<Value>) -> Result<A, HubError> {
-    let count = args.len();
-    let bound = if count == 0 {
-        serde_json::from_value(Value::Null)
-            .or_else(|_| serde_json::from_value(Value::Array(vec![])))
-    } else {
-        serde_json::from_value(Value::Array(args))
-    };
-    bound.map_err(|error| {
-        HubError::new(format!(
-            "Failed to invoke '{target}' due to an error on the server. InvalidDataException: Invocation provides {count} argument(s) that do not match the method: {error}"
-        ))
-    })
-}
+/// Binds a handler once the hub's states are known.
+type Binder<T> = Box<dyn FnOnce(&States) -> Result<Bound<T>, &'static str> + Send>;
 
-/// Declares a hub's methods.
+/// Declares a hub: its state, methods and hooks. Nothing is checked until
+/// [`HubBuilder::build`] (which [`crate::App::build`] calls), so the order of the calls
+/// does not matter.
 pub struct HubBuilder {
-    hub: Hub,
-    duplicates: Vec<String>,
+    name: String,
+    states: States,
+    methods: Vec<(String, Binder<Method>)>,
+    on_connected: Option<Binder<LifecycleFn>>,
+    on_disconnected: Option<Binder<LifecycleFn>>,
 }
 
 impl HubBuilder {
-    /// Adds a method returning one value; `()` makes it void.
-    pub fn method<A, R, F, Fut>(self, name: &str, method: F) -> Self
-    where
-        A: DeserializeOwned + Send + 'static,
-        R: Serialize + 'static,
-        F: Fn(HubContext, A) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<R, HubError>> + Send + 'static,
-    {
-        let target = name.to_owned();
-        let call: UnaryFn = Arc::new(move |ctx, args| match bind::<A>(&target, args) {
-            Ok(args) => method(ctx, args)
-                .map(|result| {
-                    result.and_then(|value| {
-                        serde_json::to_value(value)
-                            .map_err(|e| HubError::Send(SendError::Arguments(e)))
-                    })
-                })
-                .boxed(),
-            Err(error) => futures_util::future::ready(Err(error)).boxed(),
-        });
-        self.insert(name, Method::Unary(call))
+    /// Gives the hub's handlers a state of type `S`, which they take as a [`State<S>`]
+    /// argument. One state per type: a second of the same type replaces the first.
+    pub fn state<S: Send + Sync + 'static>(mut self, state: S) -> Self {
+        self.states.insert(state);
+        self
     }
 
-    /// Adds a method that streams items to the caller (`connection.stream(...)`).
-    pub fn stream<A, T, F, S>(self, name: &str, method: F) -> Self
-    where
-        A: DeserializeOwned + Send + 'static,
-        T: Serialize + 'static,
-        F: Fn(HubContext, A) -> Result<S, HubError> + Send + Sync + 'static,
-        S: Stream<Item = T> + Send + 'static,
-    {
+    /// Adds a method returning one value; `()` makes it void. See [`MethodHandler`] for
+    /// the shapes a handler may have.
+    pub fn method<M>(mut self, name: &str, handler: impl MethodHandler<M>) -> Self {
         let target = name.to_owned();
-        let call: StreamFn = Arc::new(move |ctx, args| {
-            let args = bind::<A>(&target, args)?;
-            let items = method(ctx, args)?;
-            Ok(items
-                .map(|item| serde_json::to_value(item).unwrap_or(Value::Null))
-                .boxed())
-        });
-        self.insert(name, Method::Stream(call))
+        let binder: Binder<Method> = Box::new(move |states| handler.bind(&target, states));
+        self.methods.push((name.to_owned(), binder));
+        self
+    }
+
+    /// Adds a method that streams items to the caller (`connection.stream(...)`). See
+    /// [`StreamHandler`] for the shapes a handler may have.
+    pub fn stream<M>(mut self, name: &str, handler: impl StreamHandler<M>) -> Self {
+        let target = name.to_owned();
+        let binder: Binder<Method> = Box::new(move |states| handler.bind(&target, states));
+        self.methods.push((name.to_owned(), binder));
+        self
     }
 
     /// Runs when a connection has completed its handshake.
-    pub fn on_connected<F, Fut>(mut self, hook: F) -> Self
-    where
-        F: Fn(HubContext) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        self.hub.on_connected = Some(Arc::new(move |ctx| hook(ctx).boxed()));
+    pub fn on_connected<M>(mut self, hook: impl HookHandler<M>) -> Self {
+        self.on_connected = Some(Box::new(move |states| hook.bind(states)));
         self
     }
 
     /// Runs when a connection has ended, for whatever reason.
-    pub fn on_disconnected<F, Fut>(mut self, hook: F) -> Self
-    where
-        F: Fn(HubContext) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        self.hub.on_disconnected = Some(Arc::new(move |ctx| hook(ctx).boxed()));
-        self
-    }
-
-    fn insert(mut self, name: &str, method: Method) -> Self {
-        let previous = self
-            .hub
-            .methods
-            .insert(name.to_lowercase(), (name.to_owned(), method));
-        if previous.is_some() {
-            self.duplicates.push(name.to_owned());
-        }
+    pub fn on_disconnected<M>(mut self, hook: impl HookHandler<M>) -> Self {
+        self.on_disconnected = Some(Box::new(move |states| hook.bind(states)));
         self
     }
 
     /// The hub's name.
     pub fn name(&self) -> &str {
-        &self.hub.name
+        &self.name
     }
 
-    /// The finished hub, once its declaration is checked.
+    /// The finished hub: every handler bound to its state. Fails on a handler that asks
+    /// for a state the hub was not given, or two methods of one name.
     pub fn build(self) -> Result<Hub, BuildError> {
-        if let Some(method) = self.duplicates.into_iter().next() {
-            return Err(BuildError::DuplicateMethod {
-                hub: self.hub.name,
-                method,
-            });
+        let Self {
+            name,
+            states,
+            methods,
+            on_connected,
+            on_disconnected,
+        } = self;
+        let missing = |handler: &str, state: &'static str| BuildError::MissingState {
+            hub: name.clone(),
+            handler: handler.to_owned(),
+            state,
+        };
+        let mut bound = HashMap::new();
+        for (method, binder) in methods {
+            let Bound(call) = binder(&states).map_err(|state| missing(&method, state))?;
+            if bound.contains_key(&method.to_lowercase()) {
+                return Err(BuildError::DuplicateMethod {
+                    hub: name.clone(),
+                    method,
+                });
+            }
+            bound.insert(method.to_lowercase(), (method, call));
         }
-        Ok(self.hub)
+        let hook = |binder: Option<Binder<LifecycleFn>>, which: &str| {
+            binder
+                .map(|binder| binder(&states).map(|Bound(hook)| hook))
+                .transpose()
+                .map_err(|state| missing(which, state))
+        };
+        let on_connected = hook(on_connected, "on_connected")?;
+        let on_disconnected = hook(on_disconnected, "on_disconnected")?;
+        Ok(Hub {
+            name,
+            methods: bound,
+            on_connected,
+            on_disconnected,
+        })
     }
 }
 
 impl Hub {
-    /// Starts declaring a hub; `name` is its path (`/chat`) and Redis channel namespace.
+    /// Starts declaring a hub; `name` names its bus channels (`stickless:<name>:…`) and
+    /// must be unique in the application. Its path is chosen when it is mounted
+    /// ([`crate::App::hub`]).
     pub fn builder(name: &str) -> HubBuilder {
         HubBuilder {
-            hub: Hub {
-                name: name.to_owned(),
-                methods: HashMap::new(),
-                on_connected: None,
-                on_disconnected: None,
-            },
-            duplicates: Vec::new(),
+            name: name.to_owned(),
+            states: States::default(),
+            methods: Vec::new(),
+            on_connected: None,
+            on_disconnected: None,
         }
     }
 
@@ -274,16 +273,119 @@ impl Hub {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use futures_util::StreamExt;
+
+    use super::host::{Caller, HubHost, Invoked};
     use super::*;
+    use crate::bus::InProcess;
+    use crate::protocol::message::{HubMessage, Outcome};
+
+    #[derive(Default)]
+    struct Count(AtomicU32);
+
+    struct Greeting(&'static str);
+
+    fn counter() -> HubBuilder {
+        Hub::builder("counter")
+            .method(
+                "Add",
+                |_ctx: HubContext, State(count): State<Count>, (n,): (u32,)| async move {
+                    Ok(count.0.fetch_add(n, Ordering::Relaxed) + n)
+                },
+            )
+            .stream(
+                "Repeat",
+                |_ctx: HubContext, State(greeting): State<Greeting>, (n,): (usize,)| {
+                    Ok(futures_util::stream::iter(vec![greeting.0; n]))
+                },
+            )
+            .on_connected(|_ctx: HubContext, State(count): State<Count>| async move {
+                count.0.fetch_add(100, Ordering::Relaxed);
+            })
+    }
+
+    /// Runs one invocation on `host` and returns the messages the caller gets.
+    async fn invoke(host: &HubHost, target: &str, arguments: Vec<Value>) -> Vec<HubMessage> {
+        let caller = Caller {
+            connection_id: ConnectionId::random(),
+            user: None,
+            transport: TransportKind::LongPolling,
+        };
+        let message = HubMessage::Invocation {
+            invocation_id: Some("1".into()),
+            target: target.into(),
+            arguments,
+            stream_ids: vec![],
+        };
+        match host.invoke(&host.context(&caller), message) {
+            Invoked::Done(reply) => reply.into_iter().collect(),
+            Invoked::Unary(running) => running.await.into_iter().collect(),
+            Invoked::Stream { messages, .. } => messages.collect().await,
+        }
+    }
+
+    fn result(value: u32) -> Vec<HubMessage> {
+        vec![HubMessage::Completion {
+            invocation_id: "1".into(),
+            outcome: Outcome::Result(Value::from(value)),
+        }]
+    }
+
+    #[tokio::test]
+    async fn handlers_share_the_state_the_hub_was_given() {
+        let hub = counter()
+            .state(Count::default())
+            .state(Greeting("hi"))
+            .build()
+            .unwrap();
+        let host = HubHost::new(hub, Arc::new(InProcess), InstanceId::parse("i").unwrap());
+        assert_eq!(invoke(&host, "Add", vec![Value::from(2)]).await, result(2));
+        assert_eq!(invoke(&host, "add", vec![Value::from(3)]).await, result(5));
+        let caller = Caller {
+            connection_id: ConnectionId::random(),
+            user: None,
+            transport: TransportKind::WebSockets,
+        };
+        let (outbox, _rx) = crate::outbox::tests::outbox(4);
+        host.connect(&caller, outbox).await;
+        assert_eq!(
+            invoke(&host, "Add", vec![Value::from(0)]).await,
+            result(105)
+        );
+    }
 
     #[test]
-    fn arguments_bind_to_tuples_and_unit() {
-        let one: (String,) = bind("m", vec![Value::from("x")]).unwrap();
-        assert_eq!(one.0, "x");
-        let () = bind("m", vec![]).unwrap();
-        let error = bind::<(String,)>("Send", vec![]).unwrap_err().to_string();
-        assert!(error.contains("Failed to invoke 'Send'"), "{error}");
-        assert!(bind::<(String,)>("m", vec![Value::from(1)]).is_err());
-        assert!(bind::<(String,)>("m", vec![Value::from("a"), Value::from("b")]).is_err());
+    fn a_missing_state_is_found_when_the_hub_is_built() {
+        let error = counter().state(Count::default()).build().err().unwrap();
+        assert_eq!(
+            error,
+            BuildError::MissingState {
+                hub: "counter".into(),
+                handler: "Repeat".into(),
+                state: std::any::type_name::<Greeting>(),
+            }
+        );
+        assert!(error.to_string().contains("Greeting"), "{error}");
+        let error = counter().state(Greeting("hi")).build().err().unwrap();
+        assert!(
+            matches!(&error, BuildError::MissingState { handler, .. } if handler == "Add"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn two_methods_of_one_name_are_refused() {
+        let error = Hub::builder("h")
+            .method("Go", |_ctx: HubContext, ()| async move { Ok(()) })
+            .method("go", |_ctx: HubContext, ()| async move { Ok(()) })
+            .build()
+            .err()
+            .unwrap();
+        assert!(
+            matches!(error, BuildError::DuplicateMethod { .. }),
+            "{error}"
+        );
     }
 }
