@@ -1,10 +1,13 @@
-//! Forwarding: moves a request to another instance and its answer back, over awc
-//! (DESIGN.md, "Layers"; modelled on actix/examples `http-proxy`).
+//! Forwarding: moves a request to another instance and its answer back — over awc
+//! (DESIGN.md, "Layers"; modelled on actix/examples `http-proxy`) or over the bus
+//! ([`relay`]).
 //!
 //! [`crate::routing`] decides *where*; this module only carries bytes, trying the owner's
-//! direct URL once and then the load balancer up to the attempt budget, until an instance
-//! answers with something other than 404. Every request it sends carries the signed probe
-//! marker, so the receiving instance serves or 404s it but never forwards it again.
+//! direct URL once, then the bus once, then the load balancer up to the attempt budget,
+//! until the owner answers. Every request it sends carries the signed probe marker, so
+//! the receiving instance serves or 404s it but never forwards it again. A 404 from the
+//! owner itself (direct, over the bus, or recognised by its `X-Stickless-Instance` through
+//! the balancer) is final: the connection is gone, and no more attempts are spent.
 //!
 //! - HTTP bodies are already buffered (within the body limit) so they can be replayed;
 //!   responses are buffered too, except event streams, which are relayed as they come.
@@ -12,6 +15,9 @@
 //! - WebSockets: the upstream socket is opened first, so a 404 upstream becomes a 404 to
 //!   the client instead of an accepted-then-closed socket; then frames flow both ways,
 //!   close codes and reasons pass through, and either side closing closes both.
+
+pub mod frame;
+pub mod relay;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +27,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason};
 use awc::error::WsClientError;
-use awc::ws::{Frame, Message};
+use awc::ws::{Frame as WsFrame, Message};
 use bytes::Bytes;
 use bytestring::ByteString;
 use futures_util::{SinkExt, StreamExt};
@@ -29,13 +35,16 @@ use futures_util::{SinkExt, StreamExt};
 use crate::metrics::{ForwardOutcome, Metrics};
 use crate::protocol::token::ClusterKey;
 use crate::routing::{ForwardPlan, RequestKind, PROBE_HEADER};
+use crate::startup::INSTANCE_HEADER;
+use frame::{Frame, Open};
+use relay::{Exchange, Opened, Relay};
 
 /// Time to open a TCP connection to an instance or the load balancer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time for an answer to a send, a delete or the start of an event stream.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Extra time a forwarded long poll gets beyond the poll timeout.
-const POLL_GRACE: Duration = Duration::from_secs(15);
+pub const POLL_GRACE: Duration = Duration::from_secs(15);
 /// Largest forwarded response read into memory (a poll batch is far smaller).
 const MAX_RESPONSE_BODY: usize = 8 * 1024 * 1024;
 /// Tells how many attempts a forwarded response took.
@@ -66,6 +75,12 @@ fn forwards_request_header(name: &HeaderName) -> bool {
         && !name.as_str().starts_with("sec-websocket-")
 }
 
+/// Whether a response header is copied back to the client (hop-by-hop ones are not, and
+/// the length is the relaying server's to set).
+pub(crate) fn relays_response_header(name: &HeaderName) -> bool {
+    !is_hop_by_hop(name) && name != CONTENT_LENGTH
+}
+
 /// Carries misrouted requests to their owner. One per worker thread: awc's client is
 /// not `Send`.
 pub struct Forwarder {
@@ -74,18 +89,50 @@ pub struct Forwarder {
     metrics: Arc<Metrics>,
     poll_timeout: Duration,
     max_frame_size: usize,
+    relay: Option<Arc<Relay>>,
 }
 
-/// The (base URL, mode label) pairs to try, in order.
-fn targets(plan: &ForwardPlan) -> Vec<(&str, &'static str)> {
-    let direct = plan.direct.iter().map(|url| (url.as_str(), "direct"));
+/// One attempt to reach the owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target<'a> {
+    /// An HTTP request to this base URL, counted under this mode.
+    Http(&'a str, &'static str),
+    /// A relay over the bus.
+    Bus,
+}
+
+/// The attempts to make, in order: direct once, the bus once, the balancer `attempts`
+/// times.
+fn targets(plan: &ForwardPlan) -> Vec<Target<'_>> {
+    let direct = plan
+        .direct
+        .iter()
+        .map(|url| Target::Http(url.as_str(), "direct"));
+    let bus = plan.bus.then_some(Target::Bus);
     let balanced = plan.load_balancer.iter().flat_map(|(url, attempts)| {
-        std::iter::repeat_n((url.as_str(), "load_balancer"), *attempts as usize)
+        std::iter::repeat_n(
+            Target::Http(url.as_str(), "load_balancer"),
+            *attempts as usize,
+        )
     });
-    direct.chain(balanced).collect()
+    direct.chain(bus).chain(balanced).collect()
 }
 
-fn now_secs() -> u64 {
+/// The request headers worth relaying, as the bus carries them.
+fn relayed_headers(req: &HttpRequest) -> Vec<(String, Bytes)> {
+    req.headers()
+        .iter()
+        .filter(|(name, _)| forwards_request_header(name))
+        .map(|(name, value)| {
+            (
+                name.as_str().to_owned(),
+                Bytes::copy_from_slice(value.as_bytes()),
+            )
+        })
+        .collect()
+}
+
+pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -98,6 +145,8 @@ struct Tally {
     attempts: u64,
     mode: &'static str,
     not_found: bool,
+    /// The owner itself said it does not hold the connection.
+    owner_said_gone: bool,
     failure: Option<String>,
 }
 
@@ -117,6 +166,7 @@ impl Forwarder {
         metrics: Arc<Metrics>,
         poll_timeout: Duration,
         max_frame_size: usize,
+        relay: Option<Arc<Relay>>,
     ) -> Self {
         let client = awc::Client::builder()
             .connector(awc::Connector::new().timeout(CONNECT_TIMEOUT))
@@ -130,6 +180,7 @@ impl Forwarder {
             metrics,
             poll_timeout,
             max_frame_size,
+            relay,
         }
     }
 
@@ -167,6 +218,18 @@ impl Forwarder {
 
     /// The answer when no instance served the request.
     fn exhausted(&self, kind: RequestKind, plan: &ForwardPlan, tally: Tally) -> HttpResponse {
+        if kind == RequestKind::Poll && plan.owner_alive && !tally.owner_said_gone {
+            // The owner is alive (its heartbeat is recent) and never said the connection
+            // is gone; only this poll failed to reach it. An empty 200 is what a poll that
+            // timed out gets, and the client simply polls again (LongPollingTransport.ts
+            // `_poll`: a 200 without content is "Poll timed out, reissuing"; only a 404
+            // or 204 ends the connection). So one unlucky poll does not kill the
+            // connection; the next one, sent at once, gets a fresh set of attempts.
+            self.finish(kind, plan, &tally, ForwardOutcome::Retried);
+            return HttpResponse::Ok()
+                .insert_header((ATTEMPTS_HEADER, tally.attempts.to_string()))
+                .finish();
+        }
         let (outcome, status, text) = if tally.not_found || tally.failure.is_none() {
             (
                 ForwardOutcome::NotFound,
@@ -201,7 +264,25 @@ impl Forwarder {
             _ => REQUEST_TIMEOUT,
         };
         let mut tally = Tally::default();
-        for (base, mode) in targets(plan) {
+        for target in targets(plan) {
+            let Target::Http(base, mode) = target else {
+                tally.begin("bus", &self.metrics);
+                match self.relay_http(req, body.clone(), plan, timeout).await {
+                    Relayed::Answered(response) => {
+                        self.finish(kind, plan, &tally, ForwardOutcome::Served);
+                        return response;
+                    }
+                    Relayed::Gone => {
+                        tally.not_found = true;
+                        tally.owner_said_gone = true;
+                        break;
+                    }
+                    Relayed::Failed(why) => {
+                        tally.failure = Some(why);
+                        continue;
+                    }
+                }
+            };
             tally.begin(mode, &self.metrics);
             let mut request = self
                 .client
@@ -221,7 +302,8 @@ impl Forwarder {
             match request.send_body(body.clone()).await {
                 Ok(response) if response.status() == StatusCode::NOT_FOUND => {
                     tally.not_found = true;
-                    if mode == "direct" {
+                    if mode == "direct" || answered_by(response.headers(), plan) {
+                        tally.owner_said_gone = true;
                         break; // The owner itself says the connection is gone.
                     }
                 }
@@ -270,7 +352,49 @@ impl Forwarder {
     ) -> Result<HttpResponse, actix_web::Error> {
         let kind = RequestKind::WebSocket;
         let mut tally = Tally::default();
-        for (base, mode) in targets(plan) {
+        for target in targets(plan) {
+            let Target::Http(base, mode) = target else {
+                tally.begin("bus", &self.metrics);
+                let Some(exchange) = self.relay_open(req, Bytes::new(), plan, true).await else {
+                    tally.failure = Some("the owner did not answer over the bus".into());
+                    continue;
+                };
+                let Ok(mut exchange) = exchange else {
+                    tally.not_found = true;
+                    tally.owner_said_gone = true;
+                    break;
+                };
+                match tokio::time::timeout(REQUEST_TIMEOUT, exchange.next()).await {
+                    Ok(Some(Frame::Head { status: 101, .. })) => {
+                        let (response, session, messages) = actix_ws::handle(req, payload)?;
+                        actix_web::rt::spawn(relay_websocket(
+                            session,
+                            messages,
+                            exchange,
+                            self.max_frame_size,
+                        ));
+                        self.finish(kind, plan, &tally, ForwardOutcome::Served);
+                        return Ok(response);
+                    }
+                    Ok(Some(Frame::Head { status: 404, .. })) => {
+                        tally.not_found = true;
+                        tally.owner_said_gone = true;
+                        break;
+                    }
+                    Ok(Some(Frame::Head { status, .. })) => {
+                        self.finish(kind, plan, &tally, ForwardOutcome::Served);
+                        let status =
+                            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+                        return Ok(HttpResponse::build(status)
+                            .insert_header((ATTEMPTS_HEADER, tally.attempts.to_string()))
+                            .finish());
+                    }
+                    _ => {
+                        tally.failure = Some("the relayed WebSocket did not open".into());
+                        continue;
+                    }
+                }
+            };
             tally.begin(mode, &self.metrics);
             let url = format!(
                 "ws{}{}",
@@ -296,6 +420,7 @@ impl Forwarder {
                 Err(WsClientError::InvalidResponseStatus(StatusCode::NOT_FOUND)) => {
                     tally.not_found = true;
                     if mode == "direct" {
+                        tally.owner_said_gone = true;
                         break;
                     }
                 }
@@ -310,6 +435,175 @@ impl Forwarder {
             }
         }
         Ok(self.exhausted(kind, plan, tally))
+    }
+}
+
+/// How a relay over the bus ended.
+enum Relayed {
+    /// The owner answered (with anything but 404); this is the client's response.
+    Answered(HttpResponse),
+    /// The owner does not hold the connection.
+    Gone,
+    /// The owner did not answer in time: try the next route.
+    Failed(String),
+}
+
+/// Whether a response came from the owner of the connection in `plan`.
+fn answered_by(headers: &actix_web::http::header::HeaderMap, plan: &ForwardPlan) -> bool {
+    headers
+        .get(INSTANCE_HEADER)
+        .is_some_and(|v| v.as_bytes() == plan.owner.as_str().as_bytes())
+}
+
+impl Forwarder {
+    /// Opens a relay to the owner: `None` when it did not answer, `Err(())` when it does
+    /// not hold the connection.
+    async fn relay_open(
+        &self,
+        req: &HttpRequest,
+        body: Bytes,
+        plan: &ForwardPlan,
+        websocket: bool,
+    ) -> Option<Result<Exchange, ()>> {
+        let relay = self.relay.as_ref()?;
+        let open = Open {
+            reply_to: String::new(), // filled in by the relay
+            method: req.method().as_str().to_owned(),
+            path: Self::path_and_query(req).to_owned(),
+            headers: relayed_headers(req),
+            body,
+            websocket,
+        };
+        match relay.open(&plan.owner, open).await {
+            Opened::Accepted(exchange) => Some(Ok(exchange)),
+            Opened::Miss => Some(Err(())),
+            Opened::NoAnswer => None,
+        }
+    }
+
+    /// Relays an HTTP request over the bus and turns the answer into the response.
+    async fn relay_http(
+        &self,
+        req: &HttpRequest,
+        body: Bytes,
+        plan: &ForwardPlan,
+        timeout: Duration,
+    ) -> Relayed {
+        let mut exchange = match self.relay_open(req, body, plan, false).await {
+            None => return Relayed::Failed("the owner did not answer over the bus".into()),
+            Some(Err(())) => return Relayed::Gone,
+            Some(Ok(exchange)) => exchange,
+        };
+        // `Accepted` came at once; the head may take as long as a held long poll.
+        let (status, headers) = match tokio::time::timeout(timeout, exchange.next()).await {
+            Ok(Some(Frame::Head { status, headers })) => (status, headers),
+            Ok(_) => return Relayed::Failed("the relay ended before its answer".into()),
+            Err(_) => return Relayed::Failed("the owner's answer timed out".into()),
+        };
+        if status == 404 {
+            return Relayed::Gone;
+        }
+        let mut out =
+            HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY));
+        for (name, value) in headers {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                actix_web::http::header::HeaderValue::from_maybe_shared(value),
+            ) {
+                if relays_response_header(&name) {
+                    out.append_header((name, value));
+                }
+            }
+        }
+        out.insert_header((ATTEMPTS_HEADER, "1"));
+        // The body flows as the owner writes it (an event stream stays open); dropping
+        // the stream (the client left) drops the exchange, which cancels the relay.
+        let body = futures_util::stream::unfold(exchange, |mut exchange| async move {
+            loop {
+                match exchange.next().await {
+                    Some(Frame::Data(chunk)) => {
+                        return Some((Ok::<_, actix_web::Error>(chunk), exchange))
+                    }
+                    Some(Frame::End) | None => return None,
+                    Some(_) => continue,
+                }
+            }
+        });
+        Relayed::Answered(out.streaming(body))
+    }
+}
+
+/// Carries a client's WebSocket to the owner over the bus, frames both ways, until either
+/// side closes.
+async fn relay_websocket(
+    mut session: actix_ws::Session,
+    messages: actix_ws::MessageStream,
+    mut exchange: Exchange,
+    max_frame_size: usize,
+) {
+    let mut messages = messages
+        .max_frame_size(max_frame_size)
+        .aggregate_continuations()
+        .max_continuation_size(max_frame_size);
+    loop {
+        tokio::select! {
+            from_client = messages.next() => {
+                let frame = match from_client {
+                    Some(Ok(AggregatedMessage::Text(text))) => Frame::WsText(text.into_bytes()),
+                    Some(Ok(AggregatedMessage::Binary(bytes))) => Frame::WsBinary(bytes),
+                    Some(Ok(AggregatedMessage::Ping(bytes))) => {
+                        let _ = session.pong(&bytes).await;
+                        continue;
+                    }
+                    Some(Ok(AggregatedMessage::Pong(_))) => continue,
+                    Some(Ok(AggregatedMessage::Close(reason))) => {
+                        exchange.send(Frame::WsClose {
+                            code: reason.as_ref().map_or(0, |r| u16::from(r.code)),
+                            reason: reason.clone().and_then(|r| r.description).unwrap_or_default(),
+                        }).await;
+                        let _ = session.close(reason).await;
+                        return;
+                    }
+                    Some(Err(error)) => {
+                        exchange.send(Frame::WsClose { code: 1002, reason: String::new() }).await;
+                        let reason = CloseReason { code: CloseCode::Protocol, description: Some(error.to_string()) };
+                        let _ = session.close(Some(reason)).await;
+                        return;
+                    }
+                    None => {
+                        exchange.send(Frame::WsClose { code: 0, reason: String::new() }).await;
+                        return;
+                    }
+                };
+                exchange.send(frame).await;
+            }
+            from_owner = exchange.next() => {
+                let sent = match from_owner {
+                    Some(Frame::WsText(bytes)) => match ByteString::try_from(bytes) {
+                        Ok(text) => session.text(text).await,
+                        Err(_) => Ok(()),
+                    },
+                    Some(Frame::WsBinary(bytes)) => session.binary(bytes).await,
+                    Some(Frame::WsClose { code, reason }) => {
+                        let reason = (code != 0).then(|| CloseReason {
+                            code: CloseCode::from(code),
+                            description: (!reason.is_empty()).then_some(reason),
+                        });
+                        let _ = session.close(reason).await;
+                        return;
+                    }
+                    Some(Frame::End) | None => {
+                        let _ = session.close(Some(CloseReason { code: CloseCode::Error, description: None })).await;
+                        return;
+                    }
+                    Some(_) => Ok(()),
+                };
+                if sent.is_err() {
+                    exchange.send(Frame::WsClose { code: 0, reason: String::new() }).await;
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -355,20 +649,20 @@ async fn relay(
             }
             from_upstream = upstream.next() => {
                 let sent = match from_upstream {
-                    Some(Ok(Frame::Text(bytes))) => match ByteString::try_from(bytes) {
+                    Some(Ok(WsFrame::Text(bytes))) => match ByteString::try_from(bytes) {
                         Ok(text) => session.text(text).await,
                         Err(_) => Ok(()),
                     },
-                    Some(Ok(Frame::Binary(bytes))) => session.binary(bytes).await,
-                    Some(Ok(Frame::Ping(bytes))) => session.ping(&bytes).await,
-                    Some(Ok(Frame::Pong(bytes))) => session.pong(&bytes).await,
-                    Some(Ok(Frame::Close(reason))) => {
+                    Some(Ok(WsFrame::Binary(bytes))) => session.binary(bytes).await,
+                    Some(Ok(WsFrame::Ping(bytes))) => session.ping(&bytes).await,
+                    Some(Ok(WsFrame::Pong(bytes))) => session.pong(&bytes).await,
+                    Some(Ok(WsFrame::Close(reason))) => {
                         let _ = session.close(reason.clone()).await;
                         let _ = upstream.send(Message::Close(reason)).await;
                         return;
                     }
                     // Instances never fragment their frames; anything else ends the relay.
-                    Some(Ok(Frame::Continuation(_))) | Some(Err(_)) | None => {
+                    Some(Ok(WsFrame::Continuation(_))) | Some(Err(_)) | None => {
                         let _ = session.close(Some(CloseReason { code: CloseCode::Error, description: None })).await;
                         return;
                     }
@@ -387,21 +681,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn direct_is_tried_once_before_the_load_balancer() {
-        let plan = ForwardPlan {
+    fn direct_then_the_bus_are_tried_once_before_the_load_balancer() {
+        let mut plan = ForwardPlan {
             owner: crate::protocol::token::InstanceId::parse("a").unwrap(),
             connection_id: crate::protocol::token::ConnectionId::random(),
             direct: Some("http://a".into()),
+            bus: true,
             load_balancer: Some(("http://lb".into(), 2)),
+            owner_alive: true,
         };
         assert_eq!(
             targets(&plan),
             vec![
-                ("http://a", "direct"),
-                ("http://lb", "load_balancer"),
-                ("http://lb", "load_balancer")
+                Target::Http("http://a", "direct"),
+                Target::Bus,
+                Target::Http("http://lb", "load_balancer"),
+                Target::Http("http://lb", "load_balancer")
             ]
         );
+        plan.direct = None;
+        plan.load_balancer = None;
+        assert_eq!(targets(&plan), vec![Target::Bus]);
     }
 
     #[test]
