@@ -883,7 +883,7 @@ mod tests {
             }),
             Envelope::Announcement(Announcement {
                 instance: other.clone(),
-                url: "http://10.0.0.2:8080".into(),
+                url: Some("http://10.0.0.2:8080".into()),
                 reply: true,
             }),
         ];
