@@ -193,29 +193,29 @@ async fn negotiate(
             .insert_header((CONTENT_TYPE, "text/plain; charset=utf-8"))
             .body("This instance is shutting down.");
     }
-    let version =
-        match negotiate::negotiate_version(query_param(&req, "negotiateVersion").as_deref()) {
-            Ok(version) => version,
-            // The client reads errors only from a 200 with `{"error"}`.
-            Err(error) => {
-                return HttpResponse::Ok().json(negotiate::error_body(&error.to_string()))
-            }
-        };
-    let (id, token) = state.mint(&hub);
+    let version = match negotiate::parse_negotiate_version(
+        query_param(&req, "negotiateVersion").as_deref(),
+    ) {
+        Ok(version) => version,
+        // The client reads errors only from a 200 with `{"error"}`.
+        Err(error) => return HttpResponse::Ok().json(negotiate::error_body(&error.to_string())),
+    };
+    // In version 0 the connection id is the token, as in ASP.NET, where a version-0
+    // client (signalrcore) knows its connection only by the id it negotiated.
+    let (id, token) = state.mint(&hub, version);
     hub.connections.create(id.clone(), token.clone());
     state.metrics.negotiated();
     HttpResponse::Ok().json(NegotiateResponse::new(version, &id, &token))
 }
 
 impl AppState {
-    fn mint(&self, hub: &HubEndpoint) -> (ConnectionId, ConnectionToken) {
-        let id = ConnectionId::random();
-        let token = hub.key.mint(&TokenClaims {
+    fn mint(&self, hub: &HubEndpoint, negotiate_version: u32) -> (ConnectionId, ConnectionToken) {
+        let claims = TokenClaims {
             owner: self.instance.clone(),
-            connection_id: id.clone(),
+            connection_id: ConnectionId::random(),
             issued_at: now_secs(),
-        });
-        (id, token)
+        };
+        hub.key.mint_connection(&claims, negotiate_version)
     }
 
     fn route(&self, req: &HttpRequest, hub: &HubEndpoint, token: &str, kind: RequestKind) -> Route {
@@ -286,7 +286,7 @@ async fn hub_get(
             return Err(ApiError::MissingId.into());
         }
         // A WebSocket without id is a client that skipped negotiation: a new connection.
-        let (id, token) = state.mint(&hub);
+        let (id, token) = state.mint(&hub, negotiate::MAX_NEGOTIATE_VERSION);
         let connection = hub.connections.create(id, token);
         return serve(&req, payload, &state, &hub, kind, connection).await;
     };

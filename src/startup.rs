@@ -198,16 +198,16 @@ impl Application {
 impl AppHandle {
     /// Sends every client a Close message that allows reconnecting (to another instance,
     /// behind a load balancer), gives them `SHUTDOWN_TIMEOUT` to receive it, then stops.
+    /// The Close carries no error, as ASP.NET's at shutdown (`{"type":7,"allowReconnect":
+    /// true}`): clients such as pysignalr treat any Close error as fatal and would not
+    /// reconnect.
     pub async fn shutdown(&self) {
         self.state.stopping.store(true, Ordering::Relaxed);
         let hubs = &self.state.hubs;
         let count: usize = hubs.iter().map(|hub| hub.connections.len()).sum();
         log::info!("shutting down: closing {count} connection(s)");
         for hub in hubs {
-            hub.connections.close_all(Closing::with_message(
-                Some("Server is shutting down.".into()),
-                true,
-            ));
+            hub.connections.close_all(Closing::with_message(None, true));
         }
         let deadline = Instant::now() + self.state.settings.shutdown_timeout;
         while self.state.metrics.live_connections() > 0 && Instant::now() < deadline {
