@@ -107,6 +107,17 @@ pub struct Settings {
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// Offer stateful reconnect to clients that ask for it (`withStatefulReconnect()`):
+    /// negotiate answers `useStatefulReconnect`, and a dropped WebSocket resumes on any
+    /// instance with no message lost (README, "Stateful reconnect").
+    #[arg(long, env = "ALLOW_STATEFUL_RECONNECT", default_value_t = true, action = ArgAction::Set)]
+    pub allow_stateful_reconnect: bool,
+
+    /// Bytes of unacknowledged messages kept per stateful connection for replay; a client
+    /// that falls further behind is closed with a Close message (ASP.NET's default).
+    #[arg(long, env = "STATEFUL_RECONNECT_BUFFER_SIZE", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1024..=64 * 1024 * 1024))]
+    pub stateful_reconnect_buffer_size: u64,
+
     /// Send clients the detail of server errors (exception-like text after ASP.NET's
     /// generic messages), like ASP.NET's `EnableDetailedErrors`; off by default, because
     /// the detail may reveal the server's internals.

@@ -202,10 +202,27 @@ async fn negotiate(
     };
     // In version 0 the connection id is the token, as in ASP.NET, where a version-0
     // client (signalrcore) knows its connection only by the id it negotiated.
-    let (id, token) = state.mint(&hub, version);
+    // Stateful reconnect is granted only when asked for and allowed, and only from
+    // negotiate version 1 (a version-0 client knows no token to come back with). The
+    // token carries the grant, so any instance can tell where it lands.
+    let stateful = state.settings.allow_stateful_reconnect
+        && version >= 1
+        && negotiate::wants_stateful_reconnect(
+            query_param(&req, "useStatefulReconnect").as_deref(),
+        );
+    let (id, token) = if stateful {
+        state.mint_stateful(&hub)
+    } else {
+        state.mint(&hub, version)
+    };
     hub.connections.create(id.clone(), token.clone());
     state.metrics.negotiated();
-    HttpResponse::Ok().json(NegotiateResponse::new(version, &id, &token))
+    let response = NegotiateResponse::new(version, &id, &token);
+    HttpResponse::Ok().json(if stateful {
+        response.with_stateful_reconnect()
+    } else {
+        response
+    })
 }
 
 impl AppState {
@@ -216,6 +233,16 @@ impl AppState {
             issued_at: now_secs(),
         };
         hub.key.mint_connection(&claims, negotiate_version)
+    }
+
+    fn mint_stateful(&self, hub: &HubEndpoint) -> (ConnectionId, ConnectionToken) {
+        let claims = TokenClaims {
+            owner: self.instance.clone(),
+            connection_id: ConnectionId::random(),
+            issued_at: now_secs(),
+        };
+        let token = hub.key.mint_stateful(&claims);
+        (claims.connection_id, token)
     }
 
     fn route(&self, req: &HttpRequest, hub: &HubEndpoint, token: &str, kind: RequestKind) -> Route {
@@ -260,6 +287,9 @@ async fn serve(
     }
     Ok(match upgraded {
         Some((response, session, messages)) => {
+            if !activation.first && connection.outbox().is_stateful() {
+                state.metrics.stateful_resumed();
+            }
             let max_frame = max_body_size(&state.settings);
             actix_web::rt::spawn(websocket::serve(
                 connection, activation, session, messages, max_frame,

@@ -72,6 +72,9 @@ pub struct Metrics {
     messages_sent: AtomicU64,
     slow_consumers: AtomicU64,
     adopted: AtomicU64,
+    stateful_resumed: AtomicU64,
+    sessions_moved_in: AtomicU64,
+    sessions_moved_out: AtomicU64,
     forward_requests_sent: AtomicU64,
     forwarded: Mutex<BTreeMap<(&'static str, &'static str, &'static str), u64>>,
     attempts_buckets: [AtomicU64; ATTEMPT_BUCKETS.len()],
@@ -139,6 +142,21 @@ impl Metrics {
     /// A WebSocket for another instance's token was served here.
     pub fn adopted(&self) {
         add(&self.adopted);
+    }
+
+    /// A stateful-reconnect session resumed on a new WebSocket here.
+    pub fn stateful_resumed(&self) {
+        add(&self.stateful_resumed);
+    }
+
+    /// A stateful-reconnect session moved here from another instance.
+    pub fn session_moved_in(&self) {
+        add(&self.sessions_moved_in);
+    }
+
+    /// A stateful-reconnect session moved from here to another instance.
+    pub fn session_moved_out(&self) {
+        add(&self.sessions_moved_out);
     }
 
     /// One HTTP or WebSocket request was sent to another instance or the load balancer.
@@ -259,6 +277,21 @@ impl Metrics {
                 "stickless_adopted_websockets_total",
                 "WebSockets for another instance's token served here.",
                 &self.adopted,
+            ),
+            (
+                "stickless_stateful_resumed_total",
+                "Stateful-reconnect sessions resumed on a new WebSocket here.",
+                &self.stateful_resumed,
+            ),
+            (
+                "stickless_sessions_moved_in_total",
+                "Stateful-reconnect sessions moved here from another instance.",
+                &self.sessions_moved_in,
+            ),
+            (
+                "stickless_sessions_moved_out_total",
+                "Stateful-reconnect sessions handed over to another instance.",
+                &self.sessions_moved_out,
             ),
             (
                 "stickless_forward_requests_sent_total",

@@ -14,9 +14,15 @@
 //! (JSON until then), so that messages made without knowing the recipient's protocol —
 //! a Close at shutdown, a slow-consumer Close — are encoded in the right one, and so that
 //! transports know whether to send text or binary (`HubProtocol.md`, "Overview").
+//!
+//! A connection with stateful reconnect also numbers and keeps what it pushes
+//! ([`ReplayBuffer`], in the same lock as the push, so the numbers follow the queue's
+//! order). While its WebSocket is down it is *detached*: records only go to the replay
+//! buffer, and [`Outbox::resume`] hands the next socket the `Sequence` record and the
+//! replay (HubProtocol.md, "Stateful Reconnect").
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -25,6 +31,7 @@ use tokio::sync::{mpsc, watch};
 use crate::metrics::Metrics;
 use crate::protocol::hub_protocol::{HubProtocol, TransferFormat};
 use crate::protocol::message::HubMessage;
+use crate::protocol::stateful::ReplayBuffer;
 use crate::protocol::token::ConnectionId;
 
 /// Why and how a connection is closing.
@@ -76,6 +83,26 @@ struct Shared {
     closing: watch::Sender<Option<Closing>>,
     last_queued_ms: AtomicU64,
     protocol: OnceLock<HubProtocol>,
+    stateful: Mutex<Option<Stateful>>,
+}
+
+/// The replay side of a stateful-reconnect connection.
+#[derive(Debug)]
+struct Stateful {
+    buffer: ReplayBuffer,
+    /// No socket: records go to the buffer only, to be replayed on the next socket.
+    detached: bool,
+}
+
+/// What a stateful connection's session carries when it moves to another instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayState {
+    /// The number the next record gets.
+    pub next: u64,
+    /// The records not acknowledged, oldest first.
+    pub records: Vec<(u64, Bytes)>,
+    /// The buffer's limit in bytes.
+    pub limit: usize,
 }
 
 /// A cloneable handle to push records to one connection.
@@ -110,16 +137,61 @@ impl Outbox {
             closing,
             last_queued_ms: AtomicU64::new(now_millis()),
             protocol: OnceLock::new(),
+            stateful: Mutex::new(None),
         };
         (Self(Arc::new(shared)), rx)
     }
 
-    /// Queues one whole record without waiting, and counts it (sent, or a slow consumer
-    /// closed).
+    fn lock_stateful(&self) -> MutexGuard<'_, Option<Stateful>> {
+        // Every update leaves the buffer consistent; a poisoned lock still holds it.
+        self.0.stateful.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues one whole record of types 1-5 (the hub's messages: invocations,
+    /// completions, stream items) without waiting, and counts it (sent, or a slow consumer
+    /// closed). On a stateful connection it is numbered and kept for replay first; a record
+    /// that does not fit the replay buffer closes the connection with a Close message.
     pub fn push(&self, record: Bytes) -> Pushed {
         if self.is_closing() {
             return Pushed::Closed;
         }
+        let mut stateful = self.lock_stateful();
+        if let Some(state) = stateful.as_mut() {
+            if let Err(full) = state.buffer.push(record.clone()) {
+                drop(stateful);
+                log::warn!("connection {} closed: {full}", self.0.id);
+                self.0.metrics.slow_consumer();
+                self.close(Closing::with_message(
+                    Some(format!(
+                        "Connection closed: {full}; the client did not acknowledge messages fast enough."
+                    )),
+                    true,
+                ));
+                return Pushed::Overflowed;
+            }
+            if state.detached {
+                self.0.last_queued_ms.store(now_millis(), Ordering::Relaxed);
+                self.0.metrics.message_sent();
+                return Pushed::Queued;
+            }
+        }
+        // Still under the lock: the queue's order is the numbers' order.
+        self.try_queue(record)
+    }
+
+    /// Queues a record that takes no sequence number (Ping, Ack, Sequence, handshake
+    /// reply); dropped while a stateful connection has no socket.
+    pub fn push_unsequenced(&self, record: Bytes) -> Pushed {
+        if self.is_closing() {
+            return Pushed::Closed;
+        }
+        if self.lock_stateful().as_ref().is_some_and(|s| s.detached) {
+            return Pushed::Queued;
+        }
+        self.try_queue(record)
+    }
+
+    fn try_queue(&self, record: Bytes) -> Pushed {
         match self.0.tx.try_send(record) {
             Ok(()) => {
                 self.0.last_queued_ms.store(now_millis(), Ordering::Relaxed);
@@ -173,6 +245,79 @@ impl Outbox {
             .message
             .as_ref()
             .map(|message| self.protocol().encode(message))
+    }
+
+    /// Turns stateful reconnect on (after a version-2 handshake on a WebSocket), keeping at
+    /// most `limit` unacknowledged bytes; or continues a moved session's `replay`.
+    pub fn enable_stateful(&self, limit: usize, replay: Option<ReplayState>) {
+        let buffer = match replay {
+            Some(state) => ReplayBuffer::resume(state.limit, state.next, state.records),
+            None => ReplayBuffer::new(limit),
+        };
+        *self.lock_stateful() = Some(Stateful {
+            buffer,
+            detached: false,
+        });
+    }
+
+    /// Whether stateful reconnect is on.
+    pub fn is_stateful(&self) -> bool {
+        self.lock_stateful().is_some()
+    }
+
+    /// The client acknowledged records up to `sequence_id`.
+    pub fn ack(&self, sequence_id: u64) {
+        if let Some(state) = self.lock_stateful().as_mut() {
+            state.buffer.ack(sequence_id);
+        }
+    }
+
+    /// The stateful connection's socket is gone without a close frame: keep numbering and
+    /// keeping records for the next socket. False (nothing changes) for any other
+    /// connection, which the caller closes.
+    pub fn detach(&self) -> bool {
+        if self.is_closing() {
+            return false;
+        }
+        match self.lock_stateful().as_mut() {
+            Some(state) => {
+                state.detached = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A new socket took over a stateful connection: empties `queue` (whatever it holds is
+    /// in the replay buffer, or is a Ping) and returns what the socket sends first: the
+    /// `Sequence` record, then every unacknowledged record in order. Empty for a connection
+    /// without stateful reconnect.
+    pub fn resume(&self, queue: &mut mpsc::Receiver<Bytes>) -> Vec<Bytes> {
+        let mut stateful = self.lock_stateful();
+        let Some(state) = stateful.as_mut() else {
+            return Vec::new();
+        };
+        while queue.try_recv().is_ok() {}
+        state.detached = false;
+        let sequence = HubMessage::Sequence {
+            sequence_id: state.buffer.first_unacknowledged(),
+        };
+        std::iter::once(self.protocol().encode(&sequence))
+            .chain(state.buffer.unacknowledged().map(|(_, r)| r.clone()))
+            .collect()
+    }
+
+    /// Detaches the stateful side and returns it, for a session that moves to another
+    /// instance; nothing is pushed to this outbox afterwards.
+    pub fn export_replay(&self) -> Option<ReplayState> {
+        let mut stateful = self.lock_stateful();
+        let state = stateful.as_mut()?;
+        state.detached = true;
+        Some(ReplayState {
+            next: state.buffer.next_number(),
+            records: state.buffer.unacknowledged().cloned().collect(),
+            limit: state.buffer.limit(),
+        })
     }
 
     /// Asks the connection to close. The first reason given wins.
@@ -238,6 +383,50 @@ pub(crate) mod tests {
             metrics.contains("stickless_slow_consumer_closes_total 1\n"),
             "{metrics}"
         );
+    }
+
+    #[test]
+    fn a_detached_stateful_outbox_keeps_records_for_the_next_socket_in_order() {
+        let (outbox, mut rx) = outbox(8);
+        outbox.enable_stateful(1000, None);
+        assert_eq!(outbox.push(Bytes::from_static(b"1")), Pushed::Queued);
+        assert_eq!(outbox.push(Bytes::from_static(b"2")), Pushed::Queued);
+        outbox.ack(1);
+        assert!(outbox.detach());
+        assert_eq!(outbox.push(Bytes::from_static(b"3")), Pushed::Queued);
+        assert_eq!(
+            outbox.push_unsequenced(Bytes::from_static(b"ping")),
+            Pushed::Queued
+        );
+        let resumed = outbox.resume(&mut rx);
+        assert_eq!(
+            resumed,
+            vec![
+                Bytes::from_static(b"{\"sequenceId\":2,\"type\":9}\x1e"),
+                Bytes::from_static(b"2"),
+                Bytes::from_static(b"3"),
+            ]
+        );
+        assert!(rx.try_recv().is_err(), "the queue's copies were dropped");
+        assert_eq!(outbox.push(Bytes::from_static(b"4")), Pushed::Queued);
+        assert_eq!(rx.try_recv().unwrap(), Bytes::from_static(b"4"));
+    }
+
+    #[test]
+    fn a_stateful_outbox_that_overflows_its_replay_buffer_closes_with_a_reason() {
+        let (outbox, _rx) = outbox(8);
+        outbox.enable_stateful(3, None);
+        assert_eq!(outbox.push(Bytes::from_static(b"ab")), Pushed::Queued);
+        assert_eq!(outbox.push(Bytes::from_static(b"cd")), Pushed::Overflowed);
+        let reason = outbox.closing().borrow().clone().unwrap();
+        let Some(HubMessage::Close {
+            error: Some(error),
+            allow_reconnect: true,
+        }) = reason.message
+        else {
+            panic!("no Close message: {reason:?}");
+        };
+        assert!(error.contains("stateful reconnect buffer"), "{error}");
     }
 
     #[test]

@@ -46,7 +46,7 @@ use crate::bus::Bus;
 use crate::connection::{Connection, Connections};
 use crate::metrics::Rejection;
 use crate::protocol::negotiate::TransportKind;
-use crate::protocol::token::{ClusterKey, ConnectionId, InstanceId, TokenClaims};
+use crate::protocol::token::{is_stateful, ClusterKey, ConnectionId, InstanceId, TokenClaims};
 
 /// The header that marks a request sent by one instance to another.
 pub const PROBE_HEADER: &str = "x-stickless-probe";
@@ -404,7 +404,9 @@ impl Router {
         let fresh = self
             .adoption_window
             .is_some_and(|window| now_secs.saturating_sub(claims.issued_at) <= window.as_secs());
-        if websocket && fresh && self.routes.has(RouteKind::Adopt) {
+        // A stateful-reconnect token is never adopted: its client may come back later on
+        // another socket, and the session must then be in exactly one place.
+        if websocket && fresh && self.routes.has(RouteKind::Adopt) && !is_stateful(token) {
             return Route::Adopt(claims);
         }
         let attempts = self.attempts();

@@ -70,6 +70,7 @@ pub struct Connection {
     inbound_rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
     state: Mutex<State>,
     polls: watch::Sender<u64>,
+    socket: watch::Sender<u64>,
     close_sent: AtomicBool,
     finished: AtomicBool,
 }
@@ -112,6 +113,7 @@ impl Connection {
                 idle_since: Instant::now(),
             }),
             polls: watch::channel(0).0,
+            socket: watch::channel(0).0,
             close_sent: AtomicBool::new(false),
             finished: AtomicBool::new(false),
         }
@@ -155,6 +157,13 @@ impl Connection {
             }
             Some(bound) if bound != kind => return Err(ConnectionError::WrongTransport),
             Some(TransportKind::LongPolling) => false,
+            // A stateful-reconnect client comes back on a new WebSocket with the same token
+            // (signalr-protocol.md trap 19); the new socket takes over from any old one
+            // that has not noticed it is dead yet.
+            Some(TransportKind::WebSockets) if self.outbox.is_stateful() => {
+                self.socket.send_modify(|generation| *generation += 1);
+                false
+            }
             Some(_) => return Err(ConnectionError::AlreadyActive),
         };
         state.active += 1;
@@ -163,6 +172,19 @@ impl Connection {
             connection: self.clone(),
             first,
         })
+    }
+
+    /// A receiver of the WebSocket generation: it changes when a newer socket takes over
+    /// or [`Connection::drop_socket`] is called, which ends the current socket without a
+    /// close frame.
+    pub fn socket_generation(&self) -> watch::Receiver<u64> {
+        self.socket.subscribe()
+    }
+
+    /// Ends a stateful connection's WebSocket without a close frame, so that its client
+    /// resumes with the same token, on whichever instance the load balancer picks.
+    pub fn drop_socket(&self) {
+        self.socket.send_modify(|generation| *generation += 1);
     }
 
     /// Hands bytes from the client to the session, waiting while its inbound queue is full.

@@ -42,6 +42,8 @@ use crate::protocol::handshake::{self, Agreed, HandshakeError};
 use crate::protocol::hub_protocol::{HubProtocol, MessageReader};
 use crate::protocol::message::{HubMessage, Outcome};
 use crate::protocol::negotiate::TransportKind;
+use crate::protocol::stateful::{is_sequenced, InboundSequence};
+use crate::protocol::token::is_stateful;
 
 /// Invocations read ahead of the one running; past this the session stops reading, and
 /// the transport's backpressure reaches the client.
@@ -62,6 +64,10 @@ pub struct SessionConfig {
     pub max_message_size: usize,
     /// Records queued for a client before it counts as too slow.
     pub outbound_queue_length: usize,
+    /// Whether stateful reconnect is offered.
+    pub allow_stateful_reconnect: bool,
+    /// Bytes of unacknowledged records kept per stateful connection.
+    pub stateful_buffer_size: usize,
 }
 
 impl SessionConfig {
@@ -74,6 +80,8 @@ impl SessionConfig {
             disconnect_timeout: settings.disconnect_timeout,
             max_message_size: settings.max_message_size as usize,
             outbound_queue_length: settings.outbound_queue_length as usize,
+            allow_stateful_reconnect: settings.allow_stateful_reconnect,
+            stateful_buffer_size: settings.stateful_reconnect_buffer_size as usize,
         }
     }
 }
@@ -109,6 +117,17 @@ pub(super) async fn run(
             // a binary frame, as from ASP.NET (`HubConnectionContext.HandshakeAsync`).
             outbox.set_protocol(agreed.protocol);
             outbox.push(handshake::success_reply());
+            // Stateful reconnect needs all three (HubProtocol.md, "Stateful Reconnect";
+            // ASP.NET's `HubConnectionContext.HandshakeAsync` turns it off below version 2):
+            // it was negotiated (the token says so), the handshake is version 2, and the
+            // transport is WebSockets, the only one the clients resume.
+            let stateful = config.allow_stateful_reconnect
+                && agreed.version >= 2
+                && caller.transport == TransportKind::WebSockets
+                && is_stateful(connection.token.as_str());
+            if stateful {
+                outbox.enable_stateful(config.stateful_buffer_size, None);
+            }
             connections.host.connect(&caller, outbox.clone()).await;
             let mut reader = MessageReader::after_handshake(agreed.protocol, records);
             let mut session = Session {
@@ -122,6 +141,7 @@ pub(super) async fn run(
                 last_received: Instant::now(),
                 ping: agreed.protocol.ping_record(),
                 detailed,
+                sequence: stateful.then(InboundSequence::default),
             };
             session.run(&mut inbound, &mut reader, &mut closing).await;
             for (_, stream) in session.streams.drain() {
@@ -185,6 +205,8 @@ struct Session<'a> {
     last_received: Instant,
     ping: Bytes,
     detailed: bool,
+    /// The client's messages as counted for stateful reconnect (`None` without it).
+    sequence: Option<InboundSequence>,
 }
 
 /// What handling a record asks of the loop.
@@ -267,6 +289,13 @@ impl Session<'_> {
                 Err(error) => return self.fail(format!("InvalidDataException: {error}")),
             };
             self.metrics.message_received();
+            if let Some(sequence) = self.sequence.as_mut() {
+                // After a reconnect the client resends what it had no Ack for; what was
+                // processed before is dropped (HubProtocol.md, "Stateful Reconnect").
+                if is_sequenced(&message) && !sequence.accept() {
+                    continue;
+                }
+            }
             match message {
                 HubMessage::Invocation { .. } | HubMessage::StreamInvocation { .. } => {
                     self.pending.push_back(message)
@@ -286,19 +315,34 @@ impl Session<'_> {
                     self.outbox.close(Closing::silent());
                     return Next::Stop;
                 }
+                HubMessage::Ack { sequence_id } => self.outbox.ack(sequence_id),
+                HubMessage::Sequence { sequence_id } => {
+                    let restarted = match self.sequence.as_mut() {
+                        Some(sequence) => sequence.restart_at(sequence_id),
+                        // Without stateful reconnect there is nothing to restart.
+                        None => Ok(()),
+                    };
+                    if let Err(error) = restarted {
+                        return self.fail(format!("InvalidOperationException: {error}"));
+                    }
+                }
                 // Client-to-server stream items and completions (client results) belong to
-                // features this server does not offer; stateful reconnect is not offered
-                // either, so Ack and Sequence cannot be meant for it.
-                HubMessage::StreamItem { .. }
-                | HubMessage::Completion { .. }
-                | HubMessage::Ack { .. }
-                | HubMessage::Sequence { .. } => {}
+                // features this server does not offer.
+                HubMessage::StreamItem { .. } | HubMessage::Completion { .. } => {}
             }
         }
     }
 
     fn keep_alive(&mut self, interval: Duration, client_timeout: Duration) -> Next {
         self.streams.retain(|_, stream| !stream.task.is_finished());
+        // Acks go out on this one-second tick, as from ASP.NET's timer.
+        if let Some(sequence_id) = self.sequence.as_mut().and_then(InboundSequence::ack_due) {
+            let ack = self
+                .outbox
+                .protocol()
+                .encode(&HubMessage::Ack { sequence_id });
+            self.outbox.push_unsequenced(ack);
+        }
         if self.context.transport.has_inherent_keep_alive() {
             return Next::Continue;
         }
@@ -310,7 +354,7 @@ impl Session<'_> {
         }
         if now_millis().saturating_sub(self.outbox.last_queued_ms()) >= interval.as_millis() as u64
         {
-            self.outbox.push(self.ping.clone());
+            self.outbox.push_unsequenced(self.ping.clone());
         }
         Next::Continue
     }

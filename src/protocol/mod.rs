@@ -15,6 +15,7 @@
 //!   messages encoded once per protocol.
 //! - [`negotiate`]: `POST {hub}/negotiate` request and response, transport names.
 //! - [`sse`]: Server-Sent Events framing of outgoing records.
+//! - [`stateful`]: stateful reconnect's replay buffer and sequence numbers.
 //! - [`token`]: identifiers and the signed connection token.
 
 pub mod framing;
@@ -24,6 +25,7 @@ pub mod message;
 pub mod msgpack;
 pub mod negotiate;
 pub mod sse;
+pub mod stateful;
 pub mod token;
 pub mod varint;
 

@@ -132,6 +132,10 @@ pub struct NegotiateResponse {
     pub connection_token: Option<String>,
     /// The transports, in the order the client should try them.
     pub available_transports: Vec<AvailableTransport>,
+    /// Present (`true`) only when the client asked for stateful reconnect and the server
+    /// allows it (signalr-protocol.md trap 13: never send it unasked).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub use_stateful_reconnect: bool,
 }
 
 impl NegotiateResponse {
@@ -156,8 +160,21 @@ impl NegotiateResponse {
                     transfer_formats: kind.transfer_formats(),
                 })
                 .collect(),
+            use_stateful_reconnect: false,
         }
     }
+
+    /// The same response, granting stateful reconnect.
+    pub fn with_stateful_reconnect(mut self) -> Self {
+        self.use_stateful_reconnect = true;
+        self
+    }
+}
+
+/// Whether the negotiate query asks for stateful reconnect (`useStatefulReconnect=true`,
+/// which `withStatefulReconnect()` adds; ASP.NET parses it as a boolean).
+pub fn wants_stateful_reconnect(value: Option<&str>) -> bool {
+    value.is_some_and(|v| v.eq_ignore_ascii_case("true"))
 }
 
 /// The body of a negotiate error (sent with status 200).

@@ -34,6 +34,9 @@ const MAC_LEN: usize = 16;
 
 /// The signed fourth part that marks a version-0 token.
 const VERSION_ZERO_MARKER: &str = "v0";
+/// The marker of a connection that negotiated stateful reconnect: its WebSocket may come
+/// back to any instance, so it is never adopted, and its session is pulled to where it lands.
+const STATEFUL_MARKER: &str = "sr";
 
 /// Longest instance id accepted.
 pub const MAX_INSTANCE_ID_LEN: usize = 64;
@@ -220,6 +223,20 @@ impl ClusterKey {
         (ConnectionId(token.clone()), ConnectionToken(token))
     }
 
+    /// Makes the token of a connection that negotiated stateful reconnect:
+    /// `<owner>.<id>.<issued>.sr.<HMAC>`, the marker signed with the rest.
+    pub fn mint_stateful(&self, claims: &TokenClaims) -> ConnectionToken {
+        let issued = format!("{:x}", claims.issued_at);
+        let parts = [
+            claims.owner.as_str(),
+            claims.connection_id.as_str(),
+            &issued,
+            STATEFUL_MARKER,
+        ];
+        let tag = self.tag("stickless-token-v1", &parts);
+        ConnectionToken(format!("{}.{tag}", parts.join(".")))
+    }
+
     /// Makes the token for a new connection.
     pub fn mint(&self, claims: &TokenClaims) -> ConnectionToken {
         let issued = format!("{:x}", claims.issued_at);
@@ -240,6 +257,9 @@ impl ClusterKey {
             [owner, id, issued, tag] => (owner, id, issued, None, tag),
             [owner, id, issued, VERSION_ZERO_MARKER, tag] => {
                 (owner, id, issued, Some(VERSION_ZERO_MARKER), tag)
+            }
+            [owner, id, issued, STATEFUL_MARKER, tag] => {
+                (owner, id, issued, Some(STATEFUL_MARKER), tag)
             }
             _ => return Err(TokenError::Malformed),
         };
@@ -262,8 +282,8 @@ impl ClusterKey {
             return Err(TokenError::BadSignature);
         }
         let connection_id = match marker {
-            Some(_) => ConnectionId(token.to_owned()),
-            None => ConnectionId(id.to_owned()),
+            Some(VERSION_ZERO_MARKER) => ConnectionId(token.to_owned()),
+            _ => ConnectionId(id.to_owned()),
         };
         Ok(TokenClaims {
             owner,
@@ -291,6 +311,12 @@ impl ClusterKey {
     }
 }
 
+/// Whether a token (already verified) is a stateful-reconnect connection's
+/// ([`ClusterKey::mint_stateful`]).
+pub fn is_stateful(token: &str) -> bool {
+    token.split('.').nth(3) == Some(STATEFUL_MARKER)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,6 +327,19 @@ mod tests {
             connection_id: ConnectionId::random(),
             issued_at: 1_700_000_000,
         }
+    }
+
+    #[test]
+    fn stateful_tokens_verify_name_their_connection_and_say_they_are_stateful() {
+        let key = ClusterKey::from_secret(b"0123456789abcdef");
+        let claims = claims();
+        let token = key.mint_stateful(&claims);
+        assert_eq!(key.verify(token.as_str()), Ok(claims.clone()));
+        assert!(is_stateful(token.as_str()));
+        assert!(!is_stateful(key.mint(&claims).as_str()));
+        // The marker is signed: stripping it breaks the signature.
+        let stripped = token.as_str().replacen(".sr.", ".", 1);
+        assert_eq!(key.verify(&stripped), Err(TokenError::BadSignature));
     }
 
     #[test]

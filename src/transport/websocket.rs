@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason, MessageStream, Session};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, MessageStream, ProtocolError, Session};
 use bytes::Bytes;
 use bytestring::ByteString;
 use futures_util::StreamExt;
@@ -44,64 +44,96 @@ pub async fn serve(
         .max_frame_size(max_frame_size)
         .aggregate_continuations()
         .max_continuation_size(max_frame_size);
+    let mut generation = connection.socket_generation();
+    generation.borrow_and_update();
+    // An older socket of a stateful connection lets go of the queue once it sees the
+    // generation change.
     let mut queue = connection.outbound().await;
     let mut closing = connection.outbox().closing();
     let outbox = connection.outbox();
-    let close: Option<CloseReason> = loop {
-        tokio::select! {
-            reason = closed(&mut closing) => {
-                let format = outbox.transfer_format();
-                let rest = super::final_batch(&mut queue, None);
-                let mut ok = rest.is_empty() || send(&mut session, rest, format).await.is_ok();
-                let close_record = outbox.close_record(&reason);
-                if let (true, Some(record)) = (ok, close_record.clone()) {
-                    ok = send(&mut session, record, format).await.is_ok();
-                }
-                let code = if reason.is_error && close_record.is_none() { CloseCode::Error } else { CloseCode::Normal };
-                break ok.then_some(CloseReason { code, description: None });
+    // A stateful client coming back: the server's Sequence, then every record the client
+    // has not acknowledged, before anything else (HubProtocol.md, "Stateful Reconnect").
+    let mut resumed = true;
+    if !activation.first {
+        let format = outbox.transfer_format();
+        for record in outbox.resume(&mut queue) {
+            if send(&mut session, record, format).await.is_err() {
+                resumed = false;
+                break;
             }
-            record = queue.recv() => match record {
-                Some(record) => {
-                    if send(&mut session, record, outbox.transfer_format()).await.is_err() {
+        }
+    }
+    let close: Option<CloseReason> = if !resumed {
+        None
+    } else {
+        loop {
+            tokio::select! {
+                _ = generation.changed() => break None,
+                reason = closed(&mut closing) => {
+                    let format = outbox.transfer_format();
+                    let rest = super::final_batch(&mut queue, None);
+                    let mut ok = rest.is_empty() || send(&mut session, rest, format).await.is_ok();
+                    let close_record = outbox.close_record(&reason);
+                    if let (true, Some(record)) = (ok, close_record.clone()) {
+                        ok = send(&mut session, record, format).await.is_ok();
+                    }
+                    let code = if reason.is_error && close_record.is_none() { CloseCode::Error } else { CloseCode::Normal };
+                    break ok.then_some(CloseReason { code, description: None });
+                }
+                record = queue.recv() => match record {
+                    Some(record) => {
+                        if send(&mut session, record, outbox.transfer_format()).await.is_err() {
+                            break None;
+                        }
+                    }
+                    None => break None,
+                },
+                message = messages.next() => match message {
+                    Some(Ok(AggregatedMessage::Text(text))) => {
+                        if connection.receive(text.into_bytes()).await.is_err() {
+                            continue; // Closing: the close branch finishes the socket.
+                        }
+                    }
+                    Some(Ok(AggregatedMessage::Binary(bytes))) => {
+                        // The session rejects whatever is not a record of its protocol.
+                        if connection.receive(bytes).await.is_err() {
+                            continue;
+                        }
+                    }
+                    Some(Ok(AggregatedMessage::Ping(bytes))) => {
+                        if session.pong(&bytes).await.is_err() {
+                            break None;
+                        }
+                    }
+                    Some(Ok(AggregatedMessage::Pong(_))) => {}
+                    Some(Ok(AggregatedMessage::Close(reason))) => {
+                        // Answer the client's close with its own code, completing the handshake.
+                        break Some(reason.unwrap_or(CloseReason { code: CloseCode::Normal, description: None }));
+                    }
+                    Some(Err(ProtocolError::Io(error))) => {
+                        // The connection broke without a close frame: a stateful client comes back.
+                        log::debug!("connection {}: WebSocket broken: {error}", connection.id);
                         break None;
                     }
-                }
-                None => break None,
-            },
-            message = messages.next() => match message {
-                Some(Ok(AggregatedMessage::Text(text))) => {
-                    if connection.receive(text.into_bytes()).await.is_err() {
-                        continue; // Closing: the close branch finishes the socket.
+                    Some(Err(error)) => {
+                        log::debug!("connection {}: WebSocket protocol error: {error}", connection.id);
+                        break Some(CloseReason {
+                            code: CloseCode::Size,
+                            description: Some(format!("{error}")),
+                        });
                     }
-                }
-                Some(Ok(AggregatedMessage::Binary(bytes))) => {
-                    // The session rejects whatever is not a record of its protocol.
-                    if connection.receive(bytes).await.is_err() {
-                        continue;
-                    }
-                }
-                Some(Ok(AggregatedMessage::Ping(bytes))) => {
-                    if session.pong(&bytes).await.is_err() {
-                        break None;
-                    }
-                }
-                Some(Ok(AggregatedMessage::Pong(_))) => {}
-                Some(Ok(AggregatedMessage::Close(reason))) => {
-                    // Answer the client's close with its own code, completing the handshake.
-                    break Some(reason.unwrap_or(CloseReason { code: CloseCode::Normal, description: None }));
-                }
-                Some(Err(error)) => {
-                    log::debug!("connection {}: WebSocket protocol error: {error}", connection.id);
-                    break Some(CloseReason {
-                        code: CloseCode::Size,
-                        description: Some(format!("{error}")),
-                    });
-                }
-                None => break None,
-            },
+                    None => break None,
+                },
+            }
         }
     };
-    connection.outbox().close(Closing::silent());
+    // A stateful connection whose socket broke (no close frame) stays alive for the next
+    // socket, until the disconnect timeout; anything else ends here. Detaching happens
+    // before the queue is let go, so a newer socket resumes after it.
+    if close.is_some() || !outbox.detach() {
+        outbox.close(Closing::silent());
+    }
+    drop(queue);
     if let Some(reason) = close {
         let _ = session.close(Some(reason)).await;
     }

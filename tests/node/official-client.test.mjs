@@ -1,6 +1,6 @@
 // What the README says is "tested with the official client", tested with it
 // (@microsoft/signalr from package-lock.json) over every transport that has the feature:
-// handshake version 2 and stateful reconnect asked for but not offered, message size limits
+// handshake version 2 and stateful reconnect asked for but forbidden, message size limits
 // (Close with an error; WebSocket close codes 1000 and 1009), server pings keeping a client
 // alive (and their absence letting it time out), and the server's client timeout.
 //
@@ -30,13 +30,13 @@ const OVERSIZED = "x".repeat(2 * MAX_MESSAGE_SIZE);
 /** Over the WebSocket frame limit (8 x MAX_MESSAGE_SIZE). */
 const OVER_FRAME = "x".repeat(9 * MAX_MESSAGE_SIZE);
 
-let limits; // MAX_MESSAGE_SIZE small, other settings default
+let limits; // MAX_MESSAGE_SIZE small, stateful reconnect forbidden, other settings default
 let timing; // pings every second, clients silent for 2 s after a Ping are closed
 
 before(
   async () => {
     [limits, timing] = await Promise.all([
-      startServer({ env: { MAX_MESSAGE_SIZE: String(MAX_MESSAGE_SIZE) } }),
+      startServer({ env: { MAX_MESSAGE_SIZE: String(MAX_MESSAGE_SIZE), ALLOW_STATEFUL_RECONNECT: "false" } }),
       startServer({ env: { KEEP_ALIVE_INTERVAL: "1s", CLIENT_TIMEOUT: "2s" } }),
     ]);
   },
@@ -61,7 +61,7 @@ for (const transport of TRANSPORTS) {
   describe(`official client over ${transport}`, () => {
     afterEach(stopAllConnections, { timeout: 15000 });
 
-    test("stateful reconnect asked for (withStatefulReconnect) is not offered; the client falls back and works", { timeout: T }, async () => {
+    test("stateful reconnect asked for (withStatefulReconnect) but forbidden (ALLOW_STATEFUL_RECONNECT=false) is not offered; the client falls back and works", { timeout: T }, async () => {
       const c = await connect(limits.url, {
         transport,
         logMessageContent: true,
