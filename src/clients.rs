@@ -79,6 +79,15 @@ impl LocalClients {
         topics
     }
 
+    /// The groups a local connection is in (for a session that moves elsewhere).
+    pub fn groups_of(&self, id: &ConnectionId) -> Vec<String> {
+        self.read()
+            .connections
+            .get(id)
+            .map(|member| member.groups.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Forgets a connection; returns the topics this instance no longer needs.
     pub fn remove(&self, id: &ConnectionId) -> Vec<Topic> {
         let mut index = self.write();

@@ -17,8 +17,10 @@ use crate::config::Settings;
 use crate::connection::{Connection, ConnectionError, Connections};
 use crate::forwarding::relay::Relay;
 use crate::forwarding::Forwarder;
+use crate::handover::{self, Puller, HANDOVER_FLAG};
 use crate::hub::UserIdProvider;
 use crate::metrics::Metrics;
+use crate::metrics::Rejection;
 use crate::protocol::negotiate::{self, NegotiateResponse};
 use crate::protocol::token::{ClusterKey, ConnectionId, ConnectionToken, InstanceId, TokenClaims};
 use crate::routing::{RequestKind, Route, Router, PROBE_HEADER};
@@ -245,6 +247,14 @@ impl AppState {
         (claims.connection_id, token)
     }
 
+    fn is_probe(&self, req: &HttpRequest) -> bool {
+        let marker = req
+            .headers()
+            .get(PROBE_HEADER)
+            .and_then(|v| v.to_str().ok());
+        self.router.is_probe(marker, now_secs())
+    }
+
     fn route(&self, req: &HttpRequest, hub: &HubEndpoint, token: &str, kind: RequestKind) -> Route {
         let marker = req
             .headers()
@@ -333,6 +343,36 @@ async fn hub_get(
             }
             served
         }
+        Route::Pull(claims) => {
+            // Receive for the connection before asking for it, so that nothing published
+            // while the session moves is missed (`Outbox::complete_move`).
+            let user = (hub.user_id)(&req);
+            let connection = hub
+                .connections
+                .begin_move(
+                    claims.connection_id,
+                    ConnectionToken::from_trusted(token.clone()),
+                    user,
+                )
+                .await;
+            let puller = Puller {
+                me: &state.instance,
+                peers: state.router.peers(),
+                relay: state.relay.as_ref(),
+                key: state.router.key(),
+            };
+            let moved = puller.pull(&hub.path, &token, &claims.owner).await;
+            let resumed = match moved {
+                Some(moved) => hub.connections.complete_move(&connection, moved).await,
+                None => false,
+            };
+            if !resumed {
+                hub.connections.abort_move(&connection).await;
+                state.metrics.rejected(Rejection::Gone);
+                return Err(ApiError::UnknownConnection.into());
+            }
+            serve(&req, payload, &state, &hub, kind, connection).await
+        }
         Route::Forward(plan) if kind == RequestKind::WebSocket => {
             forwarder.forward_websocket(&req, payload, &plan).await
         }
@@ -353,6 +393,15 @@ async fn hub_post(
     forwarder: web::Data<Forwarder>,
 ) -> Result<HttpResponse, ApiError> {
     let token = query_param(&req, "id").ok_or(ApiError::MissingId)?;
+    if query_param(&req, HANDOVER_FLAG).is_some() && state.is_probe(&req) {
+        // Another instance pulls a stateful session its client resumed there.
+        return Ok(match hub.connections.hand_over(&token).await {
+            Some(moved) => HttpResponse::Ok()
+                .content_type("application/json")
+                .body(handover::encode(&moved)),
+            None => ApiError::UnknownConnection.error_response(),
+        });
+    }
     let route = state.route(&req, &hub, &token, RequestKind::Send);
     if let Route::Reject(why) = route {
         state.metrics.rejected(why);
@@ -367,7 +416,7 @@ async fn hub_post(
         Route::Forward(plan) => Ok(forwarder
             .forward(&req, body, RequestKind::Send, &plan)
             .await),
-        Route::Adopt(_) | Route::Reject(_) => Err(ApiError::UnknownConnection),
+        Route::Adopt(_) | Route::Pull(_) | Route::Reject(_) => Err(ApiError::UnknownConnection),
     }
 }
 
@@ -396,7 +445,7 @@ async fn hub_delete(
             state.metrics.rejected(why);
             Err(ApiError::UnknownConnection)
         }
-        Route::Adopt(_) => Err(ApiError::UnknownConnection),
+        Route::Adopt(_) | Route::Pull(_) => Err(ApiError::UnknownConnection),
     }
 }
 

@@ -91,6 +91,7 @@ pub(crate) mod connection;
 pub mod demo;
 pub mod devcluster;
 pub(crate) mod forwarding;
+pub(crate) mod handover;
 pub(crate) mod http;
 pub(crate) mod hub;
 pub(crate) mod metrics;

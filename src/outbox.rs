@@ -92,6 +92,9 @@ struct Stateful {
     buffer: ReplayBuffer,
     /// No socket: records go to the buffer only, to be replayed on the next socket.
     detached: bool,
+    /// A session moving here: records delivered here before its state arrived, in order,
+    /// to follow the moved replay buffer ([`Outbox::stage`]).
+    staged: Option<Vec<Bytes>>,
 }
 
 /// What a stateful connection's session carries when it moves to another instance.
@@ -156,6 +159,10 @@ impl Outbox {
             return Pushed::Closed;
         }
         let mut stateful = self.lock_stateful();
+        if let Some(staged) = stateful.as_mut().and_then(|state| state.staged.as_mut()) {
+            staged.push(record);
+            return Pushed::Queued;
+        }
         if let Some(state) = stateful.as_mut() {
             if let Err(full) = state.buffer.push(record.clone()) {
                 drop(stateful);
@@ -257,7 +264,44 @@ impl Outbox {
         *self.lock_stateful() = Some(Stateful {
             buffer,
             detached: false,
+            staged: None,
         });
+    }
+
+    /// Starts receiving for a session that is moving here, before its state arrives:
+    /// records are kept aside, in order, until [`Outbox::complete_move`].
+    pub fn stage(&self) {
+        *self.lock_stateful() = Some(Stateful {
+            buffer: ReplayBuffer::new(0),
+            detached: true,
+            staged: Some(Vec::new()),
+        });
+    }
+
+    /// The moved session's replay buffer arrived: it continues here, followed by the
+    /// records delivered here meanwhile. Both instances delivered the records published
+    /// between this instance's staging and the old owner's freeze: those are the newest of
+    /// the old buffer and the oldest staged, and are kept once (the longest byte-equal
+    /// overlap of the old buffer's tail and the staged head). The connection stays
+    /// detached until its socket resumes. False if a staged record does not fit.
+    pub fn complete_move(&self, replay: ReplayState) -> bool {
+        let mut stateful = self.lock_stateful();
+        let staged = stateful
+            .as_mut()
+            .and_then(|state| state.staged.take())
+            .unwrap_or_default();
+        let held: Vec<&Bytes> = replay.records.iter().map(|(_, r)| r).collect();
+        let overlap = seam(&held, &staged);
+        let mut buffer = ReplayBuffer::resume(replay.limit, replay.next, replay.records);
+        let fits = staged[overlap..]
+            .iter()
+            .all(|record| buffer.push(record.clone()).is_ok());
+        *stateful = Some(Stateful {
+            buffer,
+            detached: true,
+            staged: None,
+        });
+        fits
     }
 
     /// Whether stateful reconnect is on.
@@ -347,6 +391,21 @@ impl Outbox {
     }
 }
 
+/// How many records at the head of `staged` repeat the tail of `held`: the longest such
+/// overlap.
+fn seam(held: &[&Bytes], staged: &[Bytes]) -> usize {
+    let longest = held.len().min(staged.len());
+    (1..=longest)
+        .rev()
+        .find(|&n| {
+            held[held.len() - n..]
+                .iter()
+                .zip(&staged[..n])
+                .all(|(a, b)| *a == b)
+        })
+        .unwrap_or(0)
+}
+
 /// Waits until `closing` holds a reason and returns it.
 pub async fn closed(closing: &mut watch::Receiver<Option<Closing>>) -> Closing {
     match closing.wait_for(Option::is_some).await {
@@ -427,6 +486,39 @@ pub(crate) mod tests {
             panic!("no Close message: {reason:?}");
         };
         assert!(error.contains("stateful reconnect buffer"), "{error}");
+    }
+
+    #[test]
+    fn a_moved_session_keeps_the_records_both_instances_delivered_once() {
+        let (outbox, mut rx) = outbox(8);
+        outbox.stage();
+        for record in [&b"c"[..], b"d", b"e"] {
+            outbox.push(Bytes::copy_from_slice(record));
+        }
+        // The old owner delivered a..d before it froze: c and d came to both.
+        let records = [(5, "a"), (6, "b"), (7, "c"), (8, "d")]
+            .map(|(n, r)| (n, Bytes::from(r)))
+            .to_vec();
+        assert!(outbox.complete_move(ReplayState {
+            next: 9,
+            records,
+            limit: 1000
+        }));
+        let resumed = outbox.resume(&mut rx);
+        assert_eq!(
+            resumed,
+            ["{\"sequenceId\":5,\"type\":9}\x1e", "a", "b", "c", "d", "e"].map(Bytes::from)
+        );
+    }
+
+    #[test]
+    fn the_seam_is_the_longest_overlap_and_may_be_empty() {
+        let b = |s: &'static str| Bytes::from(s);
+        let (x, y, z) = (b("x"), b("y"), b("z"));
+        assert_eq!(seam(&[&x, &y], &[y.clone(), z.clone()]), 1);
+        assert_eq!(seam(&[&x, &y], &[x.clone(), y.clone(), z.clone()]), 2);
+        assert_eq!(seam(&[&x], &[z.clone()]), 0);
+        assert_eq!(seam(&[], &[z]), 0);
     }
 
     #[test]

@@ -286,6 +286,9 @@ pub enum Route {
     Local(Arc<Connection>),
     /// Serve a WebSocket here for a connection another instance negotiated.
     Adopt(TokenClaims),
+    /// A stateful-reconnect WebSocket for a session held elsewhere: move the session here
+    /// and resume it (DESIGN.md, "Routing" item 6).
+    Pull(TokenClaims),
     /// Send it to another instance.
     Forward(ForwardPlan),
     /// Answer 404 without asking anyone.
@@ -361,6 +364,16 @@ impl Router {
         self.routes
     }
 
+    /// The other instances, as heartbeats tell.
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
+    }
+
+    /// The cluster key, which signs the markers of internal requests.
+    pub fn key(&self) -> &ClusterKey {
+        &self.key
+    }
+
     /// Instances in the cluster, as heartbeats tell.
     pub fn cluster_size(&self) -> usize {
         self.peers.cluster_size()
@@ -394,6 +407,11 @@ impl Router {
         };
         if let Some(connection) = connections.get(token) {
             return Route::Local(connection);
+        }
+        // Before the owner check: a session may have moved away from its owner and back.
+        let cluster = self.relay_bus.is_some() || self.peers.cluster_size() > 1;
+        if websocket && !probe && cluster && is_stateful(token) {
+            return Route::Pull(claims);
         }
         if claims.owner == self.instance {
             return Route::Reject(Rejection::Gone);

@@ -62,6 +62,20 @@ impl Peers {
         self.live(instance, |_| ()).is_some()
     }
 
+    /// The other instances heard from recently.
+    pub fn live_instances(&self) -> Vec<InstanceId> {
+        self.known.lock().map_or_else(
+            |_| Vec::new(),
+            |known| {
+                known
+                    .iter()
+                    .filter(|(_, peer)| peer.seen.elapsed() < PEER_TTL)
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            },
+        )
+    }
+
     /// Instances in the cluster: this one and every other heard from within [`PEER_TTL`].
     pub fn cluster_size(&self) -> usize {
         let others = self.known.lock().map_or(0, |known| {

@@ -20,8 +20,11 @@ use tokio::sync::{mpsc, watch, OwnedMutexGuard};
 
 use crate::hub::host::{Caller, HubHost};
 use crate::metrics::Metrics;
+use crate::outbox::ReplayState;
 use crate::outbox::{closed, Closing, Outbox};
+use crate::protocol::hub_protocol::HubProtocol;
 use crate::protocol::negotiate::TransportKind;
+use crate::protocol::stateful::InboundSequence;
 use crate::protocol::token::{ConnectionId, ConnectionToken};
 
 pub use session::SessionConfig;
@@ -71,6 +74,13 @@ pub struct Connection {
     state: Mutex<State>,
     polls: watch::Sender<u64>,
     socket: watch::Sender<u64>,
+    /// The client's messages as counted for stateful reconnect (`None` without it); here,
+    /// not in the session, so that a session that moves takes it along.
+    sequence: Mutex<Option<InboundSequence>>,
+    /// The session moved to another instance: it ends here without the disconnect hook.
+    moved: AtomicBool,
+    /// The user found when the transport started, which a moving session takes along.
+    user: Mutex<Option<String>>,
     close_sent: AtomicBool,
     finished: AtomicBool,
 }
@@ -114,6 +124,9 @@ impl Connection {
             }),
             polls: watch::channel(0).0,
             socket: watch::channel(0).0,
+            sequence: Mutex::new(None),
+            moved: AtomicBool::new(false),
+            user: Mutex::new(None),
             close_sent: AtomicBool::new(false),
             finished: AtomicBool::new(false),
         }
@@ -174,6 +187,16 @@ impl Connection {
         })
     }
 
+    /// The inbound sequence of a stateful connection, for the session to update.
+    pub fn sequence(&self) -> std::sync::MutexGuard<'_, Option<InboundSequence>> {
+        self.sequence.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the session moved to another instance.
+    pub fn has_moved(&self) -> bool {
+        self.moved.load(Ordering::Acquire)
+    }
+
     /// A receiver of the WebSocket generation: it changes when a newer socket takes over
     /// or [`Connection::drop_socket`] is called, which ends the current socket without a
     /// close frame.
@@ -228,6 +251,24 @@ impl Connection {
         let state = self.lock_state();
         (state.active == 0).then(|| state.idle_since.elapsed())
     }
+}
+
+/// What a stateful session carries from one instance to another (README, "Stateful
+/// reconnect"): everything the client would notice if it were lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    /// Its user.
+    pub user: Option<String>,
+    /// The groups it is in.
+    pub groups: Vec<String>,
+    /// Its hub protocol.
+    pub protocol: HubProtocol,
+    /// Its unacknowledged outbound records and numbering.
+    pub replay: ReplayState,
+    /// The client's messages processed so far.
+    pub processed: u64,
+    /// The highest of those acknowledged.
+    pub acked: u64,
 }
 
 /// This instance's connections, and what their sessions need.
@@ -324,6 +365,7 @@ impl Connections {
         let Some(inbound) = inbound else {
             return; // Already started: `activate` makes this unreachable, but stay safe.
         };
+        user.clone_into(&mut connection.user.lock().unwrap_or_else(|e| e.into_inner()));
         let caller = Caller {
             connection_id: connection.id.clone(),
             user,
@@ -335,6 +377,104 @@ impl Connections {
             caller,
             inbound,
         ));
+    }
+
+    /// Hands a stateful session over to another instance: it stops receiving here (no
+    /// delivery reaches it once this returns), its state is taken out, its socket is
+    /// dropped and its session ends without the disconnect hook. `None` if it is not here
+    /// or not a stateful session.
+    pub async fn hand_over(&self, token: &str) -> Option<Moved> {
+        let connection = self.get(token)?;
+        if !connection.outbox.is_stateful() || connection.moved.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        self.by_token
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(token);
+        let groups = self.host.detach(&connection.id).await;
+        let replay = connection.outbox.export_replay()?;
+        let sequence = connection.sequence().unwrap_or_default();
+        connection.drop_socket();
+        connection.outbox.close(Closing::silent());
+        self.metrics.session_moved_out();
+        let user = connection
+            .user
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Some(Moved {
+            user,
+            groups,
+            protocol: connection.outbox.protocol(),
+            replay,
+            processed: sequence.processed(),
+            acked: sequence.acked(),
+        })
+    }
+
+    /// Starts receiving for a stateful session that is moving here, before its state is
+    /// asked for, so that nothing published meanwhile is missed (see
+    /// [`Outbox::complete_move`]).
+    pub async fn begin_move(
+        &self,
+        id: ConnectionId,
+        token: ConnectionToken,
+        user: Option<String>,
+    ) -> Arc<Connection> {
+        let connection = self.create(id, token);
+        connection.outbox.stage();
+        *connection.user.lock().unwrap_or_else(|e| e.into_inner()) = user.clone();
+        let caller = Caller {
+            connection_id: connection.id.clone(),
+            user,
+            transport: TransportKind::WebSockets,
+        };
+        self.host.attach(&caller, connection.outbox.clone()).await;
+        connection
+    }
+
+    /// The moved session's state arrived: it continues here, its session runs, and its
+    /// next WebSocket resumes it. False if its replay does not fit (the move is abandoned).
+    pub async fn complete_move(
+        self: &Arc<Self>,
+        connection: &Arc<Connection>,
+        moved: Moved,
+    ) -> bool {
+        connection.outbox.set_protocol(moved.protocol);
+        if !connection.outbox.complete_move(moved.replay) {
+            return false;
+        }
+        *connection.sequence() = Some(InboundSequence::resume(moved.processed, moved.acked));
+        self.host.rejoin(&connection.id, &moved.groups).await;
+        connection.lock_state().transport = Some(TransportKind::WebSockets);
+        let inbound = connection
+            .inbound_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(inbound) = inbound else {
+            return false;
+        };
+        let caller = Caller {
+            connection_id: connection.id.clone(),
+            user: moved.user,
+            transport: TransportKind::WebSockets,
+        };
+        self.metrics.session_moved_in();
+        tokio::spawn(session::run_moved(
+            self.clone(),
+            connection.clone(),
+            caller,
+            inbound,
+        ));
+        true
+    }
+
+    /// A move that failed: forget the staged connection.
+    pub async fn abort_move(&self, connection: &Connection) {
+        self.host.detach(&connection.id).await;
+        self.dispose(connection);
     }
 
     /// Drops connections idle for longer than the disconnect timeout; returns how many.

@@ -127,27 +127,19 @@ pub(super) async fn run(
                 && is_stateful(connection.token.as_str());
             if stateful {
                 outbox.enable_stateful(config.stateful_buffer_size, None);
+                *connection.sequence() = Some(InboundSequence::default());
             }
             connections.host.connect(&caller, outbox.clone()).await;
-            let mut reader = MessageReader::after_handshake(agreed.protocol, records);
-            let mut session = Session {
-                connections: &connections,
-                outbox: &outbox,
-                metrics,
-                context: connections.host.context(&caller),
-                streams: HashMap::new(),
-                pending: VecDeque::new(),
-                pinged: false,
-                last_received: Instant::now(),
-                ping: agreed.protocol.ping_record(),
-                detailed,
-                sequence: stateful.then(InboundSequence::default),
-            };
-            session.run(&mut inbound, &mut reader, &mut closing).await;
-            for (_, stream) in session.streams.drain() {
-                stream.task.abort();
-            }
-            connections.host.disconnect(&caller).await;
+            let reader = MessageReader::after_handshake(agreed.protocol, records);
+            converse(
+                &connections,
+                &connection,
+                &caller,
+                inbound,
+                reader,
+                &mut closing,
+            )
+            .await;
         }
         Some(Err(error)) => {
             log::debug!(
@@ -159,14 +151,79 @@ pub(super) async fn run(
         }
         None => {}
     }
+    finish(&connections, &connection, &caller);
+}
+
+/// Runs the session of a stateful connection that moved here from another instance: the
+/// handshake happened there, and its client resumes with a new WebSocket.
+pub(super) async fn run_moved(
+    connections: Arc<Connections>,
+    connection: Arc<Connection>,
+    caller: Caller,
+    inbound: mpsc::Receiver<Bytes>,
+) {
+    let outbox = connection.outbox().clone();
+    let mut closing = outbox.closing();
+    connections.metrics.connection_opened(caller.transport);
+    let records = RecordBuffer::new(connections.config.max_message_size);
+    let reader = MessageReader::after_handshake(outbox.protocol(), records);
+    converse(
+        &connections,
+        &connection,
+        &caller,
+        inbound,
+        reader,
+        &mut closing,
+    )
+    .await;
+    finish(&connections, &connection, &caller);
+}
+
+/// The conversation after the handshake, until the connection closes; then the hub
+/// forgets the connection (without its disconnect hook if the session moved away).
+async fn converse(
+    connections: &Connections,
+    connection: &Connection,
+    caller: &Caller,
+    mut inbound: mpsc::Receiver<Bytes>,
+    mut reader: MessageReader,
+    closing: &mut tokio::sync::watch::Receiver<Option<Closing>>,
+) {
+    let outbox = connection.outbox();
+    let mut session = Session {
+        connections,
+        connection,
+        outbox,
+        metrics: &connections.metrics,
+        context: connections.host.context(caller),
+        streams: HashMap::new(),
+        pending: VecDeque::new(),
+        pinged: false,
+        last_received: Instant::now(),
+        ping: outbox.protocol().ping_record(),
+        detailed: connections.host.detailed_errors(),
+    };
+    session.run(&mut inbound, &mut reader, closing).await;
+    for (_, stream) in session.streams.drain() {
+        stream.task.abort();
+    }
+    if connection.has_moved() {
+        connections.host.detach(&caller.connection_id).await;
+    } else {
+        connections.host.disconnect(caller).await;
+    }
+}
+
+fn finish(connections: &Connections, connection: &Arc<Connection>, caller: &Caller) {
+    let outbox = connection.outbox();
     if caller.transport == TransportKind::LongPolling {
         // The client is usually between polls: its next poll collects what is left (see
         // `Connection::activate`); the sweeper forgets the connection after that.
         outbox.close(Closing::silent());
-    } else {
-        connections.dispose(&connection);
+    } else if !connection.has_moved() {
+        connections.dispose(connection);
     }
-    metrics.connection_closed(caller.transport);
+    connections.metrics.connection_closed(caller.transport);
     log::debug!("connection {} ended", caller.connection_id);
 }
 
@@ -196,6 +253,7 @@ struct RunningStream {
 
 struct Session<'a> {
     connections: &'a Connections,
+    connection: &'a Connection,
     outbox: &'a Outbox,
     metrics: &'a Metrics,
     context: HubContext,
@@ -205,8 +263,6 @@ struct Session<'a> {
     last_received: Instant,
     ping: Bytes,
     detailed: bool,
-    /// The client's messages as counted for stateful reconnect (`None` without it).
-    sequence: Option<InboundSequence>,
 }
 
 /// What handling a record asks of the loop.
@@ -289,7 +345,7 @@ impl Session<'_> {
                 Err(error) => return self.fail(format!("InvalidDataException: {error}")),
             };
             self.metrics.message_received();
-            if let Some(sequence) = self.sequence.as_mut() {
+            if let Some(sequence) = self.connection.sequence().as_mut() {
                 // After a reconnect the client resends what it had no Ack for; what was
                 // processed before is dropped (HubProtocol.md, "Stateful Reconnect").
                 if is_sequenced(&message) && !sequence.accept() {
@@ -317,7 +373,7 @@ impl Session<'_> {
                 }
                 HubMessage::Ack { sequence_id } => self.outbox.ack(sequence_id),
                 HubMessage::Sequence { sequence_id } => {
-                    let restarted = match self.sequence.as_mut() {
+                    let restarted = match self.connection.sequence().as_mut() {
                         Some(sequence) => sequence.restart_at(sequence_id),
                         // Without stateful reconnect there is nothing to restart.
                         None => Ok(()),
@@ -336,7 +392,12 @@ impl Session<'_> {
     fn keep_alive(&mut self, interval: Duration, client_timeout: Duration) -> Next {
         self.streams.retain(|_, stream| !stream.task.is_finished());
         // Acks go out on this one-second tick, as from ASP.NET's timer.
-        if let Some(sequence_id) = self.sequence.as_mut().and_then(InboundSequence::ack_due) {
+        let ack_due = self
+            .connection
+            .sequence()
+            .as_mut()
+            .and_then(InboundSequence::ack_due);
+        if let Some(sequence_id) = ack_due {
             let ack = self
                 .outbox
                 .protocol()

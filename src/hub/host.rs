@@ -218,6 +218,31 @@ impl HubHost {
         }
     }
 
+    /// Registers a connection that is moving here from another instance, without the
+    /// connect hook (it connected there): messages for it reach it from now on.
+    pub async fn attach(&self, caller: &Caller, outbox: Outbox) {
+        let topics = self
+            .local
+            .add(&caller.connection_id, caller.user.as_deref(), outbox);
+        self.bus.subscribe(topics).await;
+    }
+
+    /// Puts a moved connection back into its groups here.
+    pub async fn rejoin(&self, id: &ConnectionId, groups: &[String]) {
+        for group in groups {
+            let _ = self.local.change_group(&*self.bus, id, group, true).await;
+        }
+    }
+
+    /// Forgets a connection without the disconnect hook (it moved to another instance);
+    /// returns the groups it was in. Once this returns, no delivery reaches its outbox.
+    pub async fn detach(&self, id: &ConnectionId) -> Vec<String> {
+        let groups = self.local.groups_of(id);
+        let topics = self.local.remove(id);
+        self.bus.unsubscribe(topics).await;
+        groups
+    }
+
     /// Runs the hub's disconnect hook, then forgets the connection.
     pub async fn disconnect(&self, caller: &Caller) {
         if let Some(hook) = &self.hub.on_disconnected {
