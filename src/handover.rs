@@ -62,6 +62,7 @@ struct Wire {
     records: Vec<(u64, String)>,
     processed: u64,
     acked: u64,
+    fresh: bool,
 }
 
 /// Encodes a session's state for the instance that pulls it.
@@ -80,6 +81,7 @@ pub fn encode(moved: &Moved) -> Vec<u8> {
             .collect(),
         processed: moved.processed,
         acked: moved.acked,
+        fresh: moved.fresh,
     };
     // A struct of strings and numbers always serializes.
     serde_json::to_vec(&wire).unwrap_or_default()
@@ -106,6 +108,7 @@ pub fn decode(bytes: &[u8]) -> Result<Moved, HandoverError> {
         },
         processed: wire.processed,
         acked: wire.acked,
+        fresh: wire.fresh,
     })
 }
 
@@ -224,6 +227,7 @@ mod tests {
             },
             processed: 4,
             acked: 3,
+            fresh: false,
         };
         assert_eq!(decode(&encode(&moved)).unwrap(), moved);
     }
@@ -231,7 +235,7 @@ mod tests {
     #[test]
     fn a_bad_state_is_an_error_not_a_panic() {
         assert!(decode(b"{").is_err());
-        let bad_record = br#"{"user":null,"groups":[],"protocol":"json","next":1,"limit":1,"records":[[1,"***"]],"processed":0,"acked":0}"#;
+        let bad_record = br#"{"user":null,"groups":[],"protocol":"json","next":1,"limit":1,"records":[[1,"***"]],"processed":0,"acked":0,"fresh":false}"#;
         assert!(matches!(decode(bad_record), Err(HandoverError::Record(_))));
         let bad_protocol = br#"{"user":null,"groups":[],"protocol":"xml","next":1,"limit":1,"records":[],"processed":0,"acked":0}"#;
         assert!(matches!(

@@ -362,6 +362,18 @@ async fn hub_get(
                 key: state.router.key(),
             };
             let moved = puller.pull(&hub.path, &token, &claims.owner).await;
+            if moved.as_ref().is_some_and(|moved| moved.fresh) {
+                // Negotiated elsewhere and never started: it starts here, with its handshake.
+                hub.connections.abort_move(&connection).await;
+                let connection = hub
+                    .connections
+                    .create(connection.id.clone(), ConnectionToken::from_trusted(token));
+                let served = serve(&req, payload, &state, &hub, kind, connection.clone()).await;
+                if served.is_err() {
+                    hub.connections.dispose(&connection);
+                }
+                return served;
+            }
             let resumed = match moved {
                 Some(moved) => hub.connections.complete_move(&connection, moved).await,
                 None => false,
@@ -451,10 +463,10 @@ async fn hub_delete(
 
 /// `GET /healthz`: 200 while the instance serves; `degraded` while a hub's bus is down
 /// (local clients are still served, so the load balancer should keep the instance);
-/// 503 `stopping` once shutdown has begun.
+/// 503 `draining` once shutdown has begun.
 async fn healthz(state: web::Data<AppState>) -> HttpResponse {
     let (mut response, status) = if state.stopping.load(Ordering::Relaxed) {
-        (HttpResponse::ServiceUnavailable(), "stopping")
+        (HttpResponse::ServiceUnavailable(), "draining")
     } else if state.buses_healthy() {
         (HttpResponse::Ok(), "ok")
     } else {

@@ -19,6 +19,10 @@ use crate::hub::BuildError;
 use crate::outbox::Closing;
 use crate::protocol::token::ClusterKey;
 
+/// While draining, how often stateful sessions whose clients came back here lose their
+/// socket again.
+const STATEFUL_RETRY: Duration = Duration::from_secs(1);
+
 /// The response header naming the instance that served a request.
 pub const INSTANCE_HEADER: &str = "X-Stickless-Instance";
 
@@ -196,8 +200,12 @@ impl Application {
 }
 
 impl AppHandle {
-    /// Sends every client a Close message that allows reconnecting (to another instance,
-    /// behind a load balancer), gives them `SHUTDOWN_TIMEOUT` to receive it, then stops.
+    /// Drains the instance, then stops it: no new negotiations (503, `/healthz` says
+    /// `draining`); clients without stateful reconnect get a Close message that allows
+    /// reconnecting (to another instance, behind a load balancer); stateful clients lose
+    /// their socket without a close frame, resume wherever the balancer sends them, and their
+    /// sessions move there — a client that lands here again loses its socket again, once a
+    /// second. All within `SHUTDOWN_TIMEOUT`.
     /// The Close carries no error, as ASP.NET's at shutdown (`{"type":7,"allowReconnect":
     /// true}`): clients such as pysignalr treat any Close error as fatal and would not
     /// reconnect.
@@ -205,11 +213,19 @@ impl AppHandle {
         self.state.stopping.store(true, Ordering::Relaxed);
         let hubs = &self.state.hubs;
         let count: usize = hubs.iter().map(|hub| hub.connections.len()).sum();
-        log::info!("shutting down: closing {count} connection(s)");
-        for hub in hubs {
-            hub.connections.close_all(Closing::with_message(None, true));
-        }
+        log::info!("draining: {count} connection(s)");
+        let closing = Closing::with_message(None, true);
         let deadline = Instant::now() + self.state.settings.shutdown_timeout;
+        let mut stateful: usize = hubs.iter().map(|hub| hub.connections.drain(&closing)).sum();
+        let mut retry = Instant::now() + STATEFUL_RETRY;
+        while stateful > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if Instant::now() >= retry {
+                stateful = hubs.iter().map(|hub| hub.connections.drain(&closing)).sum();
+                retry = Instant::now() + STATEFUL_RETRY;
+            }
+        }
+        log::info!("draining: {stateful} stateful session(s) left here");
         while self.state.metrics.live_connections() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

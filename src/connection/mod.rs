@@ -269,6 +269,27 @@ pub struct Moved {
     pub processed: u64,
     /// The highest of those acknowledged.
     pub acked: u64,
+    /// The connection was negotiated but never started: the puller starts it afresh.
+    pub fresh: bool,
+}
+
+impl Moved {
+    /// A connection negotiated elsewhere whose first WebSocket reached another instance.
+    pub fn fresh() -> Self {
+        Self {
+            user: None,
+            groups: Vec::new(),
+            protocol: HubProtocol::Json,
+            replay: ReplayState {
+                next: 1,
+                records: Vec::new(),
+                limit: 0,
+            },
+            processed: 0,
+            acked: 0,
+            fresh: true,
+        }
+    }
 }
 
 /// This instance's connections, and what their sessions need.
@@ -350,6 +371,31 @@ impl Connections {
         }
     }
 
+    /// Starts draining: every connection without stateful reconnect closes with
+    /// `closing`; every stateful one loses its socket without a close frame, so that its
+    /// client resumes with the same token wherever the load balancer sends it and the
+    /// session moves there. Returns how many stateful sessions are still here (call again
+    /// for those whose client came back to this instance).
+    pub fn drain(&self, closing: &Closing) -> usize {
+        let all: Vec<Arc<Connection>> = self
+            .by_token
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut stateful = 0;
+        for connection in all {
+            if connection.outbox.is_stateful() {
+                stateful += 1;
+                connection.drop_socket();
+            } else {
+                connection.outbox.close(closing.clone());
+            }
+        }
+        stateful
+    }
+
     /// Starts the protocol session of a connection whose transport just started.
     pub fn start(
         self: &Arc<Self>,
@@ -385,8 +431,16 @@ impl Connections {
     /// or not a stateful session.
     pub async fn hand_over(&self, token: &str) -> Option<Moved> {
         let connection = self.get(token)?;
-        if !connection.outbox.is_stateful() || connection.moved.swap(true, Ordering::AcqRel) {
+        let unstarted = connection.transport().is_none();
+        if !(unstarted || connection.outbox.is_stateful())
+            || connection.moved.swap(true, Ordering::AcqRel)
+        {
             return None;
+        }
+        if unstarted {
+            // Its first WebSocket reached another instance, which starts it there.
+            self.dispose(&connection);
+            return Some(Moved::fresh());
         }
         self.by_token
             .write()
@@ -410,6 +464,7 @@ impl Connections {
             replay,
             processed: sequence.processed(),
             acked: sequence.acked(),
+            fresh: false,
         })
     }
 

@@ -223,7 +223,7 @@ describe("SIGTERM failover in a cluster of 3 (official clients with automatic re
       15000,
       "/healthz 503 on the stopping instance",
     );
-    assert.equal(health.json?.status, "stopping", describeResponse(health));
+    assert.equal(health.json?.status, "draining", describeResponse(health));
     assert.equal(health.json?.instance, victim.id);
     const refused = await rawNegotiate(victim.url, "negotiateVersion=1");
     assert.equal(refused.status, 503, `negotiate while stopping: ${describeResponse(refused)}`);
