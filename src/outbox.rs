@@ -130,7 +130,7 @@ impl Outbox {
             Err(mpsc::error::TrySendError::Full(_)) => {
                 log::warn!(
                     "connection {} closed: its outbound queue is full",
-                    self.0.id
+                    self.0.id.for_log()
                 );
                 self.0.metrics.slow_consumer();
                 self.close(Closing::with_message(

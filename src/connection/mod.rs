@@ -331,7 +331,7 @@ impl Connections {
         for connection in &stale {
             log::debug!(
                 "connection {} dropped after {:?} without a transport request",
-                connection.id,
+                connection.id.for_log(),
                 self.config.disconnect_timeout
             );
             self.dispose(connection);

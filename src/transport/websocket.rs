@@ -91,7 +91,7 @@ pub async fn serve(
                     break Some(reason.unwrap_or(CloseReason { code: CloseCode::Normal, description: None }));
                 }
                 Some(Err(error)) => {
-                    log::debug!("connection {}: WebSocket protocol error: {error}", connection.id);
+                    log::debug!("connection {}: WebSocket protocol error: {error}", connection.id.for_log());
                     break Some(CloseReason {
                         code: CloseCode::Size,
                         description: Some(format!("{error}")),
