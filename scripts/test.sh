@@ -45,3 +45,25 @@ say "interop tests with the official @microsoft/signalr client"
 STICKLESS_BIN="$PWD/target/debug/stickless" \
 STICKLESS_CLUSTER_BIN="$PWD/target/debug/stickless-cluster" \
   npm test
+
+# --- Interop tests with third-party Python clients (tests/python) -----------------------
+# signalrcore and pysignalr from PyPI, pinned with pytest in tests/python/requirements.txt,
+# installed into a virtual environment under target/. pytest exits 5 when it collected no
+# tests: that fails the run too.
+say "interop tests with third-party Python clients (signalrcore, pysignalr)"
+if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv
+fi
+venv=target/interop-venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+pytest_status=0
+STICKLESS_BIN="$PWD/target/debug/stickless" \
+STICKLESS_CLUSTER_BIN="$PWD/target/debug/stickless-cluster" \
+  "$venv/bin/pytest" tests/python -p no:cacheprovider -ra || pytest_status=$?
+if [ "$pytest_status" -eq 5 ]; then
+  echo "pytest collected no tests in tests/python" >&2
+  exit 1
+fi
+[ "$pytest_status" -eq 0 ] || exit "$pytest_status"
