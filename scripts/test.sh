@@ -87,13 +87,28 @@ finish_suite() {
 say "Rust tests and single-instance Node suites, in parallel"
 start_suite rust cargo test --locked -- --test-threads="${TEST_THREADS:-2}"
 start_suite node-single "${NODE_TEST[@]}" \
-  tests/node/single.test.mjs tests/node/official-client.test.mjs tests/node/browser.test.mjs
+  tests/node/single.test.mjs tests/node/official-client.test.mjs tests/node/browser.test.mjs \
+  tests/node/stateful.test.mjs
 finish_suite node-single
 finish_suite rust
 
 say "Node cluster suites (official client through nginx, real redis-server)"
-start_suite node-cluster "${NODE_TEST[@]}" tests/node/cluster.test.mjs tests/node/cluster-routing.test.mjs
+start_suite node-cluster "${NODE_TEST[@]}" tests/node/cluster.test.mjs tests/node/cluster-routing.test.mjs \
+  tests/node/msgpack.test.mjs tests/node/stateful-cluster.test.mjs
 finish_suite node-cluster
+
+# Interop with third-party Python clients (tests/python): signalrcore and pysignalr from
+# PyPI, pinned with pytest in tests/python/requirements.txt, in a virtual environment under
+# target/. pytest exits 5 when it collected no tests: that fails the run too.
+python_suite() {
+  local venv=target/interop-venv
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv" || return 1
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt || return 1
+  "$venv/bin/pytest" tests/python -p no:cacheprovider -ra
+}
+say "interop tests with third-party Python clients (signalrcore, pysignalr)"
+start_suite python python_suite
+finish_suite python
 
 # --- hook: the lead adds the Docker Compose suite (scripts/compose-test.sh) here ---------
 
@@ -102,10 +117,11 @@ finish_suite node-cluster
 # ---------------------------------------------------------------------------------------
 say "summary"
 failed=0
-for name in rust node-single node-cluster; do
+for name in rust node-single node-cluster python; do
   echo "-- $name (exit ${status[$name]})"
   case $name in
     rust) grep -E '^test result:' "$LOGS/$name.log" ;;
+    python) grep -E '^=+ .*(passed|failed|error|no tests ran).* =+$' "$LOGS/$name.log" ;;
     *) grep -E '^# (tests|pass|fail|cancelled|skipped|todo) [0-9]+$' "$LOGS/$name.log" ;;
   esac
   [ "${status[$name]}" = 0 ] || failed=1

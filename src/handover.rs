@@ -237,7 +237,7 @@ mod tests {
         assert!(decode(b"{").is_err());
         let bad_record = br#"{"user":null,"groups":[],"protocol":"json","next":1,"limit":1,"records":[[1,"***"]],"processed":0,"acked":0,"fresh":false}"#;
         assert!(matches!(decode(bad_record), Err(HandoverError::Record(_))));
-        let bad_protocol = br#"{"user":null,"groups":[],"protocol":"xml","next":1,"limit":1,"records":[],"processed":0,"acked":0}"#;
+        let bad_protocol = br#"{"user":null,"groups":[],"protocol":"xml","next":1,"limit":1,"records":[],"processed":0,"acked":0,"fresh":false}"#;
         assert!(matches!(
             decode(bad_protocol),
             Err(HandoverError::Protocol(_))

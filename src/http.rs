@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use actix_web::dev::ServiceRequest;
 use actix_web::http::header::CONTENT_TYPE;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
@@ -135,6 +136,48 @@ fn query_param(req: &HttpRequest, name: &str) -> Option<String> {
         .into_iter()
         .find(|(key, _)| key.eq_ignore_ascii_case(name))
         .map(|(_, value)| value)
+}
+
+/// Query parameters whose values are secrets: `id` is the connection token (whoever holds
+/// it reads and writes the connection; in negotiate version 0 it is also the connection
+/// id) and `access_token` the bearer credential browsers cannot send as a header.
+const SECRET_QUERY_KEYS: [&str; 2] = ["id", "access_token"];
+
+/// A query string as logs may show it: the values of [`SECRET_QUERY_KEYS`] (keys matched
+/// as [`query_param`] matches them: decoded, ignoring case) become `[redacted]`.
+pub fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| {
+            let key = web::Query::<Vec<(String, String)>>::from_query(pair)
+                .ok()
+                .and_then(|pairs| pairs.into_inner().into_iter().next())
+                .map(|(key, _)| key)
+                .unwrap_or_default();
+            if SECRET_QUERY_KEYS
+                .iter()
+                .any(|secret| key.eq_ignore_ascii_case(secret))
+            {
+                let raw_key = pair.split_once('=').map_or(pair, |(raw_key, _)| raw_key);
+                format!("{raw_key}=[redacted]")
+            } else {
+                pair.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The access log's request line (`GET /chat?id=[redacted] HTTP/1.1`): actix's `%r`
+/// with the secrets of the query left out.
+pub fn access_log_request_line(req: &ServiceRequest) -> String {
+    let query = req.query_string();
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", redact_query(query))
+    };
+    format!("{} {}{query} {:?}", req.method(), req.path(), req.version())
 }
 
 /// Largest POST body: several records may share one (the client batches its sends).
@@ -489,4 +532,18 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
                 .metrics
                 .render(state.buses_healthy(), state.router.cluster_size()),
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_query_values_are_redacted_whatever_their_case_or_encoding() {
+        assert_eq!(
+            redact_query("id=abc.def&negotiateVersion=1&ACCESS_TOKEN=s3cr3t&%69d=x&_=1"),
+            "id=[redacted]&negotiateVersion=1&ACCESS_TOKEN=[redacted]&%69d=[redacted]&_=1"
+        );
+        assert_eq!(redact_query("idx=1&id"), "idx=1&id=[redacted]");
+    }
 }

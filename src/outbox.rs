@@ -166,7 +166,7 @@ impl Outbox {
         if let Some(state) = stateful.as_mut() {
             if let Err(full) = state.buffer.push(record.clone()) {
                 drop(stateful);
-                log::warn!("connection {} closed: {full}", self.0.id);
+                log::warn!("connection {} closed: {full}", self.0.id.for_log());
                 self.0.metrics.slow_consumer();
                 self.close(Closing::with_message(
                     Some(format!(
@@ -209,7 +209,7 @@ impl Outbox {
             Err(mpsc::error::TrySendError::Full(_)) => {
                 log::warn!(
                     "connection {} closed: its outbound queue is full",
-                    self.0.id
+                    self.0.id.for_log()
                 );
                 self.0.metrics.slow_consumer();
                 self.close(Closing::with_message(
@@ -517,7 +517,7 @@ pub(crate) mod tests {
         let (x, y, z) = (b("x"), b("y"), b("z"));
         assert_eq!(seam(&[&x, &y], &[y.clone(), z.clone()]), 1);
         assert_eq!(seam(&[&x, &y], &[x.clone(), y.clone(), z.clone()]), 2);
-        assert_eq!(seam(&[&x], &[z.clone()]), 0);
+        assert_eq!(seam(&[&x], std::slice::from_ref(&z)), 0);
         assert_eq!(seam(&[], &[z]), 0);
     }
 

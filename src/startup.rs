@@ -14,7 +14,7 @@ use actix_web::{http, web, HttpServer};
 use crate::bus::BusError;
 use crate::config::ConfigError;
 use crate::forwarding::Forwarder;
-use crate::http::{max_body_size, routes, AppState};
+use crate::http::{access_log_request_line, max_body_size, routes, AppState};
 use crate::hub::BuildError;
 use crate::outbox::Closing;
 use crate::protocol::token::ClusterKey;
@@ -139,7 +139,12 @@ impl Application {
                     cors(&settings.cors_origins),
                 ))
                 .wrap(DefaultHeaders::new().add((INSTANCE_HEADER, app_state.instance.as_str())))
-                .wrap(Logger::new("%a \"%r\" %s %b %Dms").log_target("stickless::access"))
+                .wrap(
+                    // `%r` would log the connection token and the access token.
+                    Logger::new("%a \"%{request}xi\" %s %b %Dms")
+                        .custom_request_replace("request", access_log_request_line)
+                        .log_target("stickless::access"),
+                )
                 .configure(routes(&app_state.hubs));
             if settings.static_dir.join("index.html").is_file() {
                 app = app.service(

@@ -357,20 +357,6 @@ impl Connections {
             .len()
     }
 
-    /// Asks every connection to close, e.g. with a Close message at shutdown.
-    pub fn close_all(&self, closing: Closing) {
-        let all: Vec<Arc<Connection>> = self
-            .by_token
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        for connection in all {
-            connection.outbox.close(closing.clone());
-        }
-    }
-
     /// Starts draining: every connection without stateful reconnect closes with
     /// `closing`; every stateful one loses its socket without a close frame, so that its
     /// client resumes with the same token wherever the load balancer sends it and the
@@ -548,7 +534,7 @@ impl Connections {
         for connection in &stale {
             log::debug!(
                 "connection {} dropped after {:?} without a transport request",
-                connection.id,
+                connection.id.for_log(),
                 self.config.disconnect_timeout
             );
             self.dispose(connection);

@@ -102,7 +102,7 @@ pub(super) async fn run(
     metrics.connection_opened(caller.transport);
     log::debug!(
         "connection {} started on {}",
-        caller.connection_id,
+        caller.connection_id.for_log(),
         caller.transport.name()
     );
 
@@ -144,7 +144,7 @@ pub(super) async fn run(
         Some(Err(error)) => {
             log::debug!(
                 "connection {}: handshake refused: {error}",
-                caller.connection_id
+                caller.connection_id.for_log()
             );
             outbox.push(handshake::error_reply_detailed(&error, detailed));
             outbox.close(Closing::silent());
@@ -224,7 +224,7 @@ fn finish(connections: &Connections, connection: &Arc<Connection>, caller: &Call
         connections.dispose(connection);
     }
     connections.metrics.connection_closed(caller.transport);
-    log::debug!("connection {} ended", caller.connection_id);
+    log::debug!("connection {} ended", caller.connection_id.for_log());
 }
 
 /// Reads until the first record and checks it against the protocols this server speaks
@@ -326,7 +326,7 @@ impl Session<'_> {
     fn fail(&self, detail: String) -> Next {
         log::debug!(
             "connection {}: closing: {detail}",
-            self.context.connection_id
+            self.context.connection_id.for_log()
         );
         let error = if self.detailed {
             format!("Connection closed with an error. {detail}")

@@ -165,7 +165,10 @@ impl HubHost {
                         let result = running.await;
                         let Some(invocation_id) = invocation_id else {
                             if let Err(error) = result {
-                                log::debug!("connection {connection_id}: {target} failed: {error}");
+                                log::debug!(
+                                    "connection {}: {target} failed: {error}",
+                                    connection_id.for_log()
+                                );
                             }
                             return None;
                         };

@@ -112,11 +112,11 @@ pub async fn serve(
                     }
                     Some(Err(ProtocolError::Io(error))) => {
                         // The connection broke without a close frame: a stateful client comes back.
-                        log::debug!("connection {}: WebSocket broken: {error}", connection.id);
+                        log::debug!("connection {}: WebSocket broken: {error}", connection.id.for_log());
                         break None;
                     }
                     Some(Err(error)) => {
-                        log::debug!("connection {}: WebSocket protocol error: {error}", connection.id);
+                        log::debug!("connection {}: WebSocket protocol error: {error}", connection.id.for_log());
                         break Some(CloseReason {
                             code: CloseCode::Size,
                             description: Some(format!("{error}")),

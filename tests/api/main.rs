@@ -6,10 +6,13 @@
 //! - [`cluster`]: redis-server, three `stickless` processes and nginx
 //!   ([`helpers::spawn_cluster`]); needs `redis-server` and `nginx` installed.
 //!
+//! - [`logs`]: a real cluster's logs hold no connection token and no access token.
+//!
 //! Run with `cargo test --test api -- --test-threads=2`.
 
 mod cluster;
 mod conformance;
 mod helpers;
+mod logs;
 mod redis_cluster;
 mod single;
