@@ -145,7 +145,8 @@ struct Tally {
     attempts: u64,
     mode: &'static str,
     not_found: bool,
-    /// The owner itself said it does not hold the connection.
+    /// The owner itself said it does not hold the connection, or did not answer over
+    /// the bus at all: either way no empty 200 may keep the client polling.
     owner_said_gone: bool,
     failure: Option<String>,
 }
@@ -277,6 +278,14 @@ impl Forwarder {
                         tally.owner_said_gone = true;
                         break;
                     }
+                    Relayed::Silent(why) => {
+                        // No owner answered: what ASP.NET answers for an unknown id, unless
+                        // a later route (the balancer) finds it after all.
+                        tally.not_found = true;
+                        tally.owner_said_gone = true;
+                        tally.failure = Some(why);
+                        continue;
+                    }
                     Relayed::Failed(why) => {
                         tally.failure = Some(why);
                         continue;
@@ -356,6 +365,7 @@ impl Forwarder {
             let Target::Http(base, mode) = target else {
                 tally.begin("bus", &self.metrics);
                 let Some(exchange) = self.relay_open(req, Bytes::new(), plan, true).await else {
+                    tally.not_found = true;
                     tally.failure = Some("the owner did not answer over the bus".into());
                     continue;
                 };
@@ -444,7 +454,9 @@ enum Relayed {
     Answered(HttpResponse),
     /// The owner does not hold the connection.
     Gone,
-    /// The owner did not answer in time: try the next route.
+    /// No owner answered the `Open`: it is gone, or cut off from the bus.
+    Silent(String),
+    /// The relay broke after the owner accepted it: try the next route.
     Failed(String),
 }
 
@@ -490,7 +502,7 @@ impl Forwarder {
         timeout: Duration,
     ) -> Relayed {
         let mut exchange = match self.relay_open(req, body, plan, false).await {
-            None => return Relayed::Failed("the owner did not answer over the bus".into()),
+            None => return Relayed::Silent("the owner did not answer over the bus".into()),
             Some(Err(())) => return Relayed::Gone,
             Some(Ok(exchange)) => exchange,
         };
