@@ -13,7 +13,8 @@
 //! Encoding: one byte of kind, 16 bytes of correlation id, then the kind's fields, each
 //! string or byte field prefixed by its length (u32, big endian). Decoding checks every
 //! length against what is there and rejects trailing bytes, so a malformed frame is an
-//! error, never a panic.
+//! error, never a panic. One bus message carries a batch: packets, each prefixed by its
+//! length ([`encode_batch`]), so frames already waiting travel together.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -255,6 +256,25 @@ impl Packet {
     }
 }
 
+/// The bytes of several packets in one bus message, in order.
+pub fn encode_batch(packets: &[Packet]) -> Bytes {
+    let mut out = BytesMut::new();
+    for packet in packets {
+        put_bytes(&mut out, &packet.encode());
+    }
+    out.freeze()
+}
+
+/// The packets of one bus message, in order.
+pub fn decode_batch(bytes: Bytes) -> Result<Vec<Packet>, FrameError> {
+    let mut r = Reader(bytes);
+    let mut packets = Vec::new();
+    while r.0.has_remaining() {
+        packets.push(Packet::decode(r.bytes()?)?);
+    }
+    Ok(packets)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,6 +316,19 @@ mod tests {
             };
             assert_eq!(Packet::decode(packet.encode()), Ok(packet));
         }
+    }
+
+    #[test]
+    fn a_batch_keeps_its_packets_and_their_order() {
+        let id = CorrelationId::random();
+        let packets: Vec<Packet> = every_frame()
+            .into_iter()
+            .map(|frame| Packet { id, frame })
+            .collect();
+        let bytes = encode_batch(&packets);
+        assert_eq!(decode_batch(bytes.clone()), Ok(packets));
+        assert!(decode_batch(bytes.slice(..bytes.len() - 1)).is_err());
+        assert_eq!(decode_batch(Bytes::new()), Ok(vec![]));
     }
 
     #[test]

@@ -30,7 +30,7 @@ use awc::error::WsClientError;
 use awc::ws::{Frame as WsFrame, Message};
 use bytes::Bytes;
 use bytestring::ByteString;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 
 use crate::metrics::{ForwardOutcome, Metrics};
 use crate::protocol::token::ClusterKey;
@@ -145,7 +145,8 @@ struct Tally {
     attempts: u64,
     mode: &'static str,
     not_found: bool,
-    /// The owner itself said it does not hold the connection.
+    /// The owner itself said it does not hold the connection, or did not answer over
+    /// the bus at all: either way no empty 200 may keep the client polling.
     owner_said_gone: bool,
     failure: Option<String>,
 }
@@ -277,6 +278,14 @@ impl Forwarder {
                         tally.owner_said_gone = true;
                         break;
                     }
+                    Relayed::Silent(why) => {
+                        // No owner answered: what ASP.NET answers for an unknown id, unless
+                        // a later route (the balancer) finds it after all.
+                        tally.not_found = true;
+                        tally.owner_said_gone = true;
+                        tally.failure = Some(why);
+                        continue;
+                    }
                     Relayed::Failed(why) => {
                         tally.failure = Some(why);
                         continue;
@@ -356,6 +365,7 @@ impl Forwarder {
             let Target::Http(base, mode) = target else {
                 tally.begin("bus", &self.metrics);
                 let Some(exchange) = self.relay_open(req, Bytes::new(), plan, true).await else {
+                    tally.not_found = true;
                     tally.failure = Some("the owner did not answer over the bus".into());
                     continue;
                 };
@@ -444,7 +454,9 @@ enum Relayed {
     Answered(HttpResponse),
     /// The owner does not hold the connection.
     Gone,
-    /// The owner did not answer in time: try the next route.
+    /// No owner answered the `Open`: it is gone, or cut off from the bus.
+    Silent(String),
+    /// The relay broke after the owner accepted it: try the next route.
     Failed(String),
 }
 
@@ -490,7 +502,7 @@ impl Forwarder {
         timeout: Duration,
     ) -> Relayed {
         let mut exchange = match self.relay_open(req, body, plan, false).await {
-            None => return Relayed::Failed("the owner did not answer over the bus".into()),
+            None => return Relayed::Silent("the owner did not answer over the bus".into()),
             Some(Err(())) => return Relayed::Gone,
             Some(Ok(exchange)) => exchange,
         };
@@ -533,8 +545,42 @@ impl Forwarder {
     }
 }
 
+/// What one message from the client's socket means for a relayed WebSocket.
+enum FromClient {
+    Relay(Frame),
+    Ping(Bytes),
+    Skip,
+    /// The client closed (or broke) the socket: tell the owner, and close with this.
+    Close(Frame, Option<CloseReason>),
+}
+
+fn from_client(item: Option<Result<AggregatedMessage, actix_ws::ProtocolError>>) -> FromClient {
+    match item {
+        Some(Ok(AggregatedMessage::Text(text))) => {
+            FromClient::Relay(Frame::WsText(text.into_bytes()))
+        }
+        Some(Ok(AggregatedMessage::Binary(bytes))) => FromClient::Relay(Frame::WsBinary(bytes)),
+        Some(Ok(AggregatedMessage::Ping(bytes))) => FromClient::Ping(bytes),
+        Some(Ok(AggregatedMessage::Pong(_))) => FromClient::Skip,
+        Some(Ok(AggregatedMessage::Close(reason))) => {
+            FromClient::Close(relay::close_frame(reason.clone()), reason)
+        }
+        Some(Err(error)) => FromClient::Close(
+            Frame::WsClose {
+                code: 1002,
+                reason: String::new(),
+            },
+            Some(CloseReason {
+                code: CloseCode::Protocol,
+                description: Some(error.to_string()),
+            }),
+        ),
+        None => FromClient::Close(relay::close_frame(None), None),
+    }
+}
+
 /// Carries a client's WebSocket to the owner over the bus, frames both ways, until either
-/// side closes.
+/// side closes. Frames already waiting on one side travel together.
 async fn relay_websocket(
     mut session: actix_ws::Session,
     messages: actix_ws::MessageStream,
@@ -547,60 +593,61 @@ async fn relay_websocket(
         .max_continuation_size(max_frame_size);
     loop {
         tokio::select! {
-            from_client = messages.next() => {
-                let frame = match from_client {
-                    Some(Ok(AggregatedMessage::Text(text))) => Frame::WsText(text.into_bytes()),
-                    Some(Ok(AggregatedMessage::Binary(bytes))) => Frame::WsBinary(bytes),
-                    Some(Ok(AggregatedMessage::Ping(bytes))) => {
-                        let _ = session.pong(&bytes).await;
-                        continue;
+            first = messages.next() => {
+                let mut batch = relay::Batch::default();
+                let mut close = None;
+                let mut next = Some(first);
+                while let Some(item) = next.take() {
+                    match from_client(item) {
+                        FromClient::Relay(frame) => batch.push(frame),
+                        FromClient::Ping(bytes) => {
+                            let _ = session.pong(&bytes).await;
+                        }
+                        FromClient::Skip => {}
+                        FromClient::Close(frame, reason) => {
+                            batch.push(frame);
+                            close = Some(reason);
+                            break;
+                        }
                     }
-                    Some(Ok(AggregatedMessage::Pong(_))) => continue,
-                    Some(Ok(AggregatedMessage::Close(reason))) => {
-                        exchange.send(Frame::WsClose {
-                            code: reason.as_ref().map_or(0, |r| u16::from(r.code)),
-                            reason: reason.clone().and_then(|r| r.description).unwrap_or_default(),
-                        }).await;
-                        let _ = session.close(reason).await;
-                        return;
+                    if !batch.full() {
+                        next = messages.next().now_or_never();
                     }
-                    Some(Err(error)) => {
-                        exchange.send(Frame::WsClose { code: 1002, reason: String::new() }).await;
-                        let reason = CloseReason { code: CloseCode::Protocol, description: Some(error.to_string()) };
-                        let _ = session.close(Some(reason)).await;
-                        return;
-                    }
-                    None => {
-                        exchange.send(Frame::WsClose { code: 0, reason: String::new() }).await;
-                        return;
-                    }
-                };
-                exchange.send(frame).await;
-            }
-            from_owner = exchange.next() => {
-                let sent = match from_owner {
-                    Some(Frame::WsText(bytes)) => match ByteString::try_from(bytes) {
-                        Ok(text) => session.text(text).await,
-                        Err(_) => Ok(()),
-                    },
-                    Some(Frame::WsBinary(bytes)) => session.binary(bytes).await,
-                    Some(Frame::WsClose { code, reason }) => {
-                        let reason = (code != 0).then(|| CloseReason {
-                            code: CloseCode::from(code),
-                            description: (!reason.is_empty()).then_some(reason),
-                        });
-                        let _ = session.close(reason).await;
-                        return;
-                    }
-                    Some(Frame::End) | None => {
-                        let _ = session.close(Some(CloseReason { code: CloseCode::Error, description: None })).await;
-                        return;
-                    }
-                    Some(_) => Ok(()),
-                };
-                if sent.is_err() {
-                    exchange.send(Frame::WsClose { code: 0, reason: String::new() }).await;
+                }
+                exchange.send_frames(batch.frames).await;
+                if let Some(reason) = close {
+                    let _ = session.close(reason).await;
                     return;
+                }
+            }
+            first = exchange.next() => {
+                let mut next = first;
+                loop {
+                    let sent = match next {
+                        Some(Frame::WsText(bytes)) => match ByteString::try_from(bytes) {
+                            Ok(text) => session.text(text).await,
+                            Err(_) => Ok(()),
+                        },
+                        Some(Frame::WsBinary(bytes)) => session.binary(bytes).await,
+                        Some(Frame::WsClose { code, reason }) => {
+                            let _ = session.close(relay::close_reason(code, reason)).await;
+                            return;
+                        }
+                        Some(Frame::End) | None => {
+                            let reason = CloseReason { code: CloseCode::Error, description: None };
+                            let _ = session.close(Some(reason)).await;
+                            return;
+                        }
+                        Some(_) => Ok(()),
+                    };
+                    if sent.is_err() {
+                        exchange.send(relay::close_frame(None)).await;
+                        return;
+                    }
+                    match exchange.try_next() {
+                        Some(frame) => next = Some(frame),
+                        None => break,
+                    }
                 }
             }
         }

@@ -17,7 +17,10 @@
 //! Bounds: body chunks of at most [`frame::MAX_CHUNK`]; request bodies within the body
 //! limit (the caller read them); [`MAILBOX`] frames waiting per relay, past which the
 //! relay is ended rather than grown. Order: the bus keeps one sender's order to one
-//! instance, and each relay's frames go through one mailbox.
+//! instance, and each relay's frames go through one mailbox. WebSocket frames already
+//! waiting travel together in one bus message (at most [`BATCH`] frames or about
+//! [`frame::MAX_CHUNK`] bytes), so a busy socket costs far fewer broker messages than
+//! frames.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -27,19 +30,22 @@ use actix_web::http::Method;
 use bytes::Bytes;
 use bytestring::ByteString;
 use futures_util::future::BoxFuture;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use super::frame::{self, CorrelationId, Frame, Open, Packet};
 use crate::bus::{Bus, Envelope, InstanceHandler};
 use crate::protocol::token::{ClusterKey, InstanceId};
 use crate::routing::PROBE_HEADER;
+use awc::ws::{CloseCode, CloseReason, Frame as WsFrame, Message};
 
 /// How long a receiver waits for the owner's `Accepted` or `Miss`; past it the owner is
 /// taken as gone (or cut off from the bus) and the next route is tried.
 pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Frames waiting to be consumed in one relay before it is ended.
 pub const MAILBOX: usize = 4096;
+/// Most WebSocket frames carried in one bus message.
+pub const BATCH: usize = 64;
 /// Time for the owner's loopback request to connect.
 const LOOPBACK_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -153,7 +159,18 @@ impl Relay {
     }
 
     async fn send(&self, to: &InstanceId, id: CorrelationId, frame: Frame) {
-        let payload = Packet { id, frame }.encode();
+        self.send_frames(to, id, vec![frame]).await;
+    }
+
+    async fn send_frames(&self, to: &InstanceId, id: CorrelationId, frames: Vec<Frame>) {
+        if frames.is_empty() {
+            return;
+        }
+        let packets: Vec<Packet> = frames
+            .into_iter()
+            .map(|frame| Packet { id, frame })
+            .collect();
+        let payload = frame::encode_batch(&packets);
         self.bus
             .publish(Envelope::ToInstance {
                 to: to.clone(),
@@ -176,15 +193,20 @@ impl Relay {
         }
     }
 
-    /// A frame for this instance arrived over the bus.
+    /// Frames for this instance arrived over the bus.
     async fn receive(&self, payload: Bytes) {
-        let packet = match Packet::decode(payload) {
-            Ok(packet) => packet,
-            Err(error) => {
-                log::warn!("relay: ignoring a malformed frame: {error}");
-                return;
+        match frame::decode_batch(payload) {
+            Ok(packets) => {
+                for packet in packets {
+                    self.dispatch(packet).await;
+                }
             }
-        };
+            Err(error) => log::warn!("relay: ignoring a malformed bus message: {error}"),
+        }
+    }
+
+    /// Hands one frame to its relay (or starts serving an `Open`).
+    async fn dispatch(&self, packet: Packet) {
         let Packet { id, frame } = packet;
         if let Frame::Open(open) = frame {
             return self.accept(id, open).await;
@@ -278,9 +300,26 @@ impl Exchange {
         frame
     }
 
+    /// A frame the owner already sent, without waiting.
+    pub fn try_next(&mut self) -> Option<Frame> {
+        if self.ended {
+            return None;
+        }
+        let frame = self.rx.try_recv().ok()?;
+        if matches!(frame, Frame::End) {
+            self.ended = true;
+        }
+        Some(frame)
+    }
+
     /// Sends a frame to the owner (WebSocket frames).
     pub async fn send(&self, frame: Frame) {
         self.relay.send(&self.peer, self.id, frame).await;
+    }
+
+    /// Sends frames to the owner in one bus message.
+    pub async fn send_frames(&self, frames: Vec<Frame>) {
+        self.relay.send_frames(&self.peer, self.id, frames).await;
     }
 }
 
@@ -425,7 +464,6 @@ async fn serve_websocket(
     job: Job,
     max_frame_size: usize,
 ) {
-    use awc::ws::{CloseCode, CloseReason, Frame as WsFrame, Message};
     let Job {
         id,
         peer,
@@ -476,59 +514,141 @@ async fn serve_websocket(
             return relay.send(&peer, id, Frame::End).await;
         }
     };
-    let close_frame = |reason: Option<CloseReason>| Frame::WsClose {
-        code: reason.as_ref().map_or(0, |r| u16::from(r.code)),
-        reason: reason.and_then(|r| r.description).unwrap_or_default(),
-    };
     loop {
         tokio::select! {
-            from_server = upstream.next() => {
-                let frame = match from_server {
-                    Some(Ok(WsFrame::Text(bytes))) => Frame::WsText(bytes),
-                    Some(Ok(WsFrame::Binary(bytes))) => Frame::WsBinary(bytes),
-                    Some(Ok(WsFrame::Ping(bytes))) => {
-                        let _ = upstream.send(Message::Pong(bytes)).await;
-                        continue;
+            first = upstream.next() => {
+                // This frame and those already waiting go in one bus message.
+                let mut batch = Batch::default();
+                let mut next = Some(first);
+                while let Some(item) = next.take() {
+                    match from_server(item) {
+                        FromServer::Relay(frame) => batch.push(frame),
+                        FromServer::Ping(bytes) => {
+                            let _ = upstream.send(Message::Pong(bytes)).await;
+                        }
+                        FromServer::Skip => {}
+                        FromServer::Close(frame) => {
+                            batch.push(frame);
+                            batch.closed = true;
+                            break;
+                        }
                     }
-                    Some(Ok(WsFrame::Pong(_))) => continue,
-                    Some(Ok(WsFrame::Close(reason))) => {
-                        relay.send(&peer, id, close_frame(reason)).await;
-                        break;
+                    if !batch.full() {
+                        next = upstream.next().now_or_never();
                     }
-                    // Instances never fragment their frames; anything else ends the relay.
-                    Some(Ok(WsFrame::Continuation(_))) | Some(Err(_)) | None => {
-                        relay.send(&peer, id, Frame::WsClose { code: 1011, reason: String::new() }).await;
-                        break;
-                    }
-                };
-                relay.send(&peer, id, frame).await;
+                }
+                relay.send_frames(&peer, id, batch.frames).await;
+                if batch.closed {
+                    break;
+                }
             }
-            from_client = rx.recv() => {
-                let message = match from_client {
-                    Some(Frame::WsText(bytes)) => match ByteString::try_from(bytes) {
-                        Ok(text) => Message::Text(text),
-                        Err(_) => continue,
-                    },
-                    Some(Frame::WsBinary(bytes)) => Message::Binary(bytes),
-                    Some(Frame::WsClose { code, reason }) => {
-                        let reason = (code != 0).then(|| CloseReason {
-                            code: CloseCode::from(code),
-                            description: (!reason.is_empty()).then_some(reason),
-                        });
-                        let _ = upstream.send(Message::Close(reason)).await;
+            first = rx.recv() => {
+                // Feed this frame and those already waiting, then flush once.
+                let mut next = first;
+                let mut ended = false;
+                loop {
+                    let message = match next {
+                        Some(Frame::WsText(bytes)) => match ByteString::try_from(bytes) {
+                            Ok(text) => Some(Message::Text(text)),
+                            Err(_) => None,
+                        },
+                        Some(Frame::WsBinary(bytes)) => Some(Message::Binary(bytes)),
+                        Some(Frame::WsClose { code, reason }) => {
+                            ended = true;
+                            Some(Message::Close(close_reason(code, reason)))
+                        }
+                        Some(_) | None => {
+                            ended = true;
+                            Some(Message::Close(None))
+                        }
+                    };
+                    if let Some(message) = message {
+                        if upstream.feed(message).await.is_err() {
+                            relay.send(&peer, id, Frame::WsClose { code: 1011, reason: String::new() }).await;
+                            ended = true;
+                        }
+                    }
+                    if ended {
                         break;
                     }
-                    Some(_) | None => {
-                        let _ = upstream.send(Message::Close(None)).await;
-                        break;
+                    match rx.try_recv() {
+                        Ok(frame) => next = Some(frame),
+                        Err(_) => break,
                     }
-                };
-                if upstream.send(message).await.is_err() {
-                    relay.send(&peer, id, Frame::WsClose { code: 1011, reason: String::new() }).await;
+                }
+                let _ = upstream.flush().await;
+                if ended {
                     break;
                 }
             }
         }
     }
     relay.send(&peer, id, Frame::End).await;
+}
+
+/// WebSocket frames gathered for one bus message.
+#[derive(Default)]
+pub(crate) struct Batch {
+    /// The frames, in order.
+    pub(crate) frames: Vec<Frame>,
+    bytes: usize,
+    /// A close frame ended the batch (and the socket).
+    pub(crate) closed: bool,
+}
+
+impl Batch {
+    /// Adds a frame.
+    pub(crate) fn push(&mut self, frame: Frame) {
+        self.bytes += match &frame {
+            Frame::WsText(bytes) | Frame::WsBinary(bytes) | Frame::Data(bytes) => bytes.len(),
+            _ => 0,
+        };
+        self.frames.push(frame);
+    }
+
+    /// Whether it holds enough for one bus message.
+    pub(crate) fn full(&self) -> bool {
+        self.frames.len() >= BATCH || self.bytes >= frame::MAX_CHUNK
+    }
+}
+
+/// The close reason a relayed close frame stands for (code 0: none).
+pub(crate) fn close_reason(code: u16, reason: String) -> Option<CloseReason> {
+    (code != 0).then(|| CloseReason {
+        code: CloseCode::from(code),
+        description: (!reason.is_empty()).then_some(reason),
+    })
+}
+
+/// The relay frame a close from the socket stands for.
+pub(crate) fn close_frame(reason: Option<CloseReason>) -> Frame {
+    Frame::WsClose {
+        code: reason.as_ref().map_or(0, |r| u16::from(r.code)),
+        reason: reason.and_then(|r| r.description).unwrap_or_default(),
+    }
+}
+
+/// What one item read from the owner's loopback socket means for the relay.
+enum FromServer {
+    Relay(Frame),
+    Ping(Bytes),
+    Skip,
+    Close(Frame),
+}
+
+fn from_server(item: Option<Result<WsFrame, awc::error::WsProtocolError>>) -> FromServer {
+    match item {
+        Some(Ok(WsFrame::Text(bytes))) => FromServer::Relay(Frame::WsText(bytes)),
+        Some(Ok(WsFrame::Binary(bytes))) => FromServer::Relay(Frame::WsBinary(bytes)),
+        Some(Ok(WsFrame::Ping(bytes))) => FromServer::Ping(bytes),
+        Some(Ok(WsFrame::Pong(_))) => FromServer::Skip,
+        Some(Ok(WsFrame::Close(reason))) => FromServer::Close(close_frame(reason)),
+        // Instances never fragment their frames; anything else ends the relay.
+        Some(Ok(WsFrame::Continuation(_))) | Some(Err(_)) | None => {
+            FromServer::Close(Frame::WsClose {
+                code: 1011,
+                reason: String::new(),
+            })
+        }
+    }
 }
