@@ -1284,14 +1284,22 @@ async fn a_slow_consumer_is_disconnected_while_the_broadcaster_keeps_working() {
 // ---------------------------------------------------------------------------------------
 
 #[actix_web::test]
-async fn negotiate_never_offers_stateful_reconnect() {
+async fn negotiate_offers_stateful_reconnect_only_when_asked_and_allowed() {
     let app = spawn_app().await;
-    let body = app
+    let asked = app
         .negotiate_raw("negotiateVersion=1&useStatefulReconnect=true", &[])
         .await
         .json();
-    assert!(body["connectionToken"].is_string(), "{body}");
-    assert_ne!(body["useStatefulReconnect"], true, "{body}");
+    assert!(asked["connectionToken"].is_string(), "{asked}");
+    assert_eq!(asked["useStatefulReconnect"], true, "{asked}");
+    let unasked = app.negotiate_raw("negotiateVersion=1", &[]).await.json();
+    assert!(unasked.get("useStatefulReconnect").is_none(), "{unasked}");
+    let forbidden = spawn_app_with(|s| s.allow_stateful_reconnect = false).await;
+    let refused = forbidden
+        .negotiate_raw("negotiateVersion=1&useStatefulReconnect=true", &[])
+        .await
+        .json();
+    assert!(refused.get("useStatefulReconnect").is_none(), "{refused}");
 }
 
 #[actix_web::test]
