@@ -55,6 +55,7 @@
 //! http           {hub}/negotiate · {hub} GET/POST/DELETE per hub · /healthz · /metrics
 //!  └ routing     is the connection here? if not: adopt, direct, bus or re-forward
 //!     ├ forwarding   awc or the bus: HTTP, event streams and WebSockets relayed to the owner
+//!     ├ handover     a stateful-reconnect session moves to where its new WebSocket landed
 //!     └ transport    WebSockets · Server-Sent Events · Long Polling (move records only)
 //!        └ connection     one client's state; its session moves messages to the host
 //!           └ hub         declaring methods and state; hub::host: dispatch, one per hub
@@ -70,7 +71,9 @@
 //!   client expects.
 //! - `routing`: the one decision of where a request for a connection goes (routes in one
 //!   configurable order, the re-forward budget); `forwarding`: carries misrouted requests
-//!   to the owning instance, over HTTP or relayed over the bus (`forwarding::relay`).
+//!   to the owning instance, over HTTP or relayed over the bus (`forwarding::relay`);
+//!   `handover`: moves a stateful-reconnect session (replay buffer, groups, user, sequence
+//!   counters) to the instance its client's new WebSocket reached.
 //! - `transport`: WebSockets, Server-Sent Events and Long Polling.
 //! - `connection`: connections, their registry and their sessions.
 //! - `hub`: [`Hub`], [`HubBuilder`], [`HubContext`], [`State`], [`HubError`]; `hub::host`

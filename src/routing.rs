@@ -5,12 +5,16 @@
 //!
 //! 1. the token does not verify → 404 at once, nothing forwarded (no amplification);
 //! 2. the connection is here → serve it;
+//!    - a stateful-reconnect WebSocket held nowhere here moves its session here
+//!      ([`Route::Pull`], [`crate::handover`]), even when the token names this instance: the
+//!      session may have moved away and back;
 //! 3. the token names this instance, which no longer has it → 404 at once;
 //! 4. the request is an internal probe → 404 at once: probes are never re-forwarded;
 //! 5. otherwise the owner is elsewhere, and the routes `ROUTES` enables are tried in one
 //!    fixed order, cheapest first:
 //!    - `adopt`: a WebSocket for a fresh token is served here, 0 extra hops (nothing else
-//!      will ever look for it, since this server offers no stateful reconnect);
+//!      will ever look for it; stateful-reconnect tokens, whose client comes back, are
+//!      never adopted);
 //!    - `direct`: with the owner's advertised URL known, go straight to it (1 hop). If it
 //!      cannot be reached (a network error, not a 404), the next route is tried;
 //!    - `bus`: with a shared bus (Redis) up, relay the request to the owner over the bus
