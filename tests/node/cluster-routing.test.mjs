@@ -96,7 +96,10 @@ for (const { instances, directRouting } of CONFIGS) {
     let urls;
     before(
       async () => {
-        cluster = await startCluster({ instances, directRouting });
+        // Load-balancer routing only means ROUTES too: by default the bus route (over Redis)
+        // would serve what nothing advertised.
+        const instanceEnv = directRouting ? {} : { ROUTES: "adopt,load-balancer" };
+        cluster = await startCluster({ instances, directRouting, instanceEnv });
         urls = cluster.instances.map((i) => i.url);
         assert.equal(new Set(cluster.instances.map((i) => i.id)).size, instances);
       },

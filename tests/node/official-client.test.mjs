@@ -36,8 +36,8 @@ let timing; // pings every second, clients silent for 2 s after a Ping are close
 before(
   async () => {
     [limits, timing] = await Promise.all([
-      startServer({ env: { MAX_MESSAGE_SIZE: String(MAX_MESSAGE_SIZE), ALLOW_STATEFUL_RECONNECT: "false" } }),
-      startServer({ env: { KEEP_ALIVE_INTERVAL: "1s", CLIENT_TIMEOUT: "2s" } }),
+      startServer({ env: { MAX_MESSAGE_SIZE: String(MAX_MESSAGE_SIZE), ALLOW_STATEFUL_RECONNECT: "false", ENABLE_DETAILED_ERRORS: "true" } }),
+      startServer({ env: { KEEP_ALIVE_INTERVAL: "1s", CLIENT_TIMEOUT: "2s", ENABLE_DETAILED_ERRORS: "true" } }),
     ]);
   },
   { timeout: 30000 },
