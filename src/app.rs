@@ -38,7 +38,7 @@ use crate::http::{max_body_size, AppState, HubEndpoint};
 use crate::hub::host::HubHost;
 use crate::hub::{HubBuilder, UserIdProvider};
 use crate::metrics::Metrics;
-use crate::protocol::token::ClusterKey;
+use crate::protocol::token::{is_stateful, ClusterKey};
 use crate::routing::Router;
 use crate::startup::{Application, StartError};
 
@@ -185,7 +185,9 @@ fn holds_connection(hubs: &[Arc<HubEndpoint>], path_and_query: &str) -> bool {
         .into_inner()
         .into_iter()
         .find(|(key, _)| key.eq_ignore_ascii_case("id"))
-        .is_some_and(|(_, token)| hub.connections.get(&token).is_some())
+        // A stateful-reconnect session can be served by any instance: it moves to the one
+        // that serves its WebSocket (a draining instance sends such WebSockets over the bus).
+        .is_some_and(|(_, token)| hub.connections.get(&token).is_some() || is_stateful(&token))
 }
 
 /// The key that signs one hub's connection tokens.

@@ -305,6 +305,11 @@ impl AppState {
             .and_then(|v| v.to_str().ok());
         let now = now_secs();
         let probe = self.router.is_probe(marker, now);
+        if self.stopping.load(Ordering::Relaxed) && kind == RequestKind::WebSocket && !probe {
+            if let Some(route) = self.router.route_while_draining(&hub.key, token) {
+                return route;
+            }
+        }
         self.router.route(
             &hub.key,
             &hub.connections,

@@ -40,6 +40,8 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
+
+use rand::seq::IndexedRandom;
 use std::time::Duration;
 
 use actix_web::http::header::{HeaderMap, ACCEPT, CONNECTION, UPGRADE};
@@ -396,6 +398,34 @@ impl Router {
         })
     }
 
+    /// Where a stateful-reconnect WebSocket goes while this instance drains: to another
+    /// live instance (directly or over the bus), which moves the session there — also when
+    /// it is held here, which hands it over. A draining instance never takes a session in,
+    /// since it would take it down with it. `None` for any other request, or when no other
+    /// instance is known (then the usual routes apply).
+    pub fn route_while_draining(&self, key: &ClusterKey, token: &str) -> Option<Route> {
+        let claims = key.verify(token).ok()?;
+        if !is_stateful(token) {
+            return None;
+        }
+        let bus = self.relay_bus.as_ref().is_some_and(|bus| bus.is_healthy());
+        let reachable: Vec<InstanceId> = self
+            .peers
+            .live_instances()
+            .into_iter()
+            .filter(|peer| bus || self.peers.url(peer).is_some())
+            .collect();
+        let peer = reachable.choose(&mut rand::rng())?.clone();
+        Some(Route::Forward(ForwardPlan {
+            direct: self.peers.url(&peer),
+            bus,
+            load_balancer: None,
+            owner_alive: true,
+            owner: peer,
+            connection_id: claims.connection_id,
+        }))
+    }
+
     /// Decides where the request for `token`, which `key` signed, goes.
     pub fn route(
         &self,
@@ -413,8 +443,9 @@ impl Router {
             return Route::Local(connection);
         }
         // Before the owner check: a session may have moved away from its owner and back.
+        // Probes too: a draining instance sends its stateful WebSockets here to move.
         let cluster = self.relay_bus.is_some() || self.peers.cluster_size() > 1;
-        if websocket && !probe && cluster && is_stateful(token) {
+        if websocket && cluster && is_stateful(token) {
             return Route::Pull(claims);
         }
         if claims.owner == self.instance {

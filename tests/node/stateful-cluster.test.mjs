@@ -4,7 +4,8 @@
 // everything relayed over Redis).
 //
 // Under a steady numbered broadcast: nginx's workers are killed (every socket drops at
-// once; the master starts new ones), then one instance is stopped with SIGTERM (it drains).
+// once; the master starts new ones), then one instance is stopped with SIGTERM (it drains),
+// then every instance is restarted in turn (SIGTERM, start again: a rolling restart).
 // Every stateful client must keep its connectionId and receive every confirmed message
 // exactly once and in order; SSE and Long Polling clients stay connected or reconnect.
 // Then an instance killed with SIGKILL: its stateful clients only reconnect (a new
@@ -28,10 +29,13 @@ import { SteadySender, assertExactlyOnceInOrder } from "./stateful-helpers.mjs";
 
 const T = 180000;
 const STATEFUL_CLIENTS = 6;
+/** Automatic reconnect delays of the SSE and Long Polling clients: enough for a rolling restart. */
+const RETRIES = [0, 200, 500, 1000, 2000, 2000, 2000, 2000, 5000, 5000, 5000];
 
 const CONFIGS = [
-  { name: "direct", directRouting: true, instanceEnv: { SHUTDOWN_TIMEOUT: "8s" } },
-  { name: "bus only", directRouting: false, instanceEnv: { ROUTES: "bus", SHUTDOWN_TIMEOUT: "8s" } },
+  // SHUTDOWN_TIMEOUT under the launcher's 5 s grace before it SIGKILLs a restarting instance.
+  { name: "direct", directRouting: true, instanceEnv: { SHUTDOWN_TIMEOUT: "4s" } },
+  { name: "bus only", directRouting: false, instanceEnv: { ROUTES: "bus", SHUTDOWN_TIMEOUT: "4s" } },
 ];
 
 /** The pids of the launcher's children and their children whose command line mentions `name`. */
@@ -87,6 +91,99 @@ const alive = (pid) => {
   }
 };
 
+/** Asks the launcher to restart instance `index` (SIGTERM, then start it on its port again). */
+function restartInstance(cluster, index, timeoutMs = 60000) {
+  return new Promise((resolve, reject) => {
+    let buffer = "";
+    const done = (error) => {
+      clearTimeout(timer);
+      cluster.child.stdout.off("data", onData);
+      error ? reject(error) : resolve();
+    };
+    const onData = (chunk) => {
+      buffer += chunk;
+      const lines = buffer.split("\n");
+      buffer = lines.pop();
+      for (const line of lines) {
+        let answer;
+        try {
+          answer = JSON.parse(line);
+        } catch {
+          continue;
+        }
+        if (answer.restarted === index) done(answer.error ? new Error(answer.error) : undefined);
+      }
+    };
+    const timer = setTimeout(() => done(new Error(`instance ${index} not restarted within ${timeoutMs} ms`)), timeoutMs);
+    cluster.child.stdout.on("data", onData);
+    cluster.child.stdin.write(`restart ${index}\n`);
+  });
+}
+
+/** Steady broadcast; nginx's workers killed; one instance SIGTERMed; with `rolling`, every instance restarted in turn. */
+async function survives(cluster, rolling) {
+  // The rolling case runs after the SIGTERM case: the stopped instance starts again first.
+  if (rolling) await restartInstance(cluster, 1);
+  const run = nonce("run");
+  const stateful = [];
+  for (let i = 0; i < STATEFUL_CLIENTS; i++) {
+    stateful.push(await connect(cluster.url, { builder: (b) => b.withStatefulReconnect(), label: `stateful#${i}` }));
+  }
+  const others = [
+    await connect(cluster.url, { transport: "ServerSentEvents", reconnect: RETRIES, label: "sse" }),
+    await connect(cluster.url, { transport: "LongPolling", reconnect: RETRIES, label: "lp" }),
+  ];
+  const sender = await connect(cluster.url, { builder: (b) => b.withStatefulReconnect(), label: "sender" });
+  const ids = stateful.map((c) => c.connectionId);
+  const fellBack = stateful.map(() => 0);
+  stateful.forEach((c, i) => c.onreconnecting(() => fellBack[i]++));
+  const recs = stateful.map((c) => record(c, "Send", (m) => typeof m === "string" && m.startsWith(`${run}:`)));
+  const bases = cluster.instances.map((i) => i.url);
+  const movedBefore = await metric(bases, "stickless_sessions_moved_in_total");
+
+  const steady = new SteadySender(sender, "Send", (n) => `${run}:${n}`);
+  steady.start(25);
+  await steady.waitFor(40);
+
+  // 1. The balancer restarts: every socket drops at once.
+  killNginxWorkers(cluster);
+  await steady.waitFor(steady.confirmed.length + 40, 30000);
+
+  const victim = cluster.instances[1];
+  if (!rolling) {
+    // 2. One instance drains and exits.
+    const pids = instancePids(cluster);
+    const pid = pids.get(victim.id);
+    assert.ok(pid, `no pid for ${victim.id}`);
+    process.kill(pid, "SIGTERM");
+    await waitUntil(() => !alive(pid), 30000, `${victim.id} to exit`);
+    await steady.waitFor(steady.confirmed.length + 40, 30000);
+  }
+  if (rolling) {
+    // 3. A rolling restart: every instance in turn (the stopped one starts again first).
+    for (const index of [0, 2, 1]) {
+      await restartInstance(cluster, index);
+      await steady.waitFor(steady.confirmed.length + 20, 30000);
+    }
+  }
+  await steady.stop();
+  assert.ok(steady.confirmed.length >= 120, `only ${steady.confirmed.length} confirmed`);
+
+  for (const [i, c] of stateful.entries()) {
+    assert.equal(c.state, HubConnectionState.Connected, `${c.label} is not connected`);
+    assert.equal(c.connectionId, ids[i], `${c.label} changed its connectionId`);
+    assert.equal(fellBack[i], 0, `${c.label} fell back to a new connection`);
+    await assertExactlyOnceInOrder(recs[i], [{ prefix: `${run}:`, confirmed: steady.confirmed }]);
+  }
+  for (const c of others) {
+    await waitUntil(() => c.state === HubConnectionState.Connected, 20000, `${c.label} to be connected`);
+    await c.invoke("WhoAmI");
+  }
+  const live = cluster.instances.filter((i) => rolling || i.id !== victim.id).map((i) => i.url);
+  const moved = await metric(live, "stickless_sessions_moved_in_total");
+  assert.ok(moved > movedBefore || rolling, `no session moved (before: ${movedBefore}, after: ${moved})`);
+    }
+
 for (const config of CONFIGS) {
   describe(`stateful reconnect in a cluster of 3 behind nginx (${config.name})`, () => {
     let cluster;
@@ -114,56 +211,16 @@ for (const config of CONFIGS) {
     afterEach(stopAllConnections, { timeout: 15000 });
 
     test("an nginx restart then a SIGTERM: every stateful client keeps its id and gets every confirmed message once, in order", { timeout: T }, async () => {
-      const run = nonce("run");
-      const stateful = [];
-      for (let i = 0; i < STATEFUL_CLIENTS; i++) {
-        stateful.push(await connect(cluster.url, { builder: (b) => b.withStatefulReconnect(), label: `stateful#${i}` }));
-      }
-      const others = [
-        await connect(cluster.url, { transport: "ServerSentEvents", reconnect: [0, 200, 500, 1000, 2000], label: "sse" }),
-        await connect(cluster.url, { transport: "LongPolling", reconnect: [0, 200, 500, 1000, 2000], label: "lp" }),
-      ];
-      const sender = await connect(cluster.url, { builder: (b) => b.withStatefulReconnect(), label: "sender" });
-      const ids = stateful.map((c) => c.connectionId);
-      const fellBack = stateful.map(() => 0);
-      stateful.forEach((c, i) => c.onreconnecting(() => fellBack[i]++));
-      const recs = stateful.map((c) => record(c, "Send", (m) => typeof m === "string" && m.startsWith(`${run}:`)));
-      const bases = cluster.instances.map((i) => i.url);
-      const movedBefore = await metric(bases, "stickless_sessions_moved_in_total");
-
-      const steady = new SteadySender(sender, "Send", (n) => `${run}:${n}`);
-      steady.start(25);
-      await steady.waitFor(40);
-
-      // 1. The balancer restarts: every socket drops at once.
-      killNginxWorkers(cluster);
-      await steady.waitFor(steady.confirmed.length + 40, 30000);
-
-      // 2. One instance drains and exits.
-      const pids = instancePids(cluster);
-      const victim = cluster.instances[1];
-      const pid = pids.get(victim.id);
-      assert.ok(pid, `no pid for ${victim.id}`);
-      process.kill(pid, "SIGTERM");
-      await waitUntil(() => !alive(pid), 30000, `${victim.id} to exit`);
-      await steady.waitFor(steady.confirmed.length + 40, 30000);
-      await steady.stop();
-      assert.ok(steady.confirmed.length >= 120, `only ${steady.confirmed.length} confirmed`);
-
-      for (const [i, c] of stateful.entries()) {
-        assert.equal(c.state, HubConnectionState.Connected, `${c.label} is not connected`);
-        assert.equal(c.connectionId, ids[i], `${c.label} changed its connectionId`);
-        assert.equal(fellBack[i], 0, `${c.label} fell back to a new connection`);
-        await assertExactlyOnceInOrder(recs[i], [{ prefix: `${run}:`, confirmed: steady.confirmed }]);
-      }
-      for (const c of others) {
-        await waitUntil(() => c.state === HubConnectionState.Connected, 20000, `${c.label} to be connected`);
-        await c.invoke("WhoAmI");
-      }
-      const live = cluster.instances.filter((i) => i.id !== victim.id).map((i) => i.url);
-      const moved = (await metric(live, "stickless_sessions_moved_in_total")) - 0;
-      assert.ok(moved > 0 || movedBefore > 0, "no session moved");
+      await survives(cluster, false);
     });
+
+    test(
+      "a rolling restart of every instance in turn: every stateful client keeps its id and gets every confirmed message once, in order",
+      { timeout: T, todo: "a client was seen to lose its session while instances restart in turn (see README, Stateful reconnect)" },
+      async () => {
+        await survives(cluster, true);
+      },
+    );
 
     test("an instance killed with SIGKILL costs its stateful clients only a reconnect", { timeout: T }, async () => {
       const pids = instancePids(cluster);
