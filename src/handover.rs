@@ -132,8 +132,8 @@ pub struct Puller<'a> {
 }
 
 impl Puller<'_> {
-    /// Asks the token's owner, then every other live instance, for the session; the state
-    /// of the one that held it, or `None` if none did.
+    /// Asks the token's owner and every other live instance for the session; the state of
+    /// the one that held it (its registry removal is atomic: only one can), or `None`.
     pub async fn pull(&self, hub_path: &str, token: &str, owner: &InstanceId) -> Option<Moved> {
         let path = format!("{hub_path}?id={token}&{HANDOVER_FLAG}=1");
         let mut candidates = vec![owner.clone()];
@@ -143,21 +143,30 @@ impl Puller<'_> {
                 .into_iter()
                 .filter(|peer| peer != owner && peer != self.me),
         );
-        for instance in candidates.iter().filter(|i| *i != self.me) {
-            let answer = match self.peers.url(instance) {
-                Some(url) => self.ask_direct(&url, &path).await,
-                None => self.ask_over_bus(instance, &path).await,
-            };
+        // All at once: a dead instance costs one timeout, not one per candidate, so a client
+        // whose instance was killed learns it (404) and starts anew quickly.
+        let asks = candidates.iter().filter(|i| *i != self.me).map(|instance| {
+            let path = &path;
+            async move {
+                let answer = match self.peers.url(instance) {
+                    Some(url) => self.ask_direct(&url, path).await,
+                    None => self.ask_over_bus(instance, path).await,
+                };
+                (instance, answer)
+            }
+        });
+        let mut found = None;
+        for (instance, answer) in futures_util::future::join_all(asks).await {
             match answer.map(|body| decode(&body)) {
                 Some(Ok(moved)) => {
                     log::debug!("session moved here from {instance}");
-                    return Some(moved);
+                    found = Some(moved);
                 }
                 Some(Err(error)) => log::warn!("handover from {instance}: {error}"),
                 None => {}
             }
         }
-        None
+        found
     }
 
     async fn ask_direct(&self, base: &str, path: &str) -> Option<Bytes> {
