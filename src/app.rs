@@ -107,7 +107,10 @@ impl App {
             if discovery.is_some() {
                 tokio::spawn(peers.clone().run(bus.clone()));
             }
-            let host = Arc::new(HubHost::new(hub, bus, instance.clone()));
+            let host = Arc::new(
+                HubHost::new(hub, bus, instance.clone())
+                    .with_client_result_timeout(settings.client_result_timeout),
+            );
             tokio::spawn(host.clone().drain(events, discovery));
             let connections = Arc::new(Connections::new(host, metrics.clone(), session.clone()));
             tokio::spawn(connections.clone().run_sweeper());

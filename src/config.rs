@@ -71,6 +71,20 @@ pub struct Settings {
     #[arg(long, env = "OUTBOUND_QUEUE_LENGTH", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(8..=1_000_000))]
     pub outbound_queue_length: u64,
 
+    /// Items buffered per client-to-server stream before the server stops reading from
+    /// that connection until the hub method takes one (ASP.NET's StreamBufferCapacity).
+    #[arg(long, env = "STREAM_BUFFER_CAPACITY", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub stream_buffer_capacity: u64,
+
+    /// Client-to-server streams one connection may have open at once; an invocation that
+    /// would open more is refused with an error.
+    #[arg(long, env = "MAX_CLIENT_STREAMS", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub max_client_streams: u64,
+
+    /// Longest a hub method waits for a client's result (`invoke`); ASP.NET waits forever.
+    #[arg(long, env = "CLIENT_RESULT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub client_result_timeout: Duration,
+
     /// Origins allowed to connect from other sites (comma-separated); empty = CORS off.
     #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,

@@ -100,11 +100,11 @@ pub mod startup;
 pub(crate) mod transport;
 
 pub use app::App;
-pub use clients::{Clients, Groups, SendError, Target};
+pub use clients::{Clients, Groups, InvokeError, SendError, SingleClient, Target};
 pub use config::Settings;
 pub use hub::{
-    BuildError, HookHandler, Hub, HubBuilder, HubContext, HubError, MethodHandler, State,
-    StreamHandler,
+    BuildError, ClientStream, HookHandler, Hub, HubBuilder, HubContext, HubError, MethodHandler,
+    State, StreamError, StreamHandler,
 };
 pub use protocol::negotiate::TransportKind;
 pub use protocol::token::{ConnectionId, InstanceId};

@@ -10,6 +10,7 @@
 //! | `{p}:user:<userId>` | messages to a user's connections |
 //! | `{p}:internal:groups` | join/leave requests for connections on other instances |
 //! | `{p}:internal:instances` | instances announcing their `ADVERTISE_URL` (first hub only) |
+//! | `{p}:internal:return:<instanceId>` | clients' results for the instance that asked (client invocations travel on the connection's channel) |
 //!
 //! An instance subscribes to `all`, the internal channels, and the connection, group and
 //! user channels it was told to (those of its own connections, as ASP.NET's Redis
@@ -35,7 +36,10 @@ use redis::aio::PubSubSink;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::{Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, Topic};
+use super::{
+    Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, Topic, WireCall,
+    WireReply,
+};
 use crate::metrics::Metrics;
 use crate::protocol::token::{ConnectionId, InstanceId};
 
@@ -79,6 +83,18 @@ enum Wire {
         url: String,
         reply: bool,
     },
+    /// A client asked for a result (on the connection's channel).
+    Invoke {
+        origin: String,
+        #[serde(flatten)]
+        call: WireCall,
+    },
+    /// A client's result (on the return channel of the instance that asked).
+    Reply {
+        origin: String,
+        #[serde(flatten)]
+        reply: WireReply,
+    },
 }
 
 /// Channel names of one hub.
@@ -96,6 +112,9 @@ impl Channels {
     }
     fn instances(&self) -> String {
         format!("{}:internal:instances", self.prefix)
+    }
+    fn returns(&self, instance: &InstanceId) -> String {
+        format!("{}:internal:return:{instance}", self.prefix)
     }
     fn topic(&self, topic: &Topic) -> String {
         match topic {
@@ -268,6 +287,7 @@ impl RedisBus {
                         shared.channels.all(),
                         shared.channels.groups(),
                         shared.channels.instances(),
+                        shared.channels.returns(&shared.instance),
                     ];
                     if let Ok(wanted) = shared.wanted.lock() {
                         channels.extend(wanted.iter().cloned());
@@ -334,6 +354,8 @@ impl RedisBus {
             Wire::Message { origin, .. }
             | Wire::Group { origin, .. }
             | Wire::Hello { origin, .. }
+            | Wire::Invoke { origin, .. }
+            | Wire::Reply { origin, .. }
                 if origin == shared.instance.as_str() =>
             {
                 return None
@@ -366,6 +388,19 @@ impl RedisBus {
                     url,
                     reply,
                 })
+            }
+            Wire::Invoke { origin, call } => {
+                shared.metrics.backplane_received();
+                let Some(Audience::Connection(connection)) =
+                    shared.channels.audience(message.get_channel_name(), vec![])
+                else {
+                    return None;
+                };
+                Envelope::Invoke(call.into_invocation(connection, InstanceId::parse(&origin).ok()?))
+            }
+            Wire::Reply { reply, .. } => {
+                shared.metrics.backplane_received();
+                Envelope::Reply(reply.into_reply(shared.instance.clone()))
             }
         };
         Some(Event::Received(envelope))
@@ -448,6 +483,18 @@ impl Bus for RedisBus {
                     reply: hello.reply,
                 };
                 (channels.instances(), wire)
+            }
+            Envelope::Invoke(invocation) => {
+                let channel = channels.topic(&Topic::Connection(invocation.connection.clone()));
+                let call = WireCall::of(&invocation);
+                (channel, Wire::Invoke { origin, call })
+            }
+            Envelope::Reply(reply) => {
+                let wire = Wire::Reply {
+                    origin,
+                    reply: WireReply::of(&reply),
+                };
+                (channels.returns(&reply.to), wire)
             }
         };
         self.enqueue(channel, &wire);

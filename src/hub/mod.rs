@@ -25,9 +25,11 @@
 
 mod handler;
 pub mod host;
+pub(crate) mod stream;
 
 use handler::{Bound, States};
 pub use handler::{HookHandler, MethodHandler, State, StreamHandler};
+pub use stream::{ClientStream, StreamError};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,9 +39,10 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use serde_json::Value;
 
-use crate::clients::{Clients, Groups, SendError};
+use crate::clients::{Clients, Groups, InvokeError, SendError};
 use crate::protocol::negotiate::TransportKind;
 use crate::protocol::token::{ConnectionId, InstanceId};
+use stream::Feed;
 
 /// An error a hub method returns; its text is sent to the caller in the Completion.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +53,12 @@ pub enum HubError {
     /// Sending to other clients failed.
     #[error("An unexpected error occurred: {0}")]
     Send(#[from] SendError),
+    /// A client stream the method reads failed.
+    #[error("{0}")]
+    Stream(#[from] StreamError),
+    /// A client asked for a result did not give one.
+    #[error("{0}")]
+    Invoke(#[from] InvokeError),
 }
 
 /// A hub is declared wrongly; found when it is built, before any client connects.
@@ -113,10 +122,14 @@ impl HubContext {
 pub type UserIdProvider = Arc<dyn Fn(&HttpRequest) -> Option<String> + Send + Sync>;
 
 type UnaryFn = Arc<
-    dyn Fn(HubContext, Vec<Value>) -> BoxFuture<'static, Result<Value, HubError>> + Send + Sync,
+    dyn Fn(HubContext, Vec<Value>, Vec<Feed>) -> BoxFuture<'static, Result<Value, HubError>>
+        + Send
+        + Sync,
 >;
 type StreamFn = Arc<
-    dyn Fn(HubContext, Vec<Value>) -> Result<BoxStream<'static, Value>, HubError> + Send + Sync,
+    dyn Fn(HubContext, Vec<Value>, Vec<Feed>) -> Result<BoxStream<'static, Value>, HubError>
+        + Send
+        + Sync,
 >;
 /// A bound connect or disconnect hook.
 #[doc(hidden)]
@@ -319,7 +332,7 @@ mod tests {
             arguments,
             stream_ids: vec![],
         };
-        match host.invoke(&host.context(&caller), message) {
+        match host.invoke(&host.context(&caller), message, vec![]) {
             Invoked::Done(reply) => reply.into_iter().collect(),
             Invoked::Unary(running) => running.await.into_iter().collect(),
             Invoked::Stream { messages, .. } => messages.collect().await,
