@@ -11,11 +11,11 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::{ConnectionId, Hub, HubBuilder, HubContext, HubError, State};
+use crate::{ClientStream, ConnectionId, Hub, HubBuilder, HubContext, HubError, State};
 
 /// Longest display name, in characters.
 pub(crate) const MAX_NAME: usize = 32;
@@ -25,6 +25,8 @@ const MAX_ROOM: usize = 64;
 const MAX_COUNT: u32 = 1000;
 /// Longest delay between `Counter` items, in milliseconds.
 const MAX_DELAY_MS: u64 = 10_000;
+/// Most lines one `UploadLines` stream may carry.
+const MAX_UPLOAD_LINES: usize = 1000;
 
 /// A chat message as clients receive it in `ReceiveMessage`.
 #[derive(Debug, Serialize)]
@@ -179,6 +181,8 @@ pub fn hub() -> HubBuilder {
         .method("SendTo", send_to)
         .method("SendToUser", send_to_user)
         .stream("Counter", counter)
+        .method("UploadLines", upload_lines)
+        .method("AskClient", ask_client)
 }
 
 /// A connection started: everybody else hears it joined.
@@ -319,6 +323,44 @@ fn counter(
         }
         Some((i, i + 1))
     }))
+}
+
+/// `UploadLines(lines)`, with `lines` a stream from the client (`signalR.Subject`): each
+/// line becomes a chat message to everybody as it arrives; returns how many there were.
+async fn upload_lines(
+    ctx: HubContext,
+    State(names): State<Names>,
+    (mut lines,): (ClientStream<String>,),
+) -> Result<usize, HubError> {
+    let mut count = 0;
+    while let Some(line) = lines.next().await {
+        let line = line?;
+        count += 1;
+        if count > MAX_UPLOAD_LINES {
+            return Err(HubError::new(format!(
+                "UploadLines takes at most {MAX_UPLOAD_LINES} lines."
+            )));
+        }
+        let msg = message(&ctx, &names, line);
+        ctx.clients().all().send("ReceiveMessage", (msg,)).await?;
+    }
+    Ok(count)
+}
+
+/// `AskClient(connectionId, question)`: asks another connection, wherever it is, for an
+/// answer (its `Ask(fromName, question)` handler's return value) and returns it.
+async fn ask_client(
+    ctx: HubContext,
+    State(names): State<Names>,
+    (to, question): (String, String),
+) -> Result<String, HubError> {
+    let from = names.get(&ctx);
+    let answer = ctx
+        .clients()
+        .client(&to)
+        .invoke("Ask", (from, question))
+        .await?;
+    Ok(answer)
 }
 
 /// Tells everybody else about a connection coming or going; a hook has nobody to report
