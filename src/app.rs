@@ -109,7 +109,8 @@ impl App {
             }
             let host = Arc::new(
                 HubHost::new(hub, bus, instance.clone())
-                    .with_client_result_timeout(settings.client_result_timeout),
+                    .with_client_result_timeout(settings.client_result_timeout)
+                    .with_detailed_errors(settings.enable_detailed_errors),
             );
             tokio::spawn(host.clone().drain(events, discovery));
             let connections = Arc::new(Connections::new(host, metrics.clone(), session.clone()));

@@ -2,9 +2,11 @@
 //! API that hub methods use, and the index of this instance's own connections that
 //! delivers to them.
 //!
-//! Sending first delivers to local recipients directly, then hands the same record to the
+//! Sending first delivers to local recipients directly, then hands the same message to the
 //! bus (the backplane), which carries it to the other instances (it never comes back here: an
-//! instance ignores its own messages). The record is encoded once, whatever the audience.
+//! instance ignores its own messages). The message is encoded once per protocol, whatever
+//! the audience: each recipient gets the record of its connection's protocol from one
+//! shared [`EncodedMessage`], and the bus carries the JSON record.
 //!
 //! One client can also be asked for a result ([`SingleClient::invoke`], ASP.NET's client
 //! results): the invocation carries an id, the client answers with a Completion, and
@@ -16,7 +18,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -24,6 +25,7 @@ use tokio::sync::oneshot;
 
 use crate::bus::{Audience, Bus, ClientInvocation, ClientReply, Envelope, GroupCommand, Topic};
 use crate::outbox::{Outbox, Pushed};
+use crate::protocol::hub_protocol::{EncodedMessage, HubProtocol};
 use crate::protocol::message::{HubMessage, Outcome};
 use crate::protocol::token::{ConnectionId, InstanceId};
 
@@ -213,14 +215,18 @@ impl ClientResults {
                 .filter_map(|id| pending.remove(&id).map(|entry| (id, entry)))
                 .collect()
         };
-        let error = Outcome::Error(InvokeError::Disconnected(connection.clone()).to_string());
+        // A method here sees its waiter dropped: `Disconnected`. One elsewhere gets the
+        // same text as a client's error (the bus carries outcomes, not error kinds).
+        let error = InvokeError::Disconnected(connection.clone()).to_string();
         owed.into_iter()
-            .filter_map(
-                |(id, entry)| match self.settle(entry.waiter, &id, error.clone()) {
-                    Answered::Relay(reply) => Some(reply),
-                    _ => None,
-                },
-            )
+            .filter_map(|(id, entry)| match entry.waiter {
+                Waiter::Here(_) => None,
+                Waiter::Elsewhere(to) => Some(ClientReply {
+                    to,
+                    invocation_id: id,
+                    outcome: Outcome::Error(error.clone()),
+                }),
+            })
             .collect()
     }
 
@@ -365,14 +371,16 @@ impl LocalClients {
         self.read().connections.contains_key(id)
     }
 
-    /// Queues `record` for every local recipient; returns how many got it.
-    pub fn deliver(&self, audience: &Audience, record: &Bytes) -> usize {
+    /// Queues `message` for every local recipient, each in its connection's protocol;
+    /// returns how many got it.
+    pub fn deliver(&self, audience: &Audience, message: &EncodedMessage) -> usize {
         let index = self.read();
         let mut push = |id: &ConnectionId| -> usize {
             let Some(member) = index.connections.get(id) else {
                 return 0;
             };
-            usize::from(member.outbox.push(record.clone()) == Pushed::Queued)
+            let record = message.record(member.outbox.protocol());
+            usize::from(member.outbox.push(record) == Pushed::Queued)
         };
         match audience {
             Audience::All { except } => {
@@ -590,8 +598,8 @@ impl SingleClient<'_> {
         // Waiting starts before the client is asked: its answer can come at once.
         let answer = results.expect(&connection, &id);
         if local.contains(&connection) {
-            let record = invocation(Some(id.clone()), method, arguments).encode();
-            if local.deliver(&Audience::Connection(connection.clone()), &record) == 0 {
+            let message = EncodedMessage::new(invocation(Some(id.clone()), method, arguments));
+            if local.deliver(&Audience::Connection(connection.clone()), &message) == 0 {
                 results.forget(&id);
                 return Err(InvokeError::Disconnected(connection));
             }
@@ -636,17 +644,19 @@ impl Target<'_> {
     /// Calls `method` on every recipient with `args`: a tuple such as `(text,)` or
     /// `(a, b)` for several arguments; any other value is sent as the one argument.
     pub async fn send(self, method: &str, args: impl Serialize) -> Result<(), SendError> {
-        let record = invocation(None, method, arguments_of(args)?).encode();
+        let message = EncodedMessage::new(invocation(None, method, arguments_of(args)?));
         let Clients { local, bus, .. } = self.clients;
-        local.deliver(&self.audience, &record);
+        local.deliver(&self.audience, &message);
         if let Audience::Connection(id) = &self.audience {
             if local.contains(id) {
                 return Ok(());
             }
         }
+        // The bus carries JSON records; the receiving instances re-encode for their
+        // MessagePack connections, once per message.
         let envelope = Envelope::Message {
             audience: self.audience,
-            record,
+            record: message.record(HubProtocol::Json),
         };
         bus.publish(envelope).await;
         Ok(())
@@ -734,7 +744,7 @@ mod tests {
         local.add(&a, Some("alice"), outbox_a);
         local.add(&b, None, outbox_b);
         local.join(&b, "room").unwrap();
-        let record = Bytes::from_static(b"x");
+        let record = EncodedMessage::new(HubMessage::Ping);
         assert_eq!(
             local.deliver(
                 &Audience::All {
@@ -769,7 +779,7 @@ mod tests {
             local.deliver(&Audience::Connection(ConnectionId::random()), &record),
             0
         );
-        let drain = |rx: &mut tokio::sync::mpsc::Receiver<Bytes>| {
+        let drain = |rx: &mut tokio::sync::mpsc::Receiver<bytes::Bytes>| {
             std::iter::from_fn(|| rx.try_recv().ok()).count()
         };
         assert_eq!(drain(&mut rx_a), 1);

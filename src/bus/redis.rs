@@ -41,7 +41,7 @@ use super::{
     WireReply,
 };
 use crate::metrics::Metrics;
-use crate::protocol::token::{ConnectionId, InstanceId};
+use crate::protocol::token::{self, ConnectionId, InstanceId};
 
 /// Messages waiting to be published while Redis is slow or away.
 const PUBLISH_QUEUE: usize = 8192;
@@ -432,7 +432,10 @@ impl RedisBus {
                 };
                 shared.metrics.backplane_published(result.is_ok());
                 if let Err(error) = result {
-                    log::warn!("bus: publish to {channel} failed ({error}); reconnecting");
+                    log::warn!(
+                        "bus: publish to {} failed ({error}); reconnecting",
+                        token::redact_for_log(&channel)
+                    );
                     break;
                 }
             }

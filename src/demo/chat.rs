@@ -334,7 +334,8 @@ async fn upload_lines(
 ) -> Result<usize, HubError> {
     let mut count = 0;
     while let Some(line) = lines.next().await {
-        let line = line?;
+        // The client's own error text is shown to it (the default hides details).
+        let line = line.map_err(|error| HubError::new(error.to_string()))?;
         count += 1;
         if count > MAX_UPLOAD_LINES {
             return Err(HubError::new(format!(
@@ -355,12 +356,12 @@ async fn ask_client(
     (to, question): (String, String),
 ) -> Result<String, HubError> {
     let from = names.get(&ctx);
-    let answer = ctx
-        .clients()
+    // Why there is no answer (gone, timed out, refused) is shown to the asker.
+    ctx.clients()
         .client(&to)
         .invoke("Ask", (from, question))
-        .await?;
-    Ok(answer)
+        .await
+        .map_err(|error| HubError::new(error.to_string()))
 }
 
 /// Tells everybody else about a connection coming or going; a hook has nobody to report

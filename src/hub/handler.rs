@@ -120,10 +120,11 @@ pub(super) fn bind_arguments<A: DeserializeOwned>(
     streams: Vec<Feed>,
 ) -> Result<A, HubError> {
     let (count, stream_count) = (args.len(), streams.len());
-    stream::bind(args, streams).map_err(|error| {
-        HubError::new(format!(
-            "Failed to invoke '{target}' due to an error on the server. InvalidDataException: Invocation provides {count} argument(s) and {stream_count} stream(s) that do not match the method: {error}"
-        ))
+    stream::bind(args, streams).map_err(|error| HubError::Arguments {
+        target: target.to_owned(),
+        detail: format!(
+            "Invocation provides {count} argument(s) and {stream_count} stream(s) that do not match the method: {error}"
+        ),
     })
 }
 

@@ -20,6 +20,7 @@ use crate::clients::{
     Answered, ClientResults, Clients, InvokeError, LocalClients, DEFAULT_CLIENT_RESULT_TIMEOUT,
 };
 use crate::outbox::Outbox;
+use crate::protocol::hub_protocol::{EncodedMessage, HubProtocol};
 use crate::protocol::message::{HubMessage, Outcome};
 use crate::protocol::negotiate::TransportKind;
 use crate::protocol::token::{ConnectionId, InstanceId};
@@ -60,6 +61,7 @@ pub struct HubHost {
     bus: Arc<dyn Bus>,
     results: Arc<ClientResults>,
     instance: InstanceId,
+    detailed_errors: bool,
 }
 
 fn completion(invocation_id: String, outcome: Outcome) -> HubMessage {
@@ -81,6 +83,7 @@ impl HubHost {
                 DEFAULT_CLIENT_RESULT_TIMEOUT,
             )),
             instance,
+            detailed_errors: false,
         }
     }
 
@@ -88,6 +91,18 @@ impl HubHost {
     pub fn with_client_result_timeout(mut self, timeout: Duration) -> Self {
         self.results = Arc::new(ClientResults::new(self.instance.clone(), timeout));
         self
+    }
+
+    /// Sends callers the detail of errors (ASP.NET's `EnableDetailedErrors`), not only
+    /// ASP.NET's generic texts.
+    pub fn with_detailed_errors(mut self, detailed: bool) -> Self {
+        self.detailed_errors = detailed;
+        self
+    }
+
+    /// Whether callers get the detail of errors.
+    pub fn detailed_errors(&self) -> bool {
+        self.detailed_errors
     }
 
     /// The hub's bus, for health.
@@ -153,8 +168,10 @@ impl HubHost {
                     "The client attempted to invoke the non-streaming '{name}' method with a streaming invocation."
                 ))
             }
-            (Some((_, method)), _) => method,
+            (Some((name, method)), _) => (name.to_owned(), method),
         };
+        let (name, method) = method;
+        let detailed = self.detailed_errors;
         match method {
             Method::Unary(call) => {
                 let running = call(context.clone(), arguments, streams);
@@ -164,14 +181,17 @@ impl HubHost {
                         let result = running.await;
                         let Some(invocation_id) = invocation_id else {
                             if let Err(error) = result {
-                                log::debug!("connection {connection_id}: {target} failed: {error}");
+                                log::debug!(
+                                    "connection {}: {target} failed: {error}",
+                                    connection_id.for_log()
+                                );
                             }
                             return None;
                         };
                         let outcome = match result {
                             Ok(Value::Null) => Outcome::Void,
                             Ok(value) => Outcome::Result(value),
-                            Err(error) => Outcome::Error(error.to_string()),
+                            Err(error) => Outcome::Error(error.client_text(&name, detailed)),
                         };
                         Some(completion(invocation_id, outcome))
                     }
@@ -198,7 +218,7 @@ impl HubHost {
                     }
                     Err(failure) => Invoked::Done(Some(completion(
                         invocation_id,
-                        Outcome::Error(failure.to_string()),
+                        Outcome::Error(failure.client_text(&name, detailed)),
                     ))),
                 }
             }
@@ -266,16 +286,15 @@ impl HubHost {
         }
         self.results
             .relay(&connection, &invocation_id, reply_to.clone());
-        let record = HubMessage::Invocation {
+        let message = EncodedMessage::new(HubMessage::Invocation {
             invocation_id: Some(invocation_id.clone()),
             target,
             arguments,
             stream_ids: Vec::new(),
-        }
-        .encode();
+        });
         if self
             .local
-            .deliver(&Audience::Connection(connection.clone()), &record)
+            .deliver(&Audience::Connection(connection.clone()), &message)
             == 0
         {
             let gone = InvokeError::Disconnected(connection.clone()).to_string();
@@ -295,7 +314,14 @@ impl HubHost {
         while let Some(event) = events.next().await {
             match event {
                 Event::Received(Envelope::Message { audience, record }) => {
-                    self.local.deliver(&audience, &record);
+                    // The bus carries JSON records (see `Clients`): the JSON recipients
+                    // get these very bytes, the MessagePack ones one re-encoding.
+                    match EncodedMessage::from_record(HubProtocol::Json, record) {
+                        Ok(message) => {
+                            self.local.deliver(&audience, &message);
+                        }
+                        Err(error) => log::warn!("bus: dropped an unreadable message: {error}"),
+                    }
                 }
                 Event::Received(Envelope::Group(command)) => {
                     let GroupCommand {
@@ -458,7 +484,10 @@ mod tests {
         );
         assert_eq!(
             run(call("Refuse", Some("3"), vec![])).await,
-            error("3", "No.")
+            error(
+                "3",
+                "An unexpected error occurred invoking 'Refuse' on the server. HubException: No."
+            )
         );
     }
 
@@ -477,9 +506,10 @@ mod tests {
             else {
                 panic!("not an error completion: {reply:?}");
             };
-            assert!(
-                text.starts_with("Failed to invoke 'Echo' due to an error on the server."),
-                "{text}"
+            // The detail is only sent with detailed errors on, as in ASP.NET.
+            assert_eq!(
+                text,
+                "Failed to invoke 'Echo' due to an error on the server."
             );
         }
     }
@@ -496,6 +526,17 @@ mod tests {
         };
         let running = host.invoke(&context(host), message, feeds);
         (uploads, running)
+    }
+
+    /// The error text of a Completion.
+    fn error_text(reply: Option<HubMessage>) -> String {
+        match reply {
+            Some(HubMessage::Completion {
+                outcome: Outcome::Error(text),
+                ..
+            }) => text,
+            other => panic!("not an error completion: {other:?}"),
+        }
     }
 
     /// Feeds stream `s1` as the session does, waiting for room when its buffer is full.
@@ -531,31 +572,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_stream_error_fails_the_method_with_the_clients_text() {
-        let host = host();
+        let host = host().with_detailed_errors(true);
         let (mut uploads, running) = upload(&host, "Sum", vec![Value::from(0)]);
         feed(&mut uploads, vec![Fed::End(Some("oops".into()))]).await;
-        let Some(HubMessage::Completion {
-            outcome: Outcome::Error(text),
-            ..
-        }) = unary(running).await
-        else {
-            panic!("not an error");
-        };
-        assert!(text.contains("oops"), "{text}");
+        let text = error_text(unary(running).await);
+        assert!(
+            text.contains("StreamError: the client ended the stream with an error: oops"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
     async fn streams_a_method_does_not_take_fail_the_invocation() {
-        let host = host();
+        let host = host().with_detailed_errors(true);
         let (mut uploads, running) = upload(&host, "Echo", vec![Value::from("x")]);
-        let reply = unary(running).await;
-        let Some(HubMessage::Completion {
-            outcome: Outcome::Error(text),
-            ..
-        }) = reply
-        else {
-            panic!("not an error: {reply:?}");
-        };
+        let text = error_text(unary(running).await);
         assert!(text.contains("1 stream(s)"), "{text}");
         // The method dropped the stream: its items are no longer taken.
         assert_eq!(uploads.feed("s1", Fed::Item(Value::from(1))), Feeding::Done);
@@ -624,16 +655,18 @@ mod tests {
             host.client_completed(&target.connection_id, &id, Outcome::Error(text));
         };
         let ((), reply) = tokio::join!(refusing, unary(ask()));
+        // A client's error reaches the caller as ASP.NET words a HubException, even
+        // without detailed errors.
         assert_eq!(
-            reply.into_iter().collect::<Vec<_>>(),
-            error("1", "Client didn't provide a result.")
+            error_text(reply),
+            "An unexpected error occurred invoking 'Ask' on the server. HubException: Client didn't provide a result."
         );
         assert!(host.results.is_empty());
     }
 
     #[tokio::test]
     async fn a_client_that_leaves_or_never_was_fails_the_call_clearly() {
-        let host = host();
+        let host = host().with_detailed_errors(true);
         let (target, mut rx) = connected(&host).await;
         let id = target.connection_id.to_string();
         let leaving = async {
@@ -646,9 +679,10 @@ mod tests {
             vec![],
         );
         let ((), reply) = tokio::join!(leaving, unary(ask));
-        assert_eq!(
-            reply.into_iter().collect::<Vec<_>>(),
-            error("1", &format!("Connection '{id}' disconnected."))
+        let text = error_text(reply);
+        assert!(
+            text.ends_with(&format!("InvokeError: Connection '{id}' disconnected.")),
+            "{text}"
         );
         let reply = unary(host.invoke(
             &context(&host),
@@ -656,15 +690,18 @@ mod tests {
             vec![],
         ))
         .await;
-        assert_eq!(
-            reply.into_iter().collect::<Vec<_>>(),
-            error("2", &format!("Connection '{id}' does not exist."))
+        let text = error_text(reply);
+        assert!(
+            text.ends_with(&format!("InvokeError: Connection '{id}' does not exist.")),
+            "{text}"
         );
     }
 
     #[tokio::test]
     async fn a_client_that_never_answers_times_out() {
-        let host = host().with_client_result_timeout(Duration::from_millis(50));
+        let host = host()
+            .with_detailed_errors(true)
+            .with_client_result_timeout(Duration::from_millis(50));
         let (target, _rx) = connected(&host).await;
         let id = target.connection_id.to_string();
         let reply = unary(host.invoke(
@@ -673,13 +710,7 @@ mod tests {
             vec![],
         ))
         .await;
-        let Some(HubMessage::Completion {
-            outcome: Outcome::Error(text),
-            ..
-        }) = reply
-        else {
-            panic!("not an error: {reply:?}");
-        };
+        let text = error_text(reply);
         assert!(text.contains("did not answer 'Question'"), "{text}");
         assert!(host.results.is_empty(), "the timed-out call is forgotten");
     }

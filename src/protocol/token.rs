@@ -19,6 +19,7 @@
 //! the public connection id, so an instance can reject a bad token at once instead of
 //! asking the whole cluster about it. The same key signs the marker of internal probes.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -71,6 +72,17 @@ impl InstanceId {
     }
 }
 
+/// `text` as logs may show it: everything after the version-0 marker of a token (its
+/// signature) is cut off, leaving `<owner>.<id>.<issued>.v0.…`, which identifies the
+/// connection in the log but cannot be presented as `?id=`.
+pub fn redact_for_log(text: &str) -> Cow<'_, str> {
+    let marker = format!(".{VERSION_ZERO_MARKER}.");
+    match text.find(&marker) {
+        Some(at) => Cow::Owned(format!("{}{marker}…", &text[..at])),
+        None => Cow::Borrowed(text),
+    }
+}
+
 impl fmt::Display for InstanceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -99,6 +111,12 @@ impl ConnectionId {
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The id as logs may show it: a version-0 id is the connection's token (see
+    /// [`ClusterKey::mint_connection`]), so its signature is left out.
+    pub fn for_log(&self) -> Cow<'_, str> {
+        redact_for_log(&self.0)
     }
 }
 
