@@ -24,14 +24,15 @@ use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use actix_web::HttpRequest;
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::{web, HttpRequest};
 use rand::RngCore;
 
 use crate::bus;
 use crate::bus::peers::Peers;
 use crate::config::Settings;
 use crate::connection::{Connections, SessionConfig};
-use crate::http::{AppState, HubEndpoint};
+use crate::http::{AppState, HubEndpoint, ResponseHeadersFn, RoutesFn};
 use crate::hub::host::HubHost;
 use crate::hub::{HubBuilder, UserIdProvider};
 use crate::metrics::Metrics;
@@ -44,6 +45,8 @@ pub struct App {
     settings: Settings,
     hubs: Vec<(String, HubBuilder)>,
     user_id: UserIdProvider,
+    routes: Option<RoutesFn>,
+    response_headers: Option<ResponseHeadersFn>,
 }
 
 impl App {
@@ -53,7 +56,30 @@ impl App {
             settings,
             hubs: Vec::new(),
             user_id: Arc::new(|_: &HttpRequest| None),
+            routes: None,
+            response_headers: None,
         }
+    }
+
+    /// Adds the application's own HTTP routes beside the hubs (e.g. a token endpoint),
+    /// as actix-web's `App::configure` does. They take precedence over the chat page's
+    /// static files, not over the hubs' paths.
+    pub fn routes(
+        mut self,
+        routes: impl Fn(&mut web::ServiceConfig) + Send + Sync + 'static,
+    ) -> Self {
+        self.routes = Some(Arc::new(routes));
+        self
+    }
+
+    /// Adds headers to every response, chosen from its request (e.g. `Set-Cookie` on
+    /// negotiate responses), as an ASP.NET middleware can.
+    pub fn response_headers(
+        mut self,
+        headers: impl Fn(&HttpRequest) -> Vec<(HeaderName, HeaderValue)> + Send + Sync + 'static,
+    ) -> Self {
+        self.response_headers = Some(Arc::new(headers));
+        self
     }
 
     /// Mounts `hub` at `path` (e.g. `/chat`): clients connect to `{path}` after
@@ -139,6 +165,8 @@ impl App {
             router,
             metrics,
             stopping: AtomicBool::new(false),
+            routes: self.routes,
+            response_headers: self.response_headers,
         };
         Application::start(state, ClusterKey::from_secret(&secret))
     }

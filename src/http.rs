@@ -17,12 +17,26 @@ use serde_json::json;
 use crate::config::Settings;
 use crate::connection::{Connection, ConnectionError, Connections};
 use crate::forwarding::Forwarder;
-use crate::hub::UserIdProvider;
+use crate::hub::{RequestHead, UserIdProvider};
 use crate::metrics::Metrics;
-use crate::protocol::negotiate::{self, NegotiateResponse};
+use crate::protocol::negotiate::{self, NegotiateResponse, TransportKind};
 use crate::protocol::token::{ClusterKey, ConnectionId, ConnectionToken, InstanceId, TokenClaims};
 use crate::routing::{RequestKind, Route, Router, PROBE_HEADER};
 use crate::transport::{long_polling, receive_post, sse, websocket};
+
+/// Registers an application's own routes.
+pub type RoutesFn = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
+
+/// The headers an application adds to the response to a request.
+pub type ResponseHeadersFn = Arc<
+    dyn Fn(
+            &HttpRequest,
+        ) -> Vec<(
+            actix_web::http::header::HeaderName,
+            actix_web::http::header::HeaderValue,
+        )> + Send
+        + Sync,
+>;
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -38,6 +52,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set when shutdown starts: no new connections, and the load balancer is told.
     pub stopping: AtomicBool,
+    /// The application's own routes, beside the hubs ([`crate::App::routes`]).
+    pub routes: Option<RoutesFn>,
+    /// Headers the application adds to responses ([`crate::App::response_headers`]).
+    pub response_headers: Option<ResponseHeadersFn>,
 }
 
 /// One mounted hub, as its routes see it.
@@ -90,13 +108,20 @@ pub enum ApiError {
     /// The request body broke off.
     #[error("Reading the request body failed: {0}")]
     Body(String),
+    /// The hub admits only connections with a user, and the request has none.
+    #[error("Unauthorized")]
+    Unauthorized,
+    /// The hub does not offer this transport.
+    #[error("{} transport is not supported by this hub", .0.name())]
+    TransportNotAllowed(TransportKind),
 }
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             Self::MissingId | Self::Body(_) => StatusCode::BAD_REQUEST,
-            Self::UnknownConnection => StatusCode::NOT_FOUND,
+            Self::UnknownConnection | Self::TransportNotAllowed(_) => StatusCode::NOT_FOUND,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Connection(
                 ConnectionError::WrongTransport | ConnectionError::DeleteNotLongPolling,
             ) => StatusCode::BAD_REQUEST,
@@ -242,10 +267,21 @@ async fn negotiate(
     };
     // In version 0 the connection id is the token, as in ASP.NET, where a version-0
     // client (signalrcore) knows its connection only by the id it negotiated.
+    let offered = hub.connections.host().hub();
+    if offered.requires_user() && (hub.user_id)(&req).is_none() {
+        return ApiError::Unauthorized.error_response();
+    }
     let (id, token) = state.mint(&hub, version);
     hub.connections.create(id.clone(), token.clone());
     state.metrics.negotiated();
-    HttpResponse::Ok().json(NegotiateResponse::new(version, &id, &token))
+    let mut response = NegotiateResponse::new(version, &id, &token);
+    // Only the transports the hub offers (a client then never tries another).
+    response.available_transports.retain(|offer| {
+        TransportKind::ALL
+            .iter()
+            .any(|kind| kind.name() == offer.transport && offered.allows(*kind))
+    });
+    HttpResponse::Ok().json(response)
 }
 
 impl AppState {
@@ -288,6 +324,14 @@ async fn serve(
     let Some(transport) = kind.transport() else {
         return Err(ApiError::MethodNotAllowed.into());
     };
+    let user = (hub.user_id)(req);
+    let offered = hub.connections.host().hub();
+    if offered.requires_user() && user.is_none() {
+        return Err(ApiError::Unauthorized.into());
+    }
+    if !offered.allows(transport) {
+        return Err(ApiError::TransportNotAllowed(transport).into());
+    }
     // For WebSockets the upgrade is checked first, so a bad upgrade binds nothing.
     let upgraded = match kind {
         RequestKind::WebSocket => Some(actix_ws::handle(req, payload)?),
@@ -296,7 +340,7 @@ async fn serve(
     let activation = connection.activate(transport).map_err(ApiError::from)?;
     if activation.first {
         hub.connections
-            .start(&connection, transport, (hub.user_id)(req));
+            .start(&connection, transport, user, RequestHead::of(req));
     }
     Ok(match upgraded {
         Some((response, session, messages)) => {

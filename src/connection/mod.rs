@@ -19,6 +19,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch, OwnedMutexGuard};
 
 use crate::hub::host::{Caller, HubHost};
+use crate::hub::RequestHead;
 use crate::metrics::Metrics;
 use crate::outbox::{closed, Closing, Outbox};
 use crate::protocol::negotiate::TransportKind;
@@ -293,6 +294,7 @@ impl Connections {
         connection: &Arc<Connection>,
         transport: TransportKind,
         user: Option<String>,
+        request: RequestHead,
     ) {
         let inbound = connection
             .inbound_rx
@@ -306,6 +308,7 @@ impl Connections {
             connection_id: connection.id.clone(),
             user,
             transport,
+            request: Arc::new(request),
         };
         tokio::spawn(session::run(
             self.clone(),

@@ -13,7 +13,7 @@ use futures_util::{FutureExt, StreamExt};
 use serde_json::Value;
 
 use super::stream::Feed;
-use super::{Hub, HubContext, Method};
+use super::{Hub, HubContext, Method, RequestHead};
 use crate::bus::peers::Peers;
 use crate::bus::{Audience, Bus, ClientReply, Envelope, Event, Events, GroupCommand};
 use crate::clients::{
@@ -34,6 +34,8 @@ pub struct Caller {
     pub user: Option<String>,
     /// Its transport.
     pub transport: TransportKind,
+    /// The request that started its transport.
+    pub request: Arc<RequestHead>,
 }
 
 /// What an invocation became.
@@ -105,6 +107,11 @@ impl HubHost {
         self.detailed_errors
     }
 
+    /// The hub it hosts.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
     /// The hub's bus, for health.
     pub fn bus(&self) -> &Arc<dyn Bus> {
         &self.bus
@@ -117,6 +124,7 @@ impl HubHost {
             user: caller.user.clone(),
             transport: caller.transport,
             instance: self.instance.clone(),
+            request: caller.request.clone(),
             clients: Clients::new(
                 self.local.clone(),
                 self.bus.clone(),
@@ -406,6 +414,7 @@ mod tests {
             connection_id: ConnectionId::random(),
             user: None,
             transport: TransportKind::WebSockets,
+            request: Default::default(),
         })
     }
 
@@ -576,9 +585,9 @@ mod tests {
         let (mut uploads, running) = upload(&host, "Sum", vec![Value::from(0)]);
         feed(&mut uploads, vec![Fed::End(Some("oops".into()))]).await;
         let text = error_text(unary(running).await);
-        assert!(
-            text.contains("StreamError: the client ended the stream with an error: oops"),
-            "{text}"
+        assert_eq!(
+            text,
+            "An unexpected error occurred invoking 'Sum' on the server. Exception: oops"
         );
     }
 
@@ -599,6 +608,7 @@ mod tests {
             connection_id: ConnectionId::random(),
             user: None,
             transport: TransportKind::WebSockets,
+            request: Default::default(),
         };
         let (outbox, rx) = crate::outbox::tests::outbox(8);
         host.connect(&caller, outbox).await;
