@@ -50,7 +50,7 @@ say "npm packages (from package-lock.json)"
 npm ci --no-audit --no-fund --no-progress --loglevel=error || die "npm ci failed"
 
 say "build"
-cargo build --bins --locked || die "cargo build failed"
+cargo build --bins --example testhub --locked || die "cargo build failed"
 cargo test --locked --no-run || die "building the Rust tests failed"
 
 # ---------------------------------------------------------------------------------------
@@ -87,12 +87,14 @@ finish_suite() {
 say "Rust tests and single-instance Node suites, in parallel"
 start_suite rust cargo test --locked -- --test-threads="${TEST_THREADS:-2}"
 start_suite node-single "${NODE_TEST[@]}" \
-  tests/node/single.test.mjs tests/node/official-client.test.mjs tests/node/browser.test.mjs
+  tests/node/single.test.mjs tests/node/official-client.test.mjs tests/node/browser.test.mjs \
+  tests/node/testhub.test.mjs
 finish_suite node-single
 finish_suite rust
 
 say "Node cluster suites (official client through nginx, real redis-server)"
-start_suite node-cluster "${NODE_TEST[@]}" tests/node/cluster.test.mjs tests/node/cluster-routing.test.mjs
+start_suite node-cluster "${NODE_TEST[@]}" tests/node/cluster.test.mjs tests/node/cluster-routing.test.mjs \
+  tests/node/streams-results.test.mjs
 finish_suite node-cluster
 
 # --- hook: the lead adds the Docker Compose suite (scripts/compose-test.sh) here ---------

@@ -104,7 +104,7 @@ pub use clients::{Clients, Groups, InvokeError, SendError, SingleClient, Target}
 pub use config::Settings;
 pub use hub::{
     BuildError, ClientStream, HookHandler, Hub, HubBuilder, HubContext, HubError, MethodHandler,
-    State, StreamError, StreamHandler,
+    RequestHead, State, StreamError, StreamHandler,
 };
 pub use protocol::negotiate::TransportKind;
 pub use protocol::token::{ConnectionId, InstanceId};

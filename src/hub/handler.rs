@@ -138,14 +138,18 @@ where
     Fut: Future<Output = Result<R, HubError>> + Send + 'static,
 {
     let target = target.to_owned();
+    // A method returning `()` is void: its Completion has no `result`. Any other return
+    // type has one, `null` included (an `Option` that is `None`), as in ASP.NET.
+    let void = TypeId::of::<R>() == TypeId::of::<()>();
     let call: UnaryFn =
         Arc::new(
             move |ctx, args, streams| match bind_arguments::<A>(&target, args, streams) {
                 Ok(args) => call(ctx, args)
-                    .map(|result| {
+                    .map(move |result| {
                         result.and_then(|value| {
-                            serde_json::to_value(value)
-                                .map_err(|e| HubError::Send(SendError::Arguments(e)))
+                            let value = serde_json::to_value(value)
+                                .map_err(|e| HubError::Send(SendError::Arguments(e)))?;
+                            Ok((!void).then_some(value))
                         })
                     })
                     .boxed(),

@@ -10,7 +10,6 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
-use serde_json::Value;
 
 use super::stream::Feed;
 use super::{Hub, HubContext, Method, RequestHead};
@@ -197,8 +196,8 @@ impl HubHost {
                             return None;
                         };
                         let outcome = match result {
-                            Ok(Value::Null) => Outcome::Void,
-                            Ok(value) => Outcome::Result(value),
+                            Ok(None) => Outcome::Void,
+                            Ok(Some(value)) => Outcome::Result(value),
                             Err(error) => Outcome::Error(error.client_text(&name, detailed)),
                         };
                         Some(completion(invocation_id, outcome))
@@ -371,6 +370,8 @@ impl HubHost {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
     use crate::bus::InProcess;
     use crate::hub::stream::{Fed, Feeding, Uploads};

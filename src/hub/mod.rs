@@ -228,7 +228,7 @@ impl HubContext {
 pub type UserIdProvider = Arc<dyn Fn(&HttpRequest) -> Option<String> + Send + Sync>;
 
 type UnaryFn = Arc<
-    dyn Fn(HubContext, Vec<Value>, Vec<Feed>) -> BoxFuture<'static, Result<Value, HubError>>
+    dyn Fn(HubContext, Vec<Value>, Vec<Feed>) -> BoxFuture<'static, Result<Option<Value>, HubError>>
         + Send
         + Sync,
 >;

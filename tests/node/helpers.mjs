@@ -193,10 +193,11 @@ function spawnAndWait({ bin, args = [], env, label, timeoutMs, isReady, stdin = 
 
 /**
  * Starts one `stickless` instance on a free loopback port (in-process backplane unless
- * REDIS_URL is passed in `env`). Resolves with { url, port, stop(), stderr(), exited, child }.
+ * REDIS_URL is passed in `env`); `bin` runs another program that speaks the same way, e.g.
+ * the `testhub` example. Resolves with { url, port, stop(), stderr(), exited, child }.
  */
-export async function startServer({ env = {}, args = [], timeoutMs = 20000 } = {}) {
-  const bin = resolveBin("STICKLESS_BIN", "target/debug/stickless");
+export async function startServer({ env = {}, args = [], timeoutMs = 20000, bin: program } = {}) {
+  const bin = program ? resolveBin("", program) : resolveBin("STICKLESS_BIN", "target/debug/stickless");
   const h = await spawnAndWait({
     bin,
     args,
