@@ -9,6 +9,7 @@
 import { describe, test, before, after, afterEach } from "node:test";
 import assert from "node:assert/strict";
 import { Subject } from "@microsoft/signalr";
+import { MessagePackHubProtocol } from "@microsoft/signalr-protocol-msgpack";
 import {
   TRANSPORTS,
   startServer,
@@ -119,6 +120,24 @@ describe("TestHub", () => {
       assert.equal(await c.invoke("GetCookie", "expiredCookie"), null);
       // The request that started the transport is a GET (upgrade, event stream, poll).
       assert.equal(await c.invoke("GetContentTypeHeader"), null);
+    });
+  }
+});
+
+describe("TestHub over MessagePack", () => {
+  for (const transport of ["WebSockets", "LongPolling"]) {
+    test(`${transport}: a result, a server stream, a client stream and an error`, { timeout: T }, async () => {
+      const c = await hub(transport, { builder: (b) => b.withHubProtocol(new MessagePackHubProtocol()) });
+      assert.equal(await c.invoke("Echo", MESSAGE), MESSAGE);
+      assert.deepEqual(await collectStream(c, "Stream", []), ["a", "b", "c"]);
+      const parts = new Subject();
+      const whole = c.invoke("StreamingConcat", parts);
+      for (const part of ["Hello ", "world", "!"]) parts.next(part);
+      parts.complete();
+      assert.equal(await withTimeout(whole, 10000, "StreamingConcat"), "Hello world!");
+      await assert.rejects(c.invoke("ThrowException", "An error occurred."), {
+        message: "An unexpected error occurred invoking 'ThrowException' on the server. InvalidOperationException: An error occurred.",
+      });
     });
   }
 });
