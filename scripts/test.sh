@@ -94,8 +94,21 @@ finish_suite rust
 
 say "Node cluster suites (official client through nginx, real redis-server)"
 start_suite node-cluster "${NODE_TEST[@]}" tests/node/cluster.test.mjs tests/node/cluster-routing.test.mjs \
-  tests/node/streams-results.test.mjs
+  tests/node/streams-results.test.mjs tests/node/msgpack.test.mjs
 finish_suite node-cluster
+
+# Interop tests with third-party Python clients (tests/python): signalrcore and pysignalr
+# from PyPI, pinned with pytest in tests/python/requirements.txt, installed into a virtual
+# environment under target/. pytest exits 5 when it collected no tests: that fails too.
+say "Python clients (signalrcore, pysignalr)"
+venv=target/interop-venv
+python_suite() {
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv" || return 1
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt || return 1
+  "$venv/bin/pytest" tests/python -p no:cacheprovider -ra
+}
+start_suite python python_suite
+finish_suite python
 
 # --- hook: the lead adds the Docker Compose suite (scripts/compose-test.sh) here ---------
 
@@ -104,10 +117,11 @@ finish_suite node-cluster
 # ---------------------------------------------------------------------------------------
 say "summary"
 failed=0
-for name in rust node-single node-cluster; do
+for name in rust node-single node-cluster python; do
   echo "-- $name (exit ${status[$name]})"
   case $name in
     rust) grep -E '^test result:' "$LOGS/$name.log" ;;
+    python) tail -n 1 "$LOGS/$name.log" ;;
     *) grep -E '^# (tests|pass|fail|cancelled|skipped|todo) [0-9]+$' "$LOGS/$name.log" ;;
   esac
   [ "${status[$name]}" = 0 ] || failed=1
