@@ -67,6 +67,9 @@ pub enum Topic {
     Group(String),
     /// A user id.
     User(String),
+    /// One instance's own topic: frames addressed to it alone ([`Envelope::ToInstance`]),
+    /// e.g. requests relayed to the owner of a connection and their answers.
+    Instance(InstanceId),
 }
 
 /// A group membership change for a connection that may live on another instance; the
@@ -81,13 +84,14 @@ pub struct GroupCommand {
     pub join: bool,
 }
 
-/// An instance telling the others its direct URL (see [`peers`]).
+/// An instance telling the others it is alive, and its direct URL if it has one (see
+/// [`peers`]): the heartbeat that gives every instance the cluster's size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Announcement {
     /// The announcing instance.
     pub instance: InstanceId,
-    /// Its direct URL (`ADVERTISE_URL`).
-    pub url: String,
+    /// Its direct URL (`ADVERTISE_URL`), if it advertises one.
+    pub url: Option<String>,
     /// False on a first announcement, which asks every other instance to announce itself
     /// back.
     pub reply: bool,
@@ -222,12 +226,21 @@ pub enum Envelope {
     },
     /// A group change for a connection on whatever instance holds it.
     Group(GroupCommand),
-    /// An instance's direct URL.
+    /// An instance's heartbeat (and direct URL).
     Announcement(Announcement),
     /// A client asked for a result, for the instance holding it.
     Invoke(ClientInvocation),
     /// A client's result, for the instance that asked.
     Reply(ClientReply),
+    /// Opaque bytes for one instance only, carried on its [`Topic::Instance`] topic; the
+    /// bus neither reads nor reorders them (one sender's frames to one instance arrive in
+    /// the order they were published).
+    ToInstance {
+        /// The instance the bytes are for.
+        to: InstanceId,
+        /// The bytes.
+        payload: Bytes,
+    },
 }
 
 /// What the stream of a bus yields.
@@ -242,6 +255,10 @@ pub enum Event {
 
 /// The inbound side of a bus: everything other instances published for this one.
 pub type Events = BoxStream<'static, Event>;
+
+/// Takes the payloads of [`Envelope::ToInstance`] addressed to this instance (the relay
+/// of routed requests, which lives above the bus and is handed in by the application).
+pub type InstanceHandler = Arc<dyn Fn(Bytes) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// How instances reach each other. Implementations must keep the order of one sender's
 /// messages, and keep carrying after their broker comes back.

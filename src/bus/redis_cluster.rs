@@ -91,12 +91,15 @@ enum Header {
         group: String,
         join: bool,
     },
-    /// An instance's direct URL.
+    /// An instance's heartbeat, with its direct URL if it has one.
     Hello {
         origin: String,
-        url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        url: Option<String>,
         reply: bool,
     },
+    /// Opaque bytes (the payload's remainder) for one instance (on its instance channel).
+    Frames { origin: String },
     /// A client asked for a result (on the connection's channel).
     Invoke {
         origin: String,
@@ -185,6 +188,7 @@ impl Channels {
             Topic::Connection(id) => format!("{{{}:connection:{id}}}", self.namespace),
             Topic::Group(name) => format!("{{{}:group:{name}}}", self.namespace),
             Topic::User(user) => format!("{{{}:user:{user}}}", self.namespace),
+            Topic::Instance(id) => format!("{{{}:instance:{id}}}", self.namespace),
         }
     }
 
@@ -203,6 +207,7 @@ impl Channels {
                 self.topic(&Topic::Connection(invocation.connection.clone()))
             }
             Envelope::Reply(reply) => self.returns(&reply.to),
+            Envelope::ToInstance { to, .. } => self.topic(&Topic::Instance(to.clone())),
         }
     }
 }
@@ -235,6 +240,7 @@ fn encode(origin: &InstanceId, envelope: &Envelope) -> Result<Vec<u8>, serde_jso
             },
             None,
         ),
+        Envelope::ToInstance { payload, .. } => (Header::Frames { origin }, Some(payload)),
         Envelope::Invoke(invocation) => (
             Header::Invoke {
                 origin,
@@ -287,6 +293,7 @@ fn decode(me: &InstanceId, payload: &[u8]) -> Result<Option<Envelope>, DecodeErr
         Header::Message { origin, .. }
         | Header::Group { origin, .. }
         | Header::Hello { origin, .. }
+        | Header::Frames { origin }
         | Header::Invoke { origin, .. }
         | Header::Reply { origin, .. } => origin,
     };
@@ -315,6 +322,10 @@ fn decode(me: &InstanceId, payload: &[u8]) -> Result<Option<Envelope>, DecodeErr
             url,
             reply,
         }),
+        Header::Frames { .. } => Envelope::ToInstance {
+            to: me.clone(),
+            payload: Bytes::copy_from_slice(record),
+        },
         Header::Invoke {
             origin,
             connection,
@@ -870,6 +881,7 @@ impl Bus for RedisClusterBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::{ClientInvocation, ClientReply};
 
     fn channels() -> Channels {
         Channels {
@@ -927,8 +939,24 @@ mod tests {
             }),
             Envelope::Announcement(Announcement {
                 instance: other.clone(),
-                url: "http://10.0.0.2:8080".into(),
+                url: Some("http://10.0.0.2:8080".into()),
                 reply: true,
+            }),
+            Envelope::ToInstance {
+                to: me.clone(),
+                payload: Bytes::from_static(b"\x01frames\n\x00"),
+            },
+            Envelope::Invoke(ClientInvocation {
+                connection: ConnectionId::from_untrusted("c"),
+                invocation_id: "7.node-2".into(),
+                reply_to: other.clone(),
+                target: "Ask".into(),
+                arguments: vec![serde_json::json!("q"), serde_json::json!({"a": [1]})],
+            }),
+            Envelope::Reply(ClientReply {
+                to: me.clone(),
+                invocation_id: "7.node-1".into(),
+                outcome: crate::protocol::message::Outcome::Error("no".into()),
             }),
         ];
         for envelope in envelopes {

@@ -14,7 +14,9 @@ use futures_util::{FutureExt, StreamExt};
 use super::stream::Feed;
 use super::{Hub, HubContext, Method, RequestHead};
 use crate::bus::peers::Peers;
-use crate::bus::{Audience, Bus, ClientReply, Envelope, Event, Events, GroupCommand};
+use crate::bus::{
+    Audience, Bus, ClientReply, Envelope, Event, Events, GroupCommand, InstanceHandler,
+};
 use crate::clients::{
     Answered, ClientResults, Clients, InvokeError, LocalClients, DEFAULT_CLIENT_RESULT_TIMEOUT,
 };
@@ -316,8 +318,14 @@ impl HubHost {
 
     /// Drains the hub's bus: delivers what other instances sent to local recipients,
     /// applies their group commands to local connections, and hands announcements to
-    /// peer discovery (`peers`, on the one bus that carries it). Runs until the bus ends.
-    pub async fn drain(self: Arc<Self>, mut events: Events, peers: Option<Arc<Peers>>) {
+    /// peer discovery (`peers`) and frames addressed to this instance to `frames` (both on
+    /// the one bus that carries them). Runs until the bus ends.
+    pub async fn drain(
+        self: Arc<Self>,
+        mut events: Events,
+        peers: Option<Arc<Peers>>,
+        frames: Option<InstanceHandler>,
+    ) {
         while let Some(event) = events.next().await {
             match event {
                 Event::Received(Envelope::Message { audience, record }) => {
@@ -349,6 +357,11 @@ impl HubHost {
                 Event::Received(Envelope::Announcement(announcement)) => {
                     if let Some(peers) = &peers {
                         peers.receive(announcement, &*self.bus).await;
+                    }
+                }
+                Event::Received(Envelope::ToInstance { payload, .. }) => {
+                    if let Some(frames) = &frames {
+                        frames(payload).await;
                     }
                 }
                 Event::Connected => {

@@ -5,6 +5,8 @@
 //!   handshake and negotiate versions, error texts).
 //! - [`cluster`]: redis-server, three `stickless` processes and nginx
 //!   ([`helpers::spawn_cluster`]); needs `redis-server` and `nginx` installed.
+//! - [`routing`]: the bus route and load-balancer re-forwarding on their own, in such a
+//!   cluster.
 //!
 //! - [`logs`]: a real cluster's logs hold no connection token and no access token.
 //!
@@ -15,4 +17,5 @@ mod conformance;
 mod helpers;
 mod logs;
 mod redis_cluster;
+mod routing;
 mod single;
