@@ -329,6 +329,17 @@ fn test_hub() -> HubBuilder {
                 Ok(())
             },
         )
+        .method(
+            "Ask",
+            |ctx: HubContext, (connection, question): (String, String)| async move {
+                let answer: String = ctx
+                    .clients()
+                    .client(&connection)
+                    .invoke("Question", (question,))
+                    .await?;
+                Ok::<_, HubError>(answer)
+            },
+        )
 }
 
 /// Starts an in-process instance named `name` on the cluster bus and waits until its
@@ -522,6 +533,39 @@ async fn every_kind_of_message_crosses_instances_over_a_redis_cluster() {
             assert!(texts.is_empty(), "client {index} got {texts:?}");
         }
     }
+}
+
+#[actix_web::test]
+async fn a_client_result_crosses_a_redis_cluster_and_back() {
+    let redis = RedisCluster::start().await;
+    let a = spawn_instance(&redis, "node-a").await;
+    let b = spawn_instance(&redis, "node-b").await;
+    let mut asker = WsClient::connect(&a).await;
+    let mut asked = LpClient::connect(&b).await;
+    let target = asked.connection_id().to_owned();
+    // The asker's method waits for the answer while the asked client, on the other
+    // instance, gets the question with an invocation id and answers it.
+    let id = asker.next_id();
+    asker
+        .send(json!({
+            "type": 1, "invocationId": id, "target": "Ask", "arguments": [target, "why?"]
+        }))
+        .await;
+    let question = asked
+        .recv("the question", &|r| is_call(r, "Question"))
+        .await;
+    assert_eq!(question["arguments"], json!(["why?"]));
+    let question_id = question["invocationId"]
+        .as_str()
+        .expect("a client-result invocation has an id")
+        .to_owned();
+    asked
+        .send(json!({ "type": 3, "invocationId": question_id, "result": "because" }))
+        .await;
+    let completion = asker
+        .recv("the answer", &|r| crate::helpers::is_completion(r, &id))
+        .await;
+    assert_eq!(completion["result"], "because", "{completion}");
 }
 
 #[actix_web::test]
