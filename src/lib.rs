@@ -73,9 +73,11 @@
 //!   to the owning instance, over HTTP or relayed over the bus (`forwarding::relay`).
 //! - `transport`: WebSockets, Server-Sent Events and Long Polling.
 //! - `connection`: connections, their registry and their sessions.
-//! - `hub`: [`Hub`], [`HubBuilder`], [`HubContext`], [`State`], [`HubError`]; `hub::host`
-//!   turns invocations into Completions, streams and errors, and drains the hub's bus.
-//! - `clients` ([`Clients`], [`Groups`]): who receives a message.
+//! - `hub`: [`Hub`], [`HubBuilder`], [`HubContext`], [`State`], [`HubError`], and
+//!   [`ClientStream`] (client-to-server streams, `hub::stream`); `hub::host` turns
+//!   invocations into Completions, streams and errors, and drains the hub's bus.
+//! - `clients` ([`Clients`], [`Groups`], [`SingleClient`]): who receives a message, and the
+//!   client results a method waits for ([`SingleClient::invoke`]).
 //! - `bus`: carries messages between instances; owns its addressing types; peer
 //!   discovery (advertised URLs) is its own component.
 //! - `outbox`, `metrics`: the outbound queue, the counters.

@@ -66,6 +66,12 @@ hub.on("ReceiveMessage", (m) => {
 
 hub.on("Send", (message) => system(`(broadcast) ${message}`));
 
+// `AskClient` from another connection: the server asks this page for an answer.
+hub.on("Ask", (from, question) => {
+  system(`${from} asked: ${question}`);
+  return `${$("transport").textContent} page on ${$("instance").textContent} got "${question}"`;
+});
+
 hub.on("Presence", (p) => {
   const where = p.room ? ` #${p.room}` : "";
   const text = { joined: "joined", left: "left", renamed: "is now called", joinedRoom: "joined", leftRoom: "left" }[p.kind];

@@ -168,6 +168,16 @@ export class HubConnection {
 
   write(message) { this.rawWrite(JSON.stringify(message) + RS); }
 
+  async answer(invocationId, handler, args) {
+    let reply;
+    if (!handler) reply = { type: 3, invocationId, error: "Client didn't provide a result." };
+    else {
+      try { reply = { type: 3, invocationId, result: await handler(...args) }; }
+      catch (e) { reply = { type: 3, invocationId, error: String(e) }; }
+    }
+    try { this.write(reply); } catch {}
+  }
+
   rawWrite(text) {
     if (this.ws) { this.ws.send(text); return; }
     if (!this.token) throw new Error("not connected");
@@ -199,7 +209,14 @@ export class HubConnection {
 
   dispatch(msg) {
     switch (msg.type) {
-      case 1: (this.handlers.get(msg.target.toLowerCase()) || []).forEach((fn) => fn(...msg.arguments)); break;
+      case 1: {
+        const handlers = this.handlers.get(msg.target.toLowerCase()) || [];
+        if (msg.invocationId === undefined) { handlers.forEach((fn) => fn(...msg.arguments)); break; }
+        // A client-result call: the first handler's value (or error) is the answer, as the
+        // official client does; without a handler, its error text.
+        this.answer(msg.invocationId, handlers[0], msg.arguments);
+        break;
+      }
       case 3: {
         const p = this.pending.get(msg.invocationId);
         this.pending.delete(msg.invocationId);
