@@ -1,0 +1,1 @@
+//! Settings: the real binary refuses invalid ones.
