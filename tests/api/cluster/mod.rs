@@ -3,6 +3,7 @@
 //! straight to chosen instances.
 
 mod backplane;
+mod load_balancer;
 mod routing;
 
 use serde_json::{json, Value};

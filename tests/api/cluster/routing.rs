@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::helpers::cluster::wait_until_connected;
 use crate::helpers::metrics::metric_value;
-use crate::helpers::metrics::{forwarded, rejections, SENT};
+use crate::helpers::metrics::{forwarded, Forwarding};
 use crate::helpers::*;
 
 use super::*;
@@ -23,8 +23,7 @@ async fn forged_and_random_tokens_get_404_everywhere_without_forwarding() {
         tampered(&real),
         real.replacen("node-1.", "node-2.", 1),
     ];
-    let sent_before = cluster.sum_metric(SENT).await;
-    let bad_before = cluster.sum_metric(&rejections("bad_token")).await;
+    let before = cluster.forwarding().await;
 
     let mut requests = 0.0;
     let targets: Vec<&Api> = std::iter::once(&cluster.lb)
@@ -63,13 +62,22 @@ async fn forged_and_random_tokens_get_404_everywhere_without_forwarding() {
     }
 
     assert_eq!(
-        cluster.sum_metric(SENT).await,
-        sent_before,
+        cluster.forwarding().await - before,
+        Forwarding {
+            bad_token: requests,
+            ..Forwarding::default()
+        },
         "a bad token must not cause a single internal request"
     );
+
+    // The positive control: the real token, misrouted, is forwarded (1 direct hop).
+    let before = cluster.forwarding().await;
+    let reply = cluster.nodes[1].poll(&real).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let change = cluster.forwarding().await - before;
     assert_eq!(
-        cluster.sum_metric(&rejections("bad_token")).await - bad_before,
-        requests
+        (change.sent, change.forwards, change.bad_token),
+        (1.0, 1.0, 0.0)
     );
 }
 
@@ -138,6 +146,15 @@ async fn every_request_kind_misrouted(cluster: &TestCluster) {
     assert_eq!(b.poll(&lp.token).await.status, StatusCode::NOT_FOUND);
 }
 
+/// Forwarded requests of every kind with `mode` and `outcome`, summed over instances.
+async fn forwarded_total(cluster: &TestCluster, mode: &str, outcome: &str) -> f64 {
+    let mut total = 0.0;
+    for request in REQUEST_KINDS {
+        total += cluster.sum_metric(&forwarded(request, mode, outcome)).await;
+    }
+    total
+}
+
 #[actix_web::test]
 async fn misrouted_requests_of_every_kind_go_straight_to_their_owner() {
     let cluster = spawn_cluster(3, |options| {
@@ -146,6 +163,7 @@ async fn misrouted_requests_of_every_kind_go_straight_to_their_owner() {
             .push(("ADOPT_WEBSOCKETS".into(), "false".into()));
     })
     .await;
+    let before = cluster.forwarding().await;
 
     every_request_kind_misrouted(&cluster).await;
 
@@ -157,14 +175,25 @@ async fn misrouted_requests_of_every_kind_go_straight_to_their_owner() {
                 >= 1.0,
             "{request} went direct"
         );
-        assert_eq!(
-            cluster
-                .sum_metric(&forwarded(request, "load_balancer", "served"))
-                .await,
-            0.0,
-            "{request} needed no load balancer"
-        );
     }
+    let change = cluster.forwarding().await - before;
+    assert!(change.forwards >= 5.0, "{change:?}");
+    assert_eq!(
+        change,
+        Forwarding {
+            sent: change.forwards,
+            forwards: change.forwards,
+            attempts: change.forwards,
+            // The poll after the delete: the owner says it no longer holds it.
+            gone: 1.0,
+            ..Forwarding::default()
+        },
+        "exactly one hop each, never through the load balancer"
+    );
+    assert_eq!(
+        forwarded_total(&cluster, "load_balancer", "served").await,
+        0.0
+    );
     assert_eq!(
         cluster
             .sum_metric(&forwarded("long_polling", "direct", "not_found"))
@@ -184,6 +213,7 @@ async fn misrouted_requests_of_every_kind_go_back_through_the_load_balancer_with
             .push(("ADOPT_WEBSOCKETS".into(), "false".into()));
     })
     .await;
+    let before = cluster.forwarding().await;
 
     every_request_kind_misrouted(&cluster).await;
 
@@ -195,14 +225,18 @@ async fn misrouted_requests_of_every_kind_go_back_through_the_load_balancer_with
                 >= 1.0,
             "{request} went through the load balancer"
         );
-        assert_eq!(
-            cluster
-                .sum_metric(&forwarded(request, "direct", "served"))
-                .await,
-            0.0,
-            "{request} cannot go direct"
-        );
     }
+    let change = cluster.forwarding().await - before;
+    let served = forwarded_total(&cluster, "load_balancer", "served").await;
+    assert_eq!(forwarded_total(&cluster, "direct", "served").await, 0.0);
+    assert_eq!(change.sent, change.attempts, "{change:?}");
+    // Every attempt that did not serve got a 404 from an instance without the
+    // connection, or (after the delete) from its owner.
+    assert_eq!(
+        change.probe_miss + change.gone,
+        change.sent - served,
+        "{change:?}"
+    );
 }
 
 #[actix_web::test]
@@ -235,7 +269,7 @@ async fn a_fresh_websocket_sent_to_another_instance_is_adopted_there() {
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let adopted = "stickless_adopted_websockets_total";
     assert_eq!(b.metric(adopted).await, 0.0);
-    let sent_before = cluster.sum_metric(SENT).await;
+    let before = cluster.forwarding().await;
 
     let mut ws = WsClient::connect_via(a, b, &[]).await;
 
@@ -244,7 +278,15 @@ async fn a_fresh_websocket_sent_to_another_instance_is_adopted_there() {
     assert_eq!(me["transport"], "WebSockets");
     assert_eq!(me["connectionId"], ws.connection_id);
     assert_eq!(b.metric(adopted).await, 1.0);
-    assert_eq!(cluster.sum_metric(SENT).await, sent_before, "0 extra hops");
+    assert_eq!(
+        cluster.forwarding().await - before,
+        Forwarding::default(),
+        "0 extra hops"
+    );
+    // The positive control: a misrouted long poll in the same cluster is one hop.
+    let (_, token) = a.negotiate().await;
+    assert_eq!(b.poll(&token).await.status, StatusCode::OK);
+    assert_eq!((cluster.forwarding().await - before).sent, 1.0);
     // The adopted connection is an ordinary one for the rest of the cluster.
     let mut other = LpClient::connect(&cluster.nodes[2]).await;
     other
@@ -258,25 +300,31 @@ async fn a_fresh_websocket_sent_to_another_instance_is_adopted_there() {
 async fn a_websocket_forwarded_to_an_owner_that_dropped_the_connection_gets_404() {
     let cluster = spawn_cluster(3, |options| {
         options.env.push(("DISCONNECT_TIMEOUT".into(), "1s".into()));
+        options
+            .env
+            .push(("ADOPT_WEBSOCKETS".into(), "false".into()));
     })
     .await;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let (_, token) = a.negotiate().await;
-    // node-1 drops the unused connection; the token is too old to be adopted.
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // node-1 drops the unused connection: a DELETE, which changes nothing on a connection
+    // that is not long polling (400), is 404 once it is gone.
+    assert_eq!(a.delete(&token).await.status, StatusCode::BAD_REQUEST);
+    eventually(SETTLE_TIMEOUT, "node-1 to drop the connection", || async {
+        (a.delete(&token).await.status == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
 
     assert_eq!(
         ws_status(b.ws_raw(&format!("id={token}"), &[]).await),
         Err(StatusCode::NOT_FOUND),
         "a 404 before the upgrade, not an accepted-then-closed socket"
     );
-    let metrics = b.metrics().await;
-    let not_found = metric_value(&metrics, &forwarded("websockets", "direct", "not_found"))
-        + metric_value(
-            &metrics,
-            &forwarded("websockets", "load_balancer", "not_found"),
-        );
-    assert_eq!(not_found, 1.0, "{metrics}");
+    assert_eq!(
+        b.metric(&forwarded("websockets", "direct", "not_found"))
+            .await,
+        1.0
+    );
     assert_eq!(
         ws_status(cluster.lb.ws_raw(&format!("id={token}"), &[]).await),
         Err(StatusCode::NOT_FOUND)
@@ -295,17 +343,21 @@ async fn a_forward_budget_of_zero_without_direct_routing_disables_forwarding() {
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let (_, token) = a.negotiate().await;
 
+    let before = cluster.forwarding().await;
+
     assert_eq!(b.poll(&token).await.status, StatusCode::NOT_FOUND);
     assert_eq!(
         b.post(&token, "{}\u{1e}").await.status,
         StatusCode::NOT_FOUND
     );
 
-    assert_eq!(cluster.sum_metric(SENT).await, 0.0);
     assert_eq!(
-        b.metric("stickless_routing_rejections_total{reason=\"no_route\"}")
-            .await,
-        2.0
+        cluster.forwarding().await - before,
+        Forwarding {
+            no_route: 2.0,
+            ..Forwarding::default()
+        },
+        "nothing sent, two requests without a route"
     );
     // The owner still serves it.
     let first = a.poll(&token).await;
@@ -367,27 +419,23 @@ async fn closing_a_forwarded_socket_or_stream_ends_the_connection_at_its_owner()
     let mut ws = WsClient::connect_via(a, b, &[]).await;
     let sse = SseClient::connect_via(a, b).await;
     let sse_token = sse.token.clone();
-    eventually(
-        Duration::from_secs(5),
-        "two connections on node-1",
-        || async { (a.healthz().await["connections"] == 2).then_some(()) },
-    )
+    eventually(SETTLE_TIMEOUT, "two connections on node-1", || async {
+        (a.healthz().await["connections"] == 2).then_some(())
+    })
     .await;
 
     ws.send_message(awc::ws::Message::Close(Some(
         awc::ws::CloseCode::Normal.into(),
     )))
     .await;
-    ws.wait_closed(Duration::from_secs(5)).await;
-    eventually(
-        Duration::from_secs(5),
-        "the socket's connection to end",
-        || async { (a.healthz().await["connections"] == 1).then_some(()) },
-    )
+    ws.wait_closed(SETTLE_TIMEOUT).await;
+    eventually(SETTLE_TIMEOUT, "the socket's connection to end", || async {
+        (a.healthz().await["connections"] == 1).then_some(())
+    })
     .await;
     drop(sse);
     eventually(
-        Duration::from_secs(5),
+        SETTLE_TIMEOUT,
         "the event stream's connection to end",
         || async { (a.healthz().await["connections"] == 0).then_some(()) },
     )
@@ -399,14 +447,68 @@ async fn closing_a_forwarded_socket_or_stream_ends_the_connection_at_its_owner()
 }
 
 #[actix_web::test]
-async fn a_request_for_a_connection_whose_owner_is_down_gets_404() {
+async fn a_request_for_a_connection_whose_owner_is_down_gets_404_after_the_direct_hop_and_the_budget(
+) {
     let mut cluster = spawn_cluster(3, |_| {}).await;
     let client = LpClient::connect(&cluster.nodes[0]).await;
 
-    cluster.cluster.stop_instance(0);
+    cluster.stop_instance(0);
 
-    for api in [&cluster.nodes[1], &cluster.lb] {
-        let reply = api.poll(&client.token).await;
-        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
-    }
+    let reply = cluster.nodes[1].poll(&client.token).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
+    assert_eq!(
+        reply.header("x-stickless-forward-attempts").as_deref(),
+        Some("11"),
+        "the failed direct hop, then the default budget of 10 through nginx"
+    );
+    let reply = cluster.lb.poll(&client.token).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
+}
+
+#[actix_web::test]
+async fn close_codes_pass_through_a_forwarded_websocket() {
+    let cluster = spawn_cluster(2, |options| {
+        options
+            .env
+            .push(("ADOPT_WEBSOCKETS".into(), "false".into()));
+        options.env.push(("MAX_MESSAGE_SIZE".into(), "1024".into()));
+    })
+    .await;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let code = |reason: Option<awc::ws::CloseReason>| reason.map(|r| u16::from(r.code));
+
+    // A record over the size limit: the owner's Close message, then 1000.
+    let mut ws = WsClient::connect_via(a, b, &[]).await;
+    ws.send_text(frame(
+        &json!({"type": 1, "target": "Send", "arguments": ["x".repeat(2000)]}),
+    ))
+    .await;
+    let close = ws.recv("a Close message", &|r| is_type(r, 7)).await;
+    assert!(
+        close_error(&close).contains("maximum message size"),
+        "{close}"
+    );
+    assert_eq!(code(ws.wait_closed(RECV_TIMEOUT).await), Some(1000));
+
+    // A frame over the limit: 1009, as from the owner itself.
+    let mut direct = WsClient::connect(a).await;
+    direct
+        .send_message(awc::ws::Message::Text("x".repeat(1 << 20).into()))
+        .await;
+    let direct_code = code(direct.wait_closed(RECV_TIMEOUT).await);
+    assert_eq!(direct_code, Some(1009));
+    let mut ws = WsClient::connect_via(a, b, &[]).await;
+    ws.send_message(awc::ws::Message::Text("x".repeat(1 << 20).into()))
+        .await;
+    assert_eq!(code(ws.wait_closed(RECV_TIMEOUT).await), direct_code);
+
+    // The client's own close code and reason come back.
+    let mut ws = WsClient::connect_via(a, b, &[]).await;
+    ws.send_message(awc::ws::Message::Close(Some(awc::ws::CloseReason {
+        code: awc::ws::CloseCode::Away,
+        description: Some("leaving".into()),
+    })))
+    .await;
+    let reason = ws.wait_closed(RECV_TIMEOUT).await.expect("a close frame");
+    assert_eq!(u16::from(reason.code), 1001);
 }

@@ -147,3 +147,83 @@ fn a_missing_metric_fails_loudly_and_an_uncounted_documented_sample_reads_zero()
         assert!(read.is_err(), "{missing} must not read as 0");
     }
 }
+
+/// The forwarding counters of a whole cluster (summed over running instances) at one
+/// moment; subtract two to see what happened in between.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Forwarding {
+    /// Requests sent to another instance or the balancer (every attempt).
+    pub sent: f64,
+    /// Forwarded client requests (the attempts histogram's count).
+    pub forwards: f64,
+    /// Attempts over all forwarded client requests (the histogram's sum).
+    pub attempts: f64,
+    /// Probes that reached an instance without the connection.
+    pub probe_miss: f64,
+    /// Requests for a connection its owner no longer holds.
+    pub gone: f64,
+    /// Tokens that did not verify.
+    pub bad_token: f64,
+    /// Misrouted requests with no way to forward them.
+    pub no_route: f64,
+}
+
+impl Forwarding {
+    /// Reads the counters from one exposition.
+    pub fn read(text: &str) -> Self {
+        Self {
+            sent: metric_value(text, SENT),
+            forwards: metric_value(text, "stickless_forward_attempts_count"),
+            attempts: metric_value(text, "stickless_forward_attempts_sum"),
+            probe_miss: metric_value(text, &rejections("probe_miss")),
+            gone: metric_value(text, &rejections("gone")),
+            bad_token: metric_value(text, &rejections("bad_token")),
+            no_route: metric_value(text, &rejections("no_route")),
+        }
+    }
+}
+
+impl std::ops::Add for Forwarding {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            sent: self.sent + other.sent,
+            forwards: self.forwards + other.forwards,
+            attempts: self.attempts + other.attempts,
+            probe_miss: self.probe_miss + other.probe_miss,
+            gone: self.gone + other.gone,
+            bad_token: self.bad_token + other.bad_token,
+            no_route: self.no_route + other.no_route,
+        }
+    }
+}
+
+impl std::ops::Sub for Forwarding {
+    type Output = Self;
+
+    fn sub(self, other: Self) -> Self {
+        Self {
+            sent: self.sent - other.sent,
+            forwards: self.forwards - other.forwards,
+            attempts: self.attempts - other.attempts,
+            probe_miss: self.probe_miss - other.probe_miss,
+            gone: self.gone - other.gone,
+            bad_token: self.bad_token - other.bad_token,
+            no_route: self.no_route - other.no_route,
+        }
+    }
+}
+
+impl TestCluster {
+    /// The forwarding counters of every running instance, summed.
+    pub async fn forwarding(&self) -> Forwarding {
+        let mut total = Forwarding::default();
+        for (index, node) in self.nodes.iter().enumerate() {
+            if self.running[index] {
+                total = total + Forwarding::read(&node.metrics().await);
+            }
+        }
+        total
+    }
+}

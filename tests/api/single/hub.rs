@@ -157,15 +157,24 @@ async fn cancelling_a_stream_stops_its_items() {
     .await;
 
     ws.send(json!({"type": 5, "invocationId": "c"})).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Records are handled in order: once this completes, the cancel has been handled.
     ws.call("WhoAmI", json!([])).await;
     ws.inbox().records.clear();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    ws.call("WhoAmI", json!([])).await;
+    // The window: a second stream with the same pace, seen to its end (the positive
+    // control). The cancelled stream would have sent items meanwhile.
+    ws.send(json!({"type": 4, "invocationId": "w", "target": "Counter", "arguments": [5, 20]}))
+        .await;
+    ws.recv("the window's end", &|r| is_completion(r, "w"))
+        .await;
 
     let late: Vec<Value> = ws.inbox().records.drain(..).collect();
+    let window = late
+        .iter()
+        .filter(|r| is_type(r, 2) && r["invocationId"] == "w")
+        .count();
+    assert_eq!(window, 5, "{late:?}");
     assert!(
-        late.iter().all(|r| !is_type(r, 2)),
+        late.iter().all(|r| r["invocationId"] != "c"),
         "items kept coming after the cancel: {late:?}"
     );
 }
@@ -206,7 +215,6 @@ async fn a_record_split_over_two_frames_is_joined() {
     let (head, tail) = record.split_at(20);
 
     ws.send_text(head.to_owned()).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
     ws.send_text(tail.to_owned()).await;
 
     let completion = ws

@@ -172,7 +172,8 @@ async fn connections_without_a_transport_request_are_dropped_after_the_disconnec
         StatusCode::NOT_FOUND,
         "a long-polling client that stopped polling is dropped too"
     );
-    // The client whose poll is held is still there: its DELETE ends that poll.
+    // The client that kept a poll open is still there (202, not 404). Its poll was
+    // answered with the others' `Presence` notices or ends now with 204.
     assert_eq!(
         app.delete(&keeps_polling.token).await.status,
         StatusCode::ACCEPTED
@@ -180,7 +181,11 @@ async fn connections_without_a_transport_request_are_dropped_after_the_disconnec
     let polled = within(RECV_TIMEOUT, "the held poll", polling)
         .await
         .expect("poll task");
-    assert_eq!(polled.status, StatusCode::NO_CONTENT);
+    assert!(
+        [StatusCode::OK, StatusCode::NO_CONTENT].contains(&polled.status),
+        "{}",
+        polled.status
+    );
 }
 
 #[actix_web::test]
