@@ -354,6 +354,9 @@ impl RedisBackplane {
         let shared = &self.shared;
         let mut backoff = MIN_BACKOFF;
         let mut announce = tokio::time::interval(ANNOUNCE_EVERY);
+        // A message whose PUBLISH failed: it is sent again, first, once Redis is back,
+        // so a message sent while Redis is down waits like the ones queued behind it.
+        let mut unsent: Option<(String, String)> = None;
         loop {
             let mut connection = match shared.client.get_multiplexed_async_connection().await {
                 Ok(connection) => connection,
@@ -370,15 +373,18 @@ impl RedisBackplane {
             shared.publishing.store(true, Ordering::Relaxed);
             backoff = MIN_BACKOFF;
             loop {
-                let (channel, payload) = tokio::select! {
-                    next = queue.recv() => match next {
-                        Some(item) => item,
-                        None => return,
+                let (channel, payload) = match unsent.take() {
+                    Some(item) => item,
+                    None => tokio::select! {
+                        next = queue.recv() => match next {
+                            Some(item) => item,
+                            None => return,
+                        },
+                        _ = announce.tick() => {
+                            self.announce(true);
+                            continue;
+                        }
                     },
-                    _ = announce.tick() => {
-                        self.announce(true);
-                        continue;
-                    }
                 };
                 let mut command = redis::cmd("PUBLISH");
                 command.arg(&channel).arg(&payload);
@@ -387,11 +393,12 @@ impl RedisBackplane {
                     Ok(result) => result.map_err(|e| e.to_string()),
                     Err(_) => Err("timed out".to_owned()),
                 };
-                shared.metrics.backplane_published(result.is_ok());
                 if let Err(error) = result {
                     log::warn!("backplane: publish to {channel} failed ({error}); reconnecting");
+                    unsent = Some((channel, payload));
                     break;
                 }
+                shared.metrics.backplane_published(true);
             }
             shared.publishing.store(false, Ordering::Relaxed);
         }
