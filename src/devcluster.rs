@@ -87,6 +87,13 @@ pub struct Instance {
     child: Option<Child>,
 }
 
+impl Instance {
+    /// The process id, while it runs (tests pause an instance with SIGSTOP).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
 /// A running cluster; everything is stopped when it is dropped.
 #[derive(Debug)]
 pub struct Cluster {
