@@ -114,8 +114,8 @@ async fn an_advertise_url_with_hostname_is_expanded_so_peers_reach_the_instance_
     );
     let node_x = Api::new(format!("http://127.0.0.1:{port}"));
     eventually(SETTLE_TIMEOUT, "node-x connected", || async {
-        let up = node_x.get("/healthz").await;
-        (up.status == StatusCode::OK && up.json()["status"] == "ok").then_some(())
+        let health = node_x.healthz_if_up().await?;
+        (health["status"] == "ok").then_some(())
     })
     .await;
 

@@ -199,6 +199,22 @@ impl Api {
         .await
     }
 
+    /// `GET /healthz` of a process that may not listen yet: `None` until it answers 200.
+    pub async fn healthz_if_up(&self) -> Option<Value> {
+        let mut response = self
+            .client
+            .get(self.url("/healthz"))
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .ok()?;
+        let body = response.body().await.ok()?;
+        if response.status() != StatusCode::OK {
+            return None;
+        }
+        serde_json::from_slice(&body).ok()
+    }
+
     /// `GET /healthz`, which must answer 200 with JSON.
     pub async fn healthz(&self) -> Value {
         let reply = self.get("/healthz").await;
