@@ -132,18 +132,6 @@ async fn statuses(cluster: &TestCluster) -> Vec<String> {
     all
 }
 
-/// Sends a signal to instance `index` of `cluster` (`STOP` pauses it, `CONT` resumes).
-fn signal(cluster: &TestCluster, index: usize, signal: &str) {
-    let pid = cluster.cluster.instances[index]
-        .pid()
-        .expect("a running instance");
-    let status = std::process::Command::new("kill")
-        .args([format!("-{signal}"), pid.to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill -{signal} {pid}");
-}
-
 /// Waits until instances `which` all report `status` on `/healthz`.
 async fn wait_status(cluster: &TestCluster, which: &[usize], status: &str) {
     eventually(SETTLE_TIMEOUT, &format!("{which:?} {status}"), || async {
@@ -230,13 +218,13 @@ async fn a_message_sent_while_redis_is_down_reaches_the_other_instances_once_it_
 
     // node-2 stays paused until node-1 has resubscribed, so that what node-2 publishes
     // when it is back can reach it (Redis pub/sub keeps nothing for absent subscribers).
-    signal(&cluster, 1, "STOP");
+    cluster.signal(1, "STOP");
     cluster
         .cluster
         .start_redis()
         .unwrap_or_else(|e| panic!("redis did not restart: {e}"));
     wait_status(&cluster, &[0], "ok").await;
-    signal(&cluster, 1, "CONT");
+    cluster.signal(1, "CONT");
 
     on_1.recv_call("Send", &|m| m == "sent while redis was down")
         .await;

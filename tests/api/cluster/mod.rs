@@ -3,6 +3,7 @@
 //! straight to chosen instances.
 
 mod backplane;
+mod failover;
 mod launcher;
 mod load_balancer;
 mod routing;

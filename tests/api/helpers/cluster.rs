@@ -109,6 +109,19 @@ impl TestCluster {
         self.running[index] = false;
     }
 
+    /// Sends a signal to instance `index`: `TERM` starts its graceful shutdown, `STOP`
+    /// pauses it, `CONT` resumes it.
+    pub fn signal(&self, index: usize, signal: &str) {
+        let pid = self.cluster.instances[index]
+            .pid()
+            .expect("a running instance");
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     /// The index of the instance called `id`.
     pub fn index_of(&self, id: &str) -> usize {
         self.ids
