@@ -512,3 +512,55 @@ async fn close_codes_pass_through_a_forwarded_websocket() {
     let reason = ws.wait_closed(RECV_TIMEOUT).await.expect("a close frame");
     assert_eq!(u16::from(reason.code), 1001);
 }
+
+#[actix_web::test]
+async fn forwarded_responses_carry_the_owners_instance_header_and_cors_headers_once() {
+    let origin = "http://example.test";
+    let cluster = spawn_cluster(2, |options| {
+        options.env.push(("CORS_ORIGINS".into(), origin.into()));
+    })
+    .await;
+    let (owner, via) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let with_origin = [("Origin", origin)];
+
+    let (_, token) = owner.negotiate().await;
+    let poll = via.poll_with(&token, &with_origin, REQUEST_TIMEOUT).await;
+    assert_eq!(poll.status, StatusCode::OK);
+    assert_eq!(
+        poll.header("x-stickless-instance").as_deref(),
+        Some("node-1")
+    );
+    assert_eq!(
+        poll.header("x-stickless-forward-attempts").as_deref(),
+        Some("1")
+    );
+    assert_cors("forwarded poll", &poll.headers, origin);
+    let send = via.post_with(&token, &with_origin, HANDSHAKE).await;
+    assert_eq!(send.status, StatusCode::OK);
+    assert_eq!(
+        send.header("x-stickless-instance").as_deref(),
+        Some("node-1")
+    );
+    assert_cors("forwarded send", &send.headers, origin);
+
+    let (_, token) = owner.negotiate().await;
+    let sse = via
+        .sse_raw(&token, &with_origin)
+        .await
+        .expect("a forwarded stream");
+    let instance = sse
+        .headers
+        .get("x-stickless-instance")
+        .and_then(|v| v.to_str().ok());
+    assert_eq!(instance, Some("node-1"));
+    assert_cors("forwarded event stream", &sse.headers, origin);
+
+    // A response served where it lands names that instance and has no attempts header.
+    let (_, token) = via.negotiate().await;
+    let local = via.poll(&token).await;
+    assert_eq!(
+        local.header("x-stickless-instance").as_deref(),
+        Some("node-2")
+    );
+    assert!(local.header("x-stickless-forward-attempts").is_none());
+}

@@ -265,3 +265,20 @@ pub async fn raw_tcp(port: u16, bytes: Vec<u8>) -> Vec<u8> {
         .await
         .expect("raw TCP task")
 }
+
+/// Asserts that response headers allow `origin` with credentials, with each header once.
+pub fn assert_cors(what: &str, headers: &awc::http::header::HeaderMap, origin: &str) {
+    let values = |name: &str| -> Vec<String> {
+        headers
+            .get_all(name)
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(values("access-control-allow-origin"), [origin], "{what}");
+    assert_eq!(
+        values("access-control-allow-credentials"),
+        ["true"],
+        "{what}"
+    );
+}

@@ -4,9 +4,10 @@
 use super::http::Api;
 use super::TestCluster;
 
-/// Label values the README documents; a labelled sample with only these values that is
-/// not (yet) exposed has counted nothing, which reads as 0. Anything else is a typo or a
-/// rename and fails.
+/// Label values the README documents for the counters that appear once they count
+/// something; a sample with only these values that is not (yet) exposed has counted
+/// nothing, which reads as 0. Anything else (a typo, a rename, a `transport` sample,
+/// which is always exposed) fails.
 const DOCUMENTED_LABELS: &[(&str, &[&str])] = &[
     (
         "request",

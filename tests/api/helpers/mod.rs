@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 pub use app::{spawn_app, spawn_app_with, TestApp};
 pub use cluster::{spawn_cluster, TestCluster};
-pub use http::{raw_tcp, tampered, Api, Reply};
+pub use http::{assert_cors, raw_tcp, tampered, Api, Reply};
 pub use hub_client::HubClient;
 pub use long_polling::LpClient;
 pub use records::{close_error, frame, is_call, is_completion, is_type, HANDSHAKE, HUB, RS};

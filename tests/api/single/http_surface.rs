@@ -261,3 +261,100 @@ async fn healthz_reports_status_instance_backplane_and_connections() {
     })
     .await;
 }
+
+#[actix_web::test]
+async fn cors_headers_come_on_polls_sends_deletes_and_event_streams() {
+    let origin = "http://example.test";
+    let app = spawn_app_with(|s| s.cors_origins = vec![origin.into()]).await;
+    let with_origin = [("Origin", origin)];
+
+    let lp = LpClient::negotiate(&app).await;
+    let poll = app
+        .poll_with(&lp.token, &with_origin, REQUEST_TIMEOUT)
+        .await;
+    assert_eq!(poll.status, StatusCode::OK);
+    assert_cors("poll", &poll.headers, origin);
+    let send = app.post_with(&lp.token, &with_origin, HANDSHAKE).await;
+    assert_eq!(send.status, StatusCode::OK);
+    assert_cors("send", &send.headers, origin);
+    let delete = app
+        .request(
+            Method::DELETE,
+            &format!("{HUB}?id={}", lp.token),
+            &with_origin,
+            Bytes::new(),
+            REQUEST_TIMEOUT,
+        )
+        .await;
+    assert_eq!(delete.status, StatusCode::ACCEPTED);
+    assert_cors("delete", &delete.headers, origin);
+
+    let (_, token) = app.negotiate().await;
+    let sse = app.sse_raw(&token, &with_origin).await.expect("a stream");
+    assert_cors("event stream", &sse.headers, origin);
+
+    // The negative control: no Origin, no CORS headers.
+    let (_, token) = app.negotiate().await;
+    let plain = app.poll(&token).await;
+    assert!(plain.header("access-control-allow-origin").is_none());
+}
+
+#[actix_web::test]
+async fn a_token_its_owner_no_longer_holds_is_404_counted_as_gone() {
+    let app = spawn_app().await;
+    let lp = LpClient::connect(&app).await;
+    let gone = rejections("gone");
+    let before = app.metric(&gone).await;
+    // The positive control: while held, the same token is served.
+    assert_eq!(app.poll(&lp.token).await.status, StatusCode::OK);
+    assert_eq!(app.metric(&gone).await, before);
+
+    assert_eq!(app.delete(&lp.token).await.status, StatusCode::ACCEPTED);
+    let poll = app.poll(&lp.token).await;
+
+    assert_eq!(poll.status, StatusCode::NOT_FOUND);
+    assert_eq!(poll.text(), "No Connection with that ID");
+    assert_eq!(app.metric(&gone).await - before, 1.0);
+}
+
+#[actix_web::test]
+async fn metrics_declares_every_metric_the_readme_lists_and_counts_with_them() {
+    use crate::helpers::metrics::{families, DOCUMENTED_FAMILIES};
+    let app = spawn_app().await;
+    let text = app.metrics().await;
+    let declared = families(&text);
+    for family in DOCUMENTED_FAMILIES {
+        assert!(
+            declared.iter().any(|d| d == family),
+            "/metrics does not declare {family}:\n{text}"
+        );
+    }
+    // And they count: one WebSocket connection, one negotiation, one message each way.
+    let sample = |name: &str| {
+        let app = &app;
+        let name = name.to_owned();
+        async move { app.metric(&name).await }
+    };
+    let started = "stickless_connections_started_total{transport=\"WebSockets\"}";
+    let now = "stickless_connections{transport=\"WebSockets\"}";
+    let before = [
+        sample(started).await,
+        sample("stickless_negotiations_total").await,
+        sample("stickless_messages_received_total").await,
+        sample("stickless_messages_sent_total").await,
+    ];
+    let mut ws = WsClient::connect(&app).await;
+    ws.call("WhoAmI", json!([])).await;
+    let after = [
+        sample(started).await,
+        sample("stickless_negotiations_total").await,
+        sample("stickless_messages_received_total").await,
+        sample("stickless_messages_sent_total").await,
+    ];
+    assert_eq!(after[0] - before[0], 1.0, "connections started");
+    assert_eq!(after[1] - before[1], 1.0, "negotiations");
+    assert!(after[2] > before[2], "messages received");
+    assert!(after[3] > before[3], "messages sent");
+    assert_eq!(sample(now).await, 1.0);
+    assert_eq!(sample("stickless_backplane_up").await, 1.0);
+}

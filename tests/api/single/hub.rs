@@ -276,3 +276,81 @@ async fn presence_announces_joins_and_leaves_to_the_others() {
     let own: Vec<Value> = newcomer.inbox().records.drain(..).collect();
     assert!(own.iter().all(|r| !is_call(r, "Presence")), "{own:?}");
 }
+
+#[actix_web::test]
+async fn counter_takes_at_most_1000_items_and_10000_ms_between_them() {
+    let app = spawn_app().await;
+    let mut ws = WsClient::connect(&app).await;
+    let limits = "Counter takes at most 1000 items and 10000 ms between them.";
+
+    for (id, arguments) in [
+        ("over-count", json!([1001, 0])),
+        ("over-delay", json!([1, 10_001])),
+    ] {
+        ws.send(
+            json!({"type": 4, "invocationId": id, "target": "Counter", "arguments": arguments}),
+        )
+        .await;
+        let completion = ws.recv("the refusal", &|r| is_completion(r, id)).await;
+        assert_eq!(completion["error"], limits, "{completion}");
+    }
+    // At the limits, the stream runs (one item, with the longest delay unused).
+    ws.send(json!({"type": 4, "invocationId": "max", "target": "Counter", "arguments": [1000, 0]}))
+        .await;
+    let mut items = 0;
+    loop {
+        let record = ws.recv("the stream", &|r| r["invocationId"] == "max").await;
+        if is_type(&record, 3) {
+            assert!(record.get("error").is_none(), "{record}");
+            break;
+        }
+        items += 1;
+    }
+    assert_eq!(items, 1000);
+    ws.send(
+        json!({"type": 4, "invocationId": "slow", "target": "Counter", "arguments": [1, 10_000]}),
+    )
+    .await;
+    let first = ws
+        .recv("the only item", &|r| r["invocationId"] == "slow")
+        .await;
+    assert_eq!(first, json!({"type": 2, "invocationId": "slow", "item": 0}));
+}
+
+#[actix_web::test]
+async fn room_notices_reach_the_rooms_members_and_nobody_else() {
+    let app = spawn_app().await;
+    let mut member = WsClient::connect(&app).await;
+    let mut outsider = WsClient::connect(&app).await;
+    let mut newcomer = LpClient::connect(&app).await;
+    assert_eq!(member.call("JoinRoom", json!(["blue"])).await, "blue");
+
+    assert_eq!(newcomer.call("JoinRoom", json!(["blue"])).await, "blue");
+    assert_eq!(newcomer.call("LeaveRoom", json!(["blue"])).await, "blue");
+    // The marker, to everyone, after the notices: one sender keeps its order.
+    newcomer
+        .fire("Send", json!(["after the room notices"]))
+        .await;
+
+    let id = newcomer.connection_id.clone();
+    let seen = member.records_before_marker("after the room notices").await;
+    let notices: Vec<&serde_json::Value> = seen
+        .iter()
+        .filter(|r| is_call(r, "Presence") && r["arguments"][0]["connectionId"] == id.as_str())
+        .filter(|r| r["arguments"][0]["room"] == "blue")
+        .collect();
+    let kinds: Vec<&serde_json::Value> =
+        notices.iter().map(|r| &r["arguments"][0]["kind"]).collect();
+    assert_eq!(
+        kinds,
+        [&json!("joinedRoom"), &json!("leftRoom")],
+        "{seen:?}"
+    );
+    let seen = outsider
+        .records_before_marker("after the room notices")
+        .await;
+    assert!(
+        seen.iter().all(|r| r["arguments"][0]["room"] != "blue"),
+        "a non-member got a room notice: {seen:?}"
+    );
+}
