@@ -47,11 +47,17 @@ async fn a_record_over_the_maximum_message_size_closes_the_connection_with_an_er
         "{status}"
     );
 
+    let mut sse = SseClient::connect(&app).await;
+    sse.send_text(big.clone()).await;
+    let close = sse.recv("a Close message", &|r| is_type(r, 7)).await;
+    assert!(close_error(&close).contains("maximum message size"), "{close}");
+    sse.wait_ended().await;
+
     let mut ws = WsClient::connect(&app).await;
     ws.send_text(big).await;
     let close = ws.recv("a Close message", &|r| is_type(r, 7)).await;
     assert!(close_error(&close).contains("maximum message size"));
-    let reason = ws.wait_closed(Duration::from_secs(5)).await;
+    let reason = ws.wait_closed(RECV_TIMEOUT).await;
     assert_eq!(
         reason.map(|r| r.code),
         Some(ws::CloseCode::Normal),
@@ -129,6 +135,8 @@ async fn a_slow_consumer_is_disconnected_while_the_broadcaster_keeps_working() {
     let app = spawn_app_with(|s| s.outbound_queue_length = 8).await;
     let slow = LpClient::connect(&app).await;
     let mut broadcaster = WsClient::connect(&app).await;
+    let closes = "stickless_slow_consumer_closes_total";
+    let before = app.metric(closes).await;
 
     for i in 0..50 {
         let text = format!("m{i}");
@@ -155,5 +163,41 @@ async fn a_slow_consumer_is_disconnected_while_the_broadcaster_keeps_working() {
         status == StatusCode::NO_CONTENT || status == StatusCode::NOT_FOUND,
         "{status} {records:?}"
     );
-    assert!(app.metric("stickless_slow_consumer_closes_total").await >= 1.0);
+    assert_eq!(app.metric(closes).await - before, 1.0, "only the slow client");
+}
+
+#[actix_web::test]
+async fn websocket_and_sse_clients_that_do_not_read_are_closed_as_too_slow() {
+    let app = spawn_app_with(|s| {
+        s.max_message_size = 1 << 20;
+        s.outbound_queue_length = 8;
+    })
+    .await;
+    let slow_ws = WsClient::connect(&app).await;
+    let slow_sse = SseClient::connect(&app).await;
+    let mut broadcaster = WsClient::connect(&app).await;
+    let closes = "stickless_slow_consumer_closes_total";
+    let before = app.metric(closes).await;
+
+    // Large broadcasts until both non-readers overflowed: the socket buffers fill first,
+    // then their queues of 8.
+    let text = "x".repeat(256 * 1024);
+    let mut sent = 0;
+    while app.metric(closes).await - before < 2.0 {
+        assert!(sent < 400, "{sent} broadcasts and still not closed");
+        broadcaster.fire("Send", json!([text])).await;
+        broadcaster.recv_call("Send", &|a| a.as_str().is_some_and(|t| t.len() == text.len())).await;
+        sent += 1;
+    }
+    assert_eq!(app.metric(closes).await - before, 2.0, "the broadcaster reads and stays");
+    assert_eq!(
+        broadcaster.call("WhoAmI", json!([])).await["transport"],
+        "WebSockets"
+    );
+
+    for mut slow in [Box::new(slow_ws) as Box<dyn HubClient>, Box::new(slow_sse)] {
+        let close = slow.recv("the Close message", &|r| is_type(r, 7)).await;
+        assert!(close_error(&close).contains("fast enough"), "{close}");
+        slow.wait_ended().await;
+    }
 }
