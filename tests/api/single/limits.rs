@@ -50,7 +50,10 @@ async fn a_record_over_the_maximum_message_size_closes_the_connection_with_an_er
     let mut sse = SseClient::connect(&app).await;
     sse.send_text(big.clone()).await;
     let close = sse.recv("a Close message", &|r| is_type(r, 7)).await;
-    assert!(close_error(&close).contains("maximum message size"), "{close}");
+    assert!(
+        close_error(&close).contains("maximum message size"),
+        "{close}"
+    );
     sse.wait_ended().await;
 
     let mut ws = WsClient::connect(&app).await;
@@ -163,7 +166,11 @@ async fn a_slow_consumer_is_disconnected_while_the_broadcaster_keeps_working() {
         status == StatusCode::NO_CONTENT || status == StatusCode::NOT_FOUND,
         "{status} {records:?}"
     );
-    assert_eq!(app.metric(closes).await - before, 1.0, "only the slow client");
+    assert_eq!(
+        app.metric(closes).await - before,
+        1.0,
+        "only the slow client"
+    );
 }
 
 #[actix_web::test]
@@ -186,10 +193,18 @@ async fn websocket_and_sse_clients_that_do_not_read_are_closed_as_too_slow() {
     while app.metric(closes).await - before < 2.0 {
         assert!(sent < 400, "{sent} broadcasts and still not closed");
         broadcaster.fire("Send", json!([text])).await;
-        broadcaster.recv_call("Send", &|a| a.as_str().is_some_and(|t| t.len() == text.len())).await;
+        broadcaster
+            .recv_call("Send", &|a| {
+                a.as_str().is_some_and(|t| t.len() == text.len())
+            })
+            .await;
         sent += 1;
     }
-    assert_eq!(app.metric(closes).await - before, 2.0, "the broadcaster reads and stays");
+    assert_eq!(
+        app.metric(closes).await - before,
+        2.0,
+        "the broadcaster reads and stays"
+    );
     assert_eq!(
         broadcaster.call("WhoAmI", json!([])).await["transport"],
         "WebSockets"

@@ -10,14 +10,26 @@ use stickless::config::Settings;
 use crate::helpers::app::{stickless_command, KillOnDrop};
 use crate::helpers::*;
 
-/// Runs the binary with `env` and waits for it to exit (it must, being misconfigured).
+/// Runs the binary with `env` and waits for it to exit (it must, being misconfigured);
+/// one that keeps running is killed when the test gives up on it.
 async fn run_to_exit(env: &[(&str, &str)], args: &[&str]) -> Output {
     let mut command = stickless_command();
-    command.envs(env.iter().copied()).args(args);
-    let run = tokio::task::spawn_blocking(move || command.output().expect("stickless runs"));
-    within(REQUEST_TIMEOUT, "the process to exit", run)
-        .await
-        .expect("the run task")
+    command
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .args(args);
+    let child = command.spawn().expect("stickless runs");
+    let pid = child.id();
+    let run = tokio::task::spawn_blocking(move || child.wait_with_output().expect("output"));
+    match tokio::time::timeout(REQUEST_TIMEOUT, run).await {
+        Ok(output) => output.expect("the run task"),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+            panic!("{env:?} {args:?}: the process did not exit");
+        }
+    }
 }
 
 /// A running binary, killed on drop.
