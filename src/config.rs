@@ -288,8 +288,10 @@ mod tests {
 
     #[test]
     fn a_cluster_needs_a_shared_secret() {
-        let mut settings = Settings::default();
-        settings.redis_url = Some("redis://127.0.0.1".into());
+        let mut settings = Settings {
+            redis_url: Some("redis://127.0.0.1".into()),
+            ..Settings::default()
+        };
         assert!(matches!(
             settings.validate(),
             Err(ConfigError::SecretRequired("REDIS_URL"))

@@ -1,12 +1,8 @@
 //! The Redis backplane: messages to everyone, rooms, connections and users on every
 //! instance, and Redis going away.
 
-use std::time::Duration;
-
-use awc::http::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::metrics::{forwarded, rejections, SENT};
 use crate::helpers::*;
 
 use super::*;

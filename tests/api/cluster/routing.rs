@@ -1,13 +1,10 @@
 //! Routing across instances: bad tokens, direct routing, re-forwarding through the load
 //! balancer, adoption, and the ends of forwarded connections.
 
-use std::time::Duration;
-
 use awc::http::StatusCode;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::helpers::cluster::wait_until_connected;
-use crate::helpers::metrics::metric_value;
 use crate::helpers::metrics::{forwarded, Forwarding};
 use crate::helpers::*;
 

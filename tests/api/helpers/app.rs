@@ -16,8 +16,6 @@ pub const TEST_POLL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A running in-process instance.
 pub struct TestApp {
-    /// `http://127.0.0.1:PORT`.
-    pub address: String,
     /// The bound port.
     pub port: u16,
     /// Stops the instance.
@@ -69,15 +67,13 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     let port = application.port();
     let handle = application.handle();
     actix_web::rt::spawn(application.run_until_stopped());
-    let address = format!("http://127.0.0.1:{port}");
-    let api = Api::new(address.clone());
+    let api = Api::new(format!("http://127.0.0.1:{port}"));
     let health = api.healthz().await;
     let instance = health["instance"]
         .as_str()
         .expect("healthz names the instance")
         .to_owned();
     TestApp {
-        address,
         port,
         handle,
         instance,

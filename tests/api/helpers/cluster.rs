@@ -121,12 +121,4 @@ impl TestCluster {
             .expect("kill runs");
         assert!(status.success(), "kill -{signal} {pid}");
     }
-
-    /// The index of the instance called `id`.
-    pub fn index_of(&self, id: &str) -> usize {
-        self.ids
-            .iter()
-            .position(|i| i == id)
-            .unwrap_or_else(|| panic!("no instance {id}"))
-    }
 }

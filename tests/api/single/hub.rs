@@ -1,11 +1,6 @@
 //! The JSON hub protocol through the chat hub: invocations, completions, streams, batching.
 
-use std::time::Duration;
-
-use awc::error::WsClientError;
-use awc::http::{Method, StatusCode};
-use awc::ws;
-use bytes::Bytes;
+use awc::http::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::*;

@@ -2,11 +2,8 @@
 
 use std::time::Duration;
 
-use awc::error::WsClientError;
-use awc::http::{Method, StatusCode};
-use awc::ws;
-use bytes::Bytes;
-use serde_json::{json, Value};
+use awc::http::StatusCode;
+use serde_json::json;
 
 use crate::helpers::*;
 

@@ -3,10 +3,9 @@
 use std::time::Duration;
 
 use awc::error::WsClientError;
-use awc::http::{Method, StatusCode};
+use awc::http::StatusCode;
 use awc::ws;
-use bytes::Bytes;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::helpers::*;
 
