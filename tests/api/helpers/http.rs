@@ -253,7 +253,7 @@ pub async fn raw_tcp(port: u16, bytes: Vec<u8>) -> Vec<u8> {
     let exchange = tokio::task::spawn_blocking(move || {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         stream
-            .set_read_timeout(Some(Duration::from_secs(3)))
+            .set_read_timeout(Some(REQUEST_TIMEOUT))
             .expect("set_read_timeout");
         let _ = stream.write_all(&bytes);
         let _ = stream.shutdown(std::net::Shutdown::Write);
@@ -261,7 +261,7 @@ pub async fn raw_tcp(port: u16, bytes: Vec<u8>) -> Vec<u8> {
         let _ = stream.read_to_end(&mut answer);
         answer
     });
-    within(Duration::from_secs(10), "raw TCP exchange", exchange)
+    within(REQUEST_TIMEOUT * 2, "raw TCP exchange", exchange)
         .await
         .expect("raw TCP task")
 }

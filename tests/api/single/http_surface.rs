@@ -1,8 +1,6 @@
 //! The HTTP surface around the transports: status codes, the instance header, CORS,
 //! `/healthz`, the chat page.
 
-use std::time::Duration;
-
 use awc::http::{Method, StatusCode};
 use bytes::Bytes;
 use serde_json::json;
@@ -14,7 +12,7 @@ use crate::helpers::*;
 async fn methods_the_endpoints_do_not_take_are_405() {
     let app = spawn_app().await;
     let empty = || Bytes::new();
-    let timeout = Duration::from_secs(5);
+    let timeout = REQUEST_TIMEOUT;
 
     let get_negotiate = app
         .request(Method::GET, "/chat/negotiate", &[], empty(), timeout)
@@ -35,7 +33,7 @@ async fn methods_the_endpoints_do_not_take_are_405() {
 #[actix_web::test]
 async fn requests_without_an_id_are_400() {
     let app = spawn_app().await;
-    let timeout = Duration::from_secs(5);
+    let timeout = REQUEST_TIMEOUT;
     for method in [Method::GET, Method::POST, Method::DELETE] {
         let reply = app
             .request(method.clone(), HUB, &[], Bytes::new(), timeout)
@@ -93,7 +91,7 @@ async fn a_token_that_does_not_verify_gets_404_on_every_transport_and_is_counted
 #[actix_web::test]
 async fn every_response_carries_the_instance_header() {
     let app = spawn_app_with(|s| s.max_message_size = 256).await;
-    let timeout = Duration::from_secs(5);
+    let timeout = REQUEST_TIMEOUT;
     let (_, token) = app.negotiate().await;
     let replies = vec![
         ("healthz", app.get("/healthz").await),
@@ -147,7 +145,7 @@ async fn cors_is_off_by_default() {
             "/chat/negotiate",
             &[origin, ("Access-Control-Request-Method", "POST")],
             Bytes::new(),
-            Duration::from_secs(5),
+            REQUEST_TIMEOUT,
         )
         .await;
     let negotiate = app.negotiate_raw("negotiateVersion=1", &[origin]).await;
@@ -176,7 +174,7 @@ async fn cors_allows_the_configured_origin_with_credentials() {
                 ),
             ],
             Bytes::new(),
-            Duration::from_secs(5),
+            REQUEST_TIMEOUT,
         )
         .await;
 
@@ -234,7 +232,7 @@ async fn cors_allows_the_configured_origin_with_credentials() {
                 ("Access-Control-Request-Method", "POST"),
             ],
             Bytes::new(),
-            Duration::from_secs(5),
+            REQUEST_TIMEOUT,
         )
         .await;
     assert_ne!(
@@ -254,7 +252,7 @@ async fn healthz_reports_status_instance_backplane_and_connections() {
     );
 
     let _ws = WsClient::connect(&app).await;
-    eventually(Duration::from_secs(5), "one connection counted", || async {
+    eventually(SETTLE_TIMEOUT, "one connection counted", || async {
         (app.healthz().await["connections"] == 1).then_some(())
     })
     .await;

@@ -1,7 +1,5 @@
 //! Limits: message and body size, bounded outbound queues, handshake errors and timeout.
 
-use std::time::Duration;
-
 use awc::http::StatusCode;
 use awc::ws;
 use serde_json::json;
@@ -95,7 +93,7 @@ async fn handshake_errors_get_an_error_reply_and_end_the_connection() {
             None => assert!(!error.is_empty(), "{handshake:?}"),
         }
         assert_eq!(reply.as_object().map(|o| o.len()), Some(1), "{reply}");
-        ws.wait_closed(Duration::from_secs(5)).await;
+        ws.wait_closed(RECV_TIMEOUT).await;
     }
 
     // The same over long polling.
@@ -123,7 +121,7 @@ async fn version_two_of_the_json_protocol_is_accepted() {
     let mut ws = app.ws_raw("", &[]).await.expect("ws");
     ws.send_text("{\"protocol\":\"json\",\"version\":2}\u{1e}".to_owned())
         .await;
-    let reply = ws.next_record(Duration::from_secs(5)).await;
+    let reply = ws.next_record(RECV_TIMEOUT).await;
     assert_eq!(reply, Some(json!({})));
     assert_eq!(
         ws.call("WhoAmI", json!([])).await["transport"],

@@ -1,7 +1,5 @@
 //! `POST /chat/negotiate`: versions, transports, errors (signalr-protocol.md, "Negotiate").
 
-use std::time::Duration;
-
 use awc::http::{Method, StatusCode};
 use bytes::Bytes;
 use serde_json::json;
@@ -117,7 +115,7 @@ async fn query_parameter_names_are_case_insensitive() {
             &format!("{HUB}?ID={token}"),
             &[],
             Bytes::new(),
-            Duration::from_secs(5),
+            REQUEST_TIMEOUT,
         )
         .await;
     assert_eq!(first.status, StatusCode::OK, "{}", first.text());

@@ -1,7 +1,5 @@
 //! Server-Sent Events: preamble, `data:` framing, ends of the stream.
 
-use std::time::Duration;
-
 use awc::http::StatusCode;
 use serde_json::json;
 
@@ -48,11 +46,11 @@ async fn closing_the_event_stream_ends_the_connection() {
 
     drop(sse);
 
-    eventually(Duration::from_secs(5), "the connection to end", || async {
+    eventually(SETTLE_TIMEOUT, "the connection to end", || async {
         (app.post(&token, "{\"type\":6}\u{1e}").await.status == StatusCode::NOT_FOUND).then_some(())
     })
     .await;
-    eventually(Duration::from_secs(5), "no connection left", || async {
+    eventually(SETTLE_TIMEOUT, "no connection left", || async {
         (app.healthz().await["connections"] == 0).then_some(())
     })
     .await;

@@ -1,7 +1,5 @@
 //! WebSockets: upgrade, text frames, refusals before the upgrade, close codes.
 
-use std::time::Duration;
-
 use awc::error::WsClientError;
 use awc::http::StatusCode;
 use awc::ws;
@@ -29,7 +27,7 @@ async fn websocket_connects_handshakes_and_invokes_over_text_frames() {
 
     // A bare Close from the client ends the connection gracefully.
     ws.send(json!({"type": 7})).await;
-    ws.wait_closed(Duration::from_secs(5)).await;
+    ws.wait_closed(RECV_TIMEOUT).await;
 }
 
 #[actix_web::test]
@@ -103,10 +101,10 @@ async fn a_closed_websocket_connection_cannot_be_reopened() {
 
     ws.send_message(ws::Message::Close(Some(ws::CloseCode::Normal.into())))
         .await;
-    ws.wait_closed(Duration::from_secs(5)).await;
+    ws.wait_closed(RECV_TIMEOUT).await;
 
     // This server offers no stateful reconnect: the token is spent.
-    eventually(Duration::from_secs(5), "the token to be spent", || async {
+    eventually(SETTLE_TIMEOUT, "the token to be spent", || async {
         match app.ws_raw(&format!("id={token}"), &[]).await {
             Err(WsClientError::InvalidResponseStatus(StatusCode::NOT_FOUND)) => Some(()),
             _ => None,
