@@ -511,6 +511,25 @@ async fn close_codes_pass_through_a_forwarded_websocket() {
 }
 
 #[actix_web::test]
+async fn a_forwarded_websocket_whose_owner_breaks_off_is_closed_with_1011() {
+    let mut cluster = spawn_cluster(2, |options| {
+        options
+            .env
+            .push(("ADOPT_WEBSOCKETS".into(), "false".into()));
+    })
+    .await;
+    let mut ws = WsClient::connect_via(&cluster.nodes[0], &cluster.nodes[1], &[]).await;
+    assert_eq!(ws.call("WhoAmI", json!([])).await["instance"], "node-1");
+
+    // SIGKILL: the owner cannot send a Close message or a close frame.
+    cluster.signal(0, "KILL");
+
+    let reason = ws.wait_closed(RECV_TIMEOUT).await.expect("a close frame");
+    assert_eq!(u16::from(reason.code), 1011);
+    cluster.stop_instance(0);
+}
+
+#[actix_web::test]
 async fn forwarded_responses_carry_the_owners_instance_header_and_cors_headers_once() {
     let origin = "http://example.test";
     let cluster = spawn_cluster(2, |options| {
