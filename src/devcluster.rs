@@ -53,8 +53,11 @@ pub struct ClusterOptions {
     pub static_dir: PathBuf,
     /// Announce each instance's direct URL (owner-directed routing).
     pub direct_routing: bool,
-    /// Extra environment for every instance, e.g. `MAX_FORWARD_ATTEMPTS`.
+    /// Extra environment for every instance, e.g. `MAX_FORWARD_ATTEMPTS`; it is applied
+    /// last, so it can override any setting the launcher gives.
     pub env: Vec<(String, String)>,
+    /// The instances' `RUST_LOG`.
+    pub log_filter: String,
 }
 
 impl ClusterOptions {
@@ -68,6 +71,7 @@ impl ClusterOptions {
             static_dir: PathBuf::from("static"),
             direct_routing: true,
             env: Vec::new(),
+            log_filter: "info".into(),
         }
     }
 }
@@ -81,6 +85,13 @@ pub struct Instance {
     pub url: String,
     port: u16,
     child: Option<Child>,
+}
+
+impl Instance {
+    /// The process id, while it runs (tests pause an instance with SIGSTOP).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
 }
 
 /// A running cluster; everything is stopped when it is dropped.
@@ -149,6 +160,18 @@ fn wait_until(what: &str, log: &Path, mut ready: impl FnMut() -> bool) -> Result
 fn log_file(dir: &Path, name: &str) -> Result<(fs::File, PathBuf), ClusterError> {
     let path = dir.join(name);
     Ok((fs::File::create(&path)?, path))
+}
+
+/// Clears the environment a child would inherit, keeping only `PATH` (to find programs)
+/// and `HOME`: children get the settings the launcher gives them and nothing else.
+fn controlled_environment(command: &mut Command) -> &mut Command {
+    command.env_clear();
+    for name in ["PATH", "HOME"] {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    command
 }
 
 fn spawn(command: &mut Command, program: &str) -> Result<Child, ClusterError> {
@@ -253,7 +276,7 @@ impl Cluster {
     pub fn start_redis(&mut self) -> Result<(), ClusterError> {
         let (log, path) = log_file(&self.dir, "redis.log")?;
         let mut command = Command::new("redis-server");
-        command
+        controlled_environment(&mut command)
             .args([
                 "--port",
                 &self.redis_port.to_string(),
@@ -279,6 +302,11 @@ impl Cluster {
         })
     }
 
+    /// The cluster secret, for starting one more instance that joins this cluster.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
     /// Stops Redis (the instances keep running, degraded).
     pub fn stop_redis(&mut self) {
         kill(&mut self.redis);
@@ -289,18 +317,16 @@ impl Cluster {
         let instance = &self.instances[index];
         let (log, path) = log_file(&self.dir, &format!("{}.log", instance.id))?;
         let mut command = Command::new(&self.options.bin);
-        command
+        // Every setting is given here: nothing leaks in from the shell that started the
+        // cluster (an exported POLL_TIMEOUT or REDIS_URL would change what runs).
+        controlled_environment(&mut command)
             .env("LISTEN_ADDR", format!("127.0.0.1:{}", instance.port))
             .env("INSTANCE_ID", &instance.id)
             .env("STATIC_DIR", &self.options.static_dir)
             .env("REDIS_URL", &self.redis_url)
             .env("LOAD_BALANCER_URL", &self.url)
             .env("CLUSTER_SECRET", &self.secret)
-            .env(
-                "RUST_LOG",
-                std::env::var("STICKLESS_CLUSTER_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env_remove("ADVERTISE_URL")
+            .env("RUST_LOG", &self.options.log_filter)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -333,7 +359,7 @@ impl Cluster {
         fs::write(&conf_path, conf)?;
         let (log, path) = log_file(&self.dir, "nginx.log")?;
         let mut command = Command::new(nginx_program());
-        command
+        controlled_environment(&mut command)
             .arg("-p")
             .arg(&self.dir)
             .arg("-c")

@@ -234,7 +234,7 @@ mod tests {
         let connections = Connections::new(
             Arc::new(host),
             metrics,
-            SessionConfig::from_settings(&Settings::for_tests()),
+            SessionConfig::from_settings(&Settings::default()),
         );
         let router = Router::new(
             me,

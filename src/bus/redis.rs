@@ -374,6 +374,9 @@ impl RedisBus {
     async fn publisher(self, mut queue: mpsc::Receiver<(String, String)>) {
         let shared = &self.shared;
         let mut backoff = MIN_BACKOFF;
+        // A message whose PUBLISH failed: it is sent again, first, once Redis is back,
+        // so a message sent while Redis is down waits like the ones queued behind it.
+        let mut unsent: Option<(String, String)> = None;
         loop {
             let mut connection = match shared.client.get_multiplexed_async_connection().await {
                 Ok(connection) => connection,
@@ -387,7 +390,14 @@ impl RedisBus {
             };
             shared.publishing.store(true, Ordering::Relaxed);
             backoff = MIN_BACKOFF;
-            while let Some((channel, payload)) = queue.recv().await {
+            loop {
+                let (channel, payload) = match unsent.take() {
+                    Some(item) => item,
+                    None => match queue.recv().await {
+                        Some(item) => item,
+                        None => return,
+                    },
+                };
                 let mut command = redis::cmd("PUBLISH");
                 command.arg(&channel).arg(&payload);
                 let publish = command.query_async::<i64>(&mut connection);
@@ -395,14 +405,15 @@ impl RedisBus {
                     Ok(result) => result.map_err(|e| e.to_string()),
                     Err(_) => Err("timed out".to_owned()),
                 };
-                shared.metrics.backplane_published(result.is_ok());
                 if let Err(error) = result {
                     log::warn!("bus: publish to {channel} failed ({error}); reconnecting");
+                    unsent = Some((channel, payload));
                     break;
                 }
+                shared.metrics.backplane_published(true);
             }
             shared.publishing.store(false, Ordering::Relaxed);
-            if queue.is_closed() && queue.is_empty() {
+            if unsent.is_none() && queue.is_closed() && queue.is_empty() {
                 return;
             }
         }

@@ -1,10 +1,12 @@
 //! Integration tests, in one binary (zero-to-production `tests/api/`).
 //!
-//! - [`single`]: one instance, started in-process with [`helpers::spawn_app`].
-//! - [`cluster`]: redis-server, three `stickless` processes and nginx
+//! - [`single`]: one instance, in-process ([`helpers::spawn_app`]) or the real binary,
+//!   one file per area;
+//! - [`cluster`]: redis-server, `stickless` processes and nginx
 //!   ([`helpers::spawn_cluster`]); needs `redis-server` and `nginx` installed.
 //!
-//! Run with `cargo test --test api -- --test-threads=2`.
+//! Settings and environments are built by the tests, never read from the shell.
+//! Run with `cargo test --test api`.
 
 mod cluster;
 mod helpers;
