@@ -1,27 +1,52 @@
 //! Routing benchmark: what a misrouted request costs, in a real cluster on loopback.
 //!
-//! Starts `redis-server`, N instances and nginx (the shipped `nginx.conf`) with the
-//! devcluster launcher, then measures, for long-polling `WhoAmI` invocations (a POST and a
-//! poll each), the round-trip latency when every request goes
+//! For each cluster size N (default 2, 4 and 16) and each route to an owner elsewhere, it
+//! starts `redis-server`, N instances and nginx (the shipped `nginx.conf`) with the
+//! devcluster launcher — instances configured with only that route enabled — and
+//! measures, for long-polling `WhoAmI` invocations (a POST and a poll each, so two
+//! requests per round trip), the round-trip latency when both requests go
 //!
 //! - straight to the owner (`local`),
-//! - to another instance that forwards it directly to the owner (`direct`, 1 hop),
-//! - through nginx, re-forwarded until it reaches the owner (`load_balancer`),
+//! - to another instance that reaches the owner directly (`direct`, 1 hop),
+//! - to another instance that relays them over Redis (`bus`, 1 broker round trip),
+//! - through nginx, re-forwarded until they reach the owner (`load_balancer`),
 //!
-//! and, through nginx, the attempts each forward needed. Build the server first:
+//! the attempts each forward needed (through nginx), and the messages per second of a
+//! WebSocket (pipelined `WhoAmI` invocations, [`WINDOW`] in flight) served locally,
+//! forwarded directly, and relayed over the bus. Build the server first:
 //!
 //! ```sh
-//! cargo build --release --bins && cargo run --release --example bench -- 3 300
+//! cargo build --release --bins --example bench && target/release/examples/bench 2,4,16 300
 //! ```
 //!
-//! Arguments: instances (default 3), round trips per mode (default 300).
+//! Arguments: cluster sizes (default `2,4,16`), round trips per mode (default 300).
 
 use std::time::{Duration, Instant};
 
+use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use stickless::devcluster::{Cluster, ClusterOptions};
 
 const RS: char = '\u{1e}';
+/// Invocations in flight on the benchmarked WebSocket.
+const WINDOW: usize = 64;
+/// Invocations per WebSocket throughput run.
+const WS_MESSAGES: usize = 5000;
+
+/// A client, and a connection token negotiated at `owner`.
+async fn negotiate(owner: &str) -> (awc::Client, String) {
+    let client = awc::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .finish();
+    let mut negotiated = client
+        .post(format!("{owner}/chat/negotiate?negotiateVersion=1"))
+        .send()
+        .await
+        .expect("negotiate");
+    let body: Value = negotiated.json().await.expect("negotiate JSON");
+    let token = body["connectionToken"].as_str().expect("token").to_owned();
+    (client, token)
+}
 
 struct Poller {
     client: awc::Client,
@@ -38,7 +63,6 @@ impl Poller {
             response.status()
         );
     }
-
     async fn poll(&self, base: &str) -> String {
         let url = format!("{base}/chat?id={}&_=1", self.token);
         let mut response = self.client.get(url).send().await.expect("poll");
@@ -53,16 +77,7 @@ impl Poller {
 
     /// Negotiates on `owner` and completes the long-polling handshake there.
     async fn connect(owner: &str) -> Self {
-        let client = awc::Client::builder()
-            .timeout(Duration::from_secs(120))
-            .finish();
-        let mut negotiated = client
-            .post(format!("{owner}/chat/negotiate?negotiateVersion=1"))
-            .send()
-            .await
-            .expect("negotiate");
-        let body: Value = negotiated.json().await.expect("negotiate JSON");
-        let token = body["connectionToken"].as_str().expect("token").to_owned();
+        let (client, token) = negotiate(owner).await;
         let poller = Self { client, token };
         poller.poll(owner).await;
         poller
@@ -93,16 +108,31 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index]
 }
 
-fn report(mode: &str, mut samples: Vec<Duration>) {
-    samples.sort();
-    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
-    println!(
-        "{mode:<22} n={:<5} mean={:>8.3} ms  p50={:>8.3} ms  p99={:>8.3} ms",
-        samples.len(),
-        mean.as_secs_f64() * 1e3,
-        percentile(&samples, 0.50).as_secs_f64() * 1e3,
-        percentile(&samples, 0.99).as_secs_f64() * 1e3,
-    );
+/// One row of the latency table.
+struct Row {
+    instances: usize,
+    route: String,
+    samples: Vec<Duration>,
+    attempts: Option<f64>,
+}
+
+impl Row {
+    fn print(mut self) {
+        self.samples.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let mean = self.samples.iter().sum::<Duration>() / self.samples.len() as u32;
+        println!(
+            "| {:>2} | {:<14} | {:>8.3} | {:>8.3} | {:>8.3} | {:>8} |",
+            self.instances,
+            self.route,
+            ms(percentile(&self.samples, 0.50)),
+            ms(percentile(&self.samples, 0.99)),
+            ms(mean),
+            self.attempts
+                .map(|a| format!("{a:.2}"))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
 }
 
 fn metric_sum(cluster: &Cluster, prefix: &str) -> f64 {
@@ -126,42 +156,76 @@ fn metric_sum(cluster: &Cluster, prefix: &str) -> f64 {
         .sum()
 }
 
-async fn run(cluster: &Cluster, rounds: usize, label: &str) {
-    let owner = &cluster.instances[0].url;
-    let other = &cluster.instances[1].url;
-    let poller = Poller::connect(owner).await;
+async fn round_trips(poller: &Poller, via: &str, rounds: usize) -> Vec<Duration> {
     let mut samples = Vec::with_capacity(rounds);
     for n in 0..rounds {
-        samples.push(poller.who_am_i(owner, n).await);
+        samples.push(poller.who_am_i(via, n).await);
     }
-    report("local", samples);
-    let mut samples = Vec::with_capacity(rounds);
-    for n in 0..rounds {
-        samples.push(poller.who_am_i(other, n).await);
-    }
-    report(&format!("{label} (to B)"), samples);
-    let before_sent = metric_sum(cluster, "stickless_forward_requests_sent_total");
-    let before_count = metric_sum(cluster, "stickless_forward_attempts_count");
-    let mut samples = Vec::with_capacity(rounds);
-    for n in 0..rounds {
-        samples.push(poller.who_am_i(&cluster.url, n).await);
-    }
-    report(&format!("{label} (nginx)"), samples);
-    let sent = metric_sum(cluster, "stickless_forward_requests_sent_total") - before_sent;
-    let forwarded = metric_sum(cluster, "stickless_forward_attempts_count") - before_count;
-    println!(
-        "{:<22} {} of {} requests through nginx were misrouted; {:.2} attempts per forwarded request",
-        "",
-        forwarded,
-        rounds * 2,
-        if forwarded > 0.0 { sent / forwarded } else { 0.0 }
-    );
+    samples
 }
+
+/// Messages per second over a WebSocket to `via` for a connection negotiated at `owner`:
+/// pipelined `WhoAmI` invocations, each answered by a Completion.
+async fn websocket_rate(owner: &str, via: &str) -> f64 {
+    let (client, token) = negotiate(owner).await;
+    let url = format!("ws{}/chat?id={token}", via.trim_start_matches("http"));
+    let (_, mut socket) = client
+        .ws(url)
+        .max_frame_size(1 << 20)
+        .connect()
+        .await
+        .expect("WebSocket");
+    socket
+        .send(awc::ws::Message::Text(
+            format!("{{\"protocol\":\"json\",\"version\":1}}{RS}").into(),
+        ))
+        .await
+        .expect("handshake");
+    let completions = |frame: &awc::ws::Frame| match frame {
+        awc::ws::Frame::Text(bytes) => String::from_utf8_lossy(bytes).matches("\"type\":3").count(),
+        _ => 0,
+    };
+    // The handshake answer first.
+    let _ = socket.next().await.expect("handshake answer");
+    let started = Instant::now();
+    let (mut sent, mut answered) = (0, 0);
+    while answered < WS_MESSAGES {
+        if sent < WS_MESSAGES && sent - answered < WINDOW {
+            let call = format!(
+                "{{\"type\":1,\"invocationId\":\"{sent}\",\"target\":\"WhoAmI\",\"arguments\":[]}}{RS}"
+            );
+            socket
+                .send(awc::ws::Message::Text(call.into()))
+                .await
+                .expect("send");
+            sent += 1;
+            continue;
+        }
+        let frame = socket.next().await.expect("socket open").expect("frame");
+        answered += completions(&frame);
+    }
+    let rate = WS_MESSAGES as f64 / started.elapsed().as_secs_f64();
+    let _ = socket.send(awc::ws::Message::Close(None)).await;
+    rate
+}
+
+/// The routes benchmarked: (label, `ROUTES`, advertise direct URLs).
+const ROUTES: [(&str, &str, bool); 3] = [
+    ("direct", "direct", true),
+    ("bus", "bus", false),
+    ("load_balancer", "load-balancer", false),
+];
 
 #[actix_web::main]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let instances: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3).max(2);
+    let sizes: Vec<usize> = args
+        .next()
+        .unwrap_or_else(|| "2,4,16".into())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .map(|n: usize| n.max(2))
+        .collect();
     let rounds: usize = args
         .next()
         .and_then(|a| a.parse().ok())
@@ -172,15 +236,73 @@ async fn main() {
         .and_then(|exe| Some(exe.parent()?.parent()?.join("stickless")))
         .filter(|bin| bin.is_file())
         .expect("build the server first: cargo build --release --bins");
-    println!("stickless routing benchmark: {instances} instances, {rounds} WhoAmI round trips per mode, long polling");
-    for (direct, label) in [(true, "direct"), (false, "load_balancer")] {
-        let mut options = ClusterOptions::new(instances, &bin);
-        options.direct_routing = direct;
-        options.env.push(("RUST_LOG".into(), "warn".into()));
-        let cluster = Cluster::start(options).expect("cluster");
-        // Give the instances time to hear each other's announcements.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        println!("-- routing mode: {label}");
-        run(&cluster, rounds, label).await;
+    println!(
+        "stickless routing benchmark: {rounds} long-polling WhoAmI round trips (2 requests each) per row; WebSocket: {WS_MESSAGES} pipelined WhoAmI, {WINDOW} in flight\n"
+    );
+    println!("|  N | route          | p50 (ms) | p99 (ms) | mean (ms) | attempts per forward |");
+    println!("|---:|----------------|---------:|---------:|---------:|---------:|");
+    let mut rates = Vec::new();
+    for &instances in &sizes {
+        for (label, routes, advertise) in ROUTES {
+            let mut options = ClusterOptions::new(instances, &bin);
+            options.direct_routing = advertise;
+            options.env.push(("RUST_LOG".into(), "warn".into()));
+            options.env.push(("ROUTES".into(), routes.into()));
+            let cluster = Cluster::start(options).expect("cluster");
+            // Heartbeats and announcements: wait until the owner knows everyone.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while metric_sum(&cluster, "stickless_cluster_instances")
+                < (instances * instances) as f64
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let owner = cluster.instances[0].url.clone();
+            let other = cluster.instances[1].url.clone();
+            let poller = Poller::connect(&owner).await;
+            if label == "direct" {
+                let samples = round_trips(&poller, &owner, rounds).await;
+                Row {
+                    instances,
+                    route: "local".into(),
+                    samples,
+                    attempts: None,
+                }
+                .print();
+            }
+            let via = if label == "load_balancer" {
+                &cluster.url
+            } else {
+                &other
+            };
+            let before_sent = metric_sum(&cluster, "stickless_forward_requests_sent_total");
+            let before_count = metric_sum(&cluster, "stickless_forward_attempts_count");
+            let samples = round_trips(&poller, via, rounds).await;
+            let sent = metric_sum(&cluster, "stickless_forward_requests_sent_total") - before_sent;
+            let forwarded = metric_sum(&cluster, "stickless_forward_attempts_count") - before_count;
+            let attempts = (forwarded > 0.0).then(|| sent / forwarded);
+            Row {
+                instances,
+                route: label.into(),
+                samples,
+                attempts,
+            }
+            .print();
+            if instances == sizes[0] {
+                if label == "direct" {
+                    rates.push(("local", websocket_rate(&owner, &owner).await));
+                }
+                if label != "load_balancer" {
+                    rates.push((label, websocket_rate(&owner, &other).await));
+                }
+            }
+        }
+    }
+    println!(
+        "\n| WebSocket (N = {}) | messages/s |\n|---|---:|",
+        sizes[0]
+    );
+    for (label, rate) in rates {
+        println!("| {label} | {rate:.0} |");
     }
 }

@@ -86,13 +86,19 @@ finish_suite() {
 
 say "Rust tests and single-instance Node suites, in parallel"
 start_suite rust cargo test --locked -- --test-threads="${TEST_THREADS:-2}"
-start_suite node-single "${NODE_TEST[@]}" \
-  tests/node/single.test.mjs tests/node/official-client.test.mjs tests/node/browser.test.mjs
+# Single-instance suites: one instance each. Every other tests/node/*.test.mjs starts
+# clusters, and runs after them, so that a new test file cannot be left out.
+SINGLE_NODE=(tests/node/single.test.mjs tests/node/official-client.test.mjs tests/node/browser.test.mjs)
+CLUSTER_NODE=()
+for file in tests/node/*.test.mjs; do
+  case " ${SINGLE_NODE[*]} " in *" $file "*) ;; *) CLUSTER_NODE+=("$file") ;; esac
+done
+start_suite node-single "${NODE_TEST[@]}" "${SINGLE_NODE[@]}"
 finish_suite node-single
 finish_suite rust
 
 say "Node cluster suites (official client through nginx, real redis-server)"
-start_suite node-cluster "${NODE_TEST[@]}" tests/node/cluster.test.mjs tests/node/cluster-routing.test.mjs
+start_suite node-cluster "${NODE_TEST[@]}" "${CLUSTER_NODE[@]}"
 finish_suite node-cluster
 
 # --- hook: the lead adds the Docker Compose suite (scripts/compose-test.sh) here ---------

@@ -29,9 +29,12 @@ use rand::RngCore;
 
 use crate::bus;
 use crate::bus::peers::Peers;
+use crate::bus::Topic;
 use crate::config::Settings;
 use crate::connection::{Connections, SessionConfig};
-use crate::http::{AppState, HubEndpoint};
+use crate::forwarding;
+use crate::forwarding::relay::Relay;
+use crate::http::{max_body_size, AppState, HubEndpoint};
 use crate::hub::host::HubHost;
 use crate::hub::{HubBuilder, UserIdProvider};
 use crate::metrics::Metrics;
@@ -96,19 +99,33 @@ impl App {
         let peers = Arc::new(Peers::new(instance.clone(), settings.advertise_url()));
         let session = SessionConfig::from_settings(&settings);
         let mut hubs = Vec::new();
+        let mut relay = None;
         for (index, (path, hub)) in self.hubs.into_iter().enumerate() {
             let hub = hub.build()?;
             let namespace = format!("stickless:{}", hub.name());
             let (bus, events) =
                 bus::open(&settings, &namespace, instance.clone(), metrics.clone())?;
-            // Instances announce themselves on the first hub's bus only: one carrier is
-            // enough for discovery.
+            // Heartbeats and relayed requests travel on the first hub's bus only: one
+            // carrier is enough (a relayed request names its hub in its path).
             let discovery = (index == 0).then(|| peers.clone());
+            let mut frames = None;
             if discovery.is_some() {
                 tokio::spawn(peers.clone().run(bus.clone()));
+                if bus.is_shared() {
+                    let (started, handler) = Relay::start(
+                        instance.clone(),
+                        bus.clone(),
+                        ClusterKey::from_secret(&secret),
+                        settings.poll_timeout + forwarding::POLL_GRACE,
+                        max_body_size(&settings),
+                    );
+                    bus.subscribe(vec![Topic::Instance(instance.clone())]).await;
+                    relay = Some(started);
+                    frames = Some(handler);
+                }
             }
             let host = Arc::new(HubHost::new(hub, bus, instance.clone()));
-            tokio::spawn(host.clone().drain(events, discovery));
+            tokio::spawn(host.clone().drain(events, discovery, frames));
             let connections = Arc::new(Connections::new(host, metrics.clone(), session.clone()));
             tokio::spawn(connections.clone().run_sweeper());
             hubs.push(Arc::new(HubEndpoint {
@@ -118,26 +135,54 @@ impl App {
                 user_id: self.user_id.clone(),
             }));
         }
+        if let Some(relay) = &relay {
+            let endpoints = hubs.clone();
+            relay.set_holds(Box::new(move |path_and_query: &str| {
+                holds_connection(&endpoints, path_and_query)
+            }));
+        }
         let router = Router::new(
             instance.clone(),
             ClusterKey::from_secret(&secret),
             settings.load_balancer_url.clone(),
             settings.max_forward_attempts,
+            settings.routes,
             settings
                 .adopt_websockets
                 .then_some(settings.disconnect_timeout),
             peers,
+            relay.as_ref().map(|relay| relay.bus().clone()),
         );
         let state = AppState {
             settings,
             instance,
             hubs,
             router,
+            relay,
             metrics,
             stopping: AtomicBool::new(false),
         };
         Application::start(state, ClusterKey::from_secret(&secret))
     }
+}
+
+/// Whether a request (path and query) is for a connection one of `hubs` holds here: the
+/// owner's check before it accepts a relayed request.
+fn holds_connection(hubs: &[Arc<HubEndpoint>], path_and_query: &str) -> bool {
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
+    let Some(hub) = hubs.iter().find(|hub| hub.path == path) else {
+        return false;
+    };
+    let Ok(query) = actix_web::web::Query::<Vec<(String, String)>>::from_query(query) else {
+        return false;
+    };
+    query
+        .into_inner()
+        .into_iter()
+        .find(|(key, _)| key.eq_ignore_ascii_case("id"))
+        .is_some_and(|(_, token)| hub.connections.get(&token).is_some())
 }
 
 /// The key that signs one hub's connection tokens.

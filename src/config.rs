@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 
 use crate::protocol::token::{ClusterKey, InstanceId};
+use crate::routing::{ForwardBudget, Routes};
 
 /// Shortest cluster secret accepted: it keys the HMAC of every token.
 pub const MIN_SECRET_LEN: usize = 16;
@@ -50,9 +51,16 @@ pub struct Settings {
     #[arg(long, env = "CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
 
-    /// Re-forward budget per misrouted request; 0 disables re-forwarding through the load balancer.
-    #[arg(long, env = "MAX_FORWARD_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100))]
-    pub max_forward_attempts: u32,
+    /// Re-forward budget per misrouted request: `auto` sizes it from the cluster's size
+    /// for at most 0.1 % misses under a random balancer (capped at 128), or a number; 0
+    /// disables re-forwarding through the load balancer.
+    #[arg(long, env = "MAX_FORWARD_ATTEMPTS", default_value = "auto")]
+    pub max_forward_attempts: ForwardBudget,
+
+    /// Routes to a connection held by another instance, tried in this fixed order:
+    /// adopt, direct, bus, load-balancer (comma-separated; `none` turns all off).
+    #[arg(long, env = "ROUTES", default_value = "adopt,direct,bus,load-balancer")]
+    pub routes: Routes,
 
     /// This instance's direct URL (http://host:port), announced over Redis for owner-directed
     /// routing; `{hostname}` in it is replaced by the host name (one value for every replica).
@@ -352,7 +360,8 @@ mod tests {
         assert_eq!(settings.redis_url, None);
         assert_eq!(settings.load_balancer_url, None);
         assert_eq!(settings.cluster_secret, None);
-        assert_eq!(settings.max_forward_attempts, 10);
+        assert_eq!(settings.max_forward_attempts, ForwardBudget::Auto);
+        assert_eq!(settings.routes, Routes::ALL);
         assert_eq!(settings.advertise_url, None);
         assert!(settings.adopt_websockets);
         assert_eq!(settings.max_message_size, 32 * 1024);

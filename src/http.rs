@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::config::Settings;
 use crate::connection::{Connection, ConnectionError, Connections};
+use crate::forwarding::relay::Relay;
 use crate::forwarding::Forwarder;
 use crate::hub::UserIdProvider;
 use crate::metrics::Metrics;
@@ -33,6 +34,8 @@ pub struct AppState {
     pub hubs: Vec<Arc<HubEndpoint>>,
     /// The routing policy.
     pub router: Router,
+    /// The bus route's end on this instance (with a shared bus only).
+    pub relay: Option<Arc<Relay>>,
     /// The counters.
     pub metrics: Arc<Metrics>,
     /// Set when shutdown starts: no new connections, and the load balancer is told.
@@ -397,5 +400,9 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8"))
-        .body(state.metrics.render(state.buses_healthy()))
+        .body(
+            state
+                .metrics
+                .render(state.buses_healthy(), state.router.cluster_size()),
+        )
 }

@@ -53,8 +53,8 @@
 //! ```text
 //! app            App: mounts hubs, each at its own path (main.rs picks the demo)
 //! http           {hub}/negotiate · {hub} GET/POST/DELETE per hub · /healthz · /metrics
-//!  └ routing     is the connection here? if not: adopt, go direct, or re-forward
-//!     ├ forwarding   awc: HTTP, event streams and WebSockets relayed to the owner
+//!  └ routing     is the connection here? if not: adopt, direct, bus or re-forward
+//!     ├ forwarding   awc or the bus: HTTP, event streams and WebSockets relayed to the owner
 //!     └ transport    WebSockets · Server-Sent Events · Long Polling (move records only)
 //!        └ connection     one client's state; its session moves messages to the host
 //!           └ hub         declaring methods and state; hub::host: dispatch, one per hub
@@ -68,8 +68,9 @@
 //!   stop; [`config`] ([`Settings`]): every setting.
 //! - `http`: the routes of every hub and the mapping of errors to what the SignalR
 //!   client expects.
-//! - `routing`: the one decision of where a request for a connection goes;
-//!   `forwarding`: carries misrouted requests to the owning instance.
+//! - `routing`: the one decision of where a request for a connection goes (routes in one
+//!   configurable order, the re-forward budget); `forwarding`: carries misrouted requests
+//!   to the owning instance, over HTTP or relayed over the bus (`forwarding::relay`).
 //! - `transport`: WebSockets, Server-Sent Events and Long Polling.
 //! - `connection`: connections, their registry and their sessions.
 //! - `hub`: [`Hub`], [`HubBuilder`], [`HubContext`], [`State`], [`HubError`]; `hub::host`
@@ -108,4 +109,5 @@ pub use hub::{
 };
 pub use protocol::negotiate::TransportKind;
 pub use protocol::token::{ConnectionId, InstanceId};
+pub use routing::{ForwardBudget, RouteKind, Routes};
 pub use startup::{AppHandle, Application, StartError};

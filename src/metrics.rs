@@ -22,6 +22,9 @@ pub enum ForwardOutcome {
     NotFound,
     /// A network error or timeout; the client got 502 or 504.
     Failed,
+    /// A long poll missed an owner known to be alive; the client got an empty 200 and
+    /// polls again.
+    Retried,
 }
 
 impl ForwardOutcome {
@@ -30,6 +33,7 @@ impl ForwardOutcome {
             Self::Served => "served",
             Self::NotFound => "not_found",
             Self::Failed => "failed",
+            Self::Retried => "retried",
         }
     }
 }
@@ -193,8 +197,9 @@ impl Metrics {
         add(&self.backplane_reconnects);
     }
 
-    /// The Prometheus text exposition of every counter.
-    pub fn render(&self, backplane_up: bool) -> String {
+    /// The Prometheus text exposition of every counter; `cluster_instances` is the
+    /// cluster's size as heartbeats tell it.
+    pub fn render(&self, backplane_up: bool, cluster_instances: usize) -> String {
         let mut out = String::with_capacity(4096);
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let family = |out: &mut String, name: &str, kind: &str, help: &str| {
@@ -292,6 +297,13 @@ impl Metrics {
             "1 when the backplane is connected (always 1 in-process).",
         );
         let _ = writeln!(out, "stickless_backplane_up {}", u8::from(backplane_up));
+        family(
+            &mut out,
+            "stickless_cluster_instances",
+            "gauge",
+            "Instances in the cluster (this one and those whose heartbeat was heard recently).",
+        );
+        let _ = writeln!(out, "stickless_cluster_instances {cluster_instances}");
 
         family(
             &mut out,
@@ -358,7 +370,8 @@ mod tests {
     fn the_attempts_histogram_is_cumulative() {
         let metrics = Metrics::default();
         metrics.forwarded("long_polling", "load_balancer", ForwardOutcome::Served, 3);
-        let text = metrics.render(true);
+        let text = metrics.render(true, 3);
+        assert!(text.contains("stickless_cluster_instances 3"));
         assert!(text.contains("stickless_forward_attempts_bucket{le=\"2\"} 0"));
         assert!(text.contains("stickless_forward_attempts_bucket{le=\"3\"} 1"));
         assert!(text.contains("stickless_forward_attempts_bucket{le=\"+Inf\"} 1"));

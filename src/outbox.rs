@@ -191,7 +191,7 @@ pub(crate) mod tests {
         let reason = outbox.closing().borrow().clone().unwrap();
         assert!(reason.is_error);
         assert_eq!(outbox.push(Bytes::from_static(b"c")), Pushed::Closed);
-        let metrics = outbox.0.metrics.render(true);
+        let metrics = outbox.0.metrics.render(true, 1);
         assert!(
             metrics.contains("stickless_messages_sent_total 1\n"),
             "{metrics}"

@@ -7,17 +7,34 @@
 //! 2. the connection is here → serve it;
 //! 3. the token names this instance, which no longer has it → 404 at once;
 //! 4. the request is an internal probe → 404 at once: probes are never re-forwarded;
-//! 5. otherwise the owner is elsewhere:
-//!    - a WebSocket for a fresh token is **adopted**: served here, 0 extra hops (nothing
-//!      else will ever look for it, since this server offers no stateful reconnect);
-//!    - with the owner's advertised URL known, go **direct** (1 hop);
-//!    - else **re-forward through the load balancer**, the reference technique
-//!      (davidfowl/SmartLoadBalancer), up to `MAX_FORWARD_ATTEMPTS`.
+//! 5. otherwise the owner is elsewhere, and the routes `ROUTES` enables are tried in one
+//!    fixed order, cheapest first:
+//!    - `adopt`: a WebSocket for a fresh token is served here, 0 extra hops (nothing else
+//!      will ever look for it, since this server offers no stateful reconnect);
+//!    - `direct`: with the owner's advertised URL known, go straight to it (1 hop). If it
+//!      cannot be reached (a network error, not a 404), the next route is tried;
+//!    - `bus`: with a shared bus (Redis) up, relay the request to the owner over the bus
+//!      and the answer back (1 broker round trip, see [`crate::relay`]). It needs no
+//!      connectivity between instances; an owner that does not answer within
+//!      [`crate::relay::ACCEPT_TIMEOUT`] is taken as gone or unreachable;
+//!    - `load-balancer`: re-forward through the load balancer, the reference technique
+//!      (davidfowl/SmartLoadBalancer), up to a budget ([`ForwardBudget`]) sized from the
+//!      cluster's size, which heartbeats over the bus tell ([`Peers`]);
+//!    - else 404, as ASP.NET answers (`No Connection with that ID`).
+//!
+//! Why this order: adoption costs nothing; direct costs one TCP hop; the bus costs one
+//! broker round trip per message but needs no path between instances; re-forwarding
+//! costs about N requests per miss and, with a random balancer, still misses sometimes.
+//! The defaults enable all four, so the same settings work in docker compose (instances
+//! reach each other), on Kubernetes (pod IPs as `ADVERTISE_URL`) and where instances
+//! cannot reach each other at all (the bus, then the balancer).
 //!
 //! Forward targets come from configuration (and instances' own announcements over
 //! Redis), never from request headers. A probe is recognised only by a marker signed with
 //! the cluster secret, so a client cannot forge one to steer routing.
 
+use std::fmt;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +42,7 @@ use actix_web::http::header::{HeaderMap, ACCEPT, CONNECTION, UPGRADE};
 use actix_web::http::Method;
 
 use crate::bus::peers::Peers;
+use crate::bus::Bus;
 use crate::connection::{Connection, Connections};
 use crate::metrics::Rejection;
 use crate::protocol::negotiate::TransportKind;
@@ -35,6 +53,169 @@ pub const PROBE_HEADER: &str = "x-stickless-probe";
 
 /// How far apart two instances' clocks may be for a probe marker to verify.
 const PROBE_MAX_SKEW_SECS: u64 = 60;
+
+/// One way of reaching a connection held elsewhere (see the module doc for the order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    /// Serve a fresh WebSocket here.
+    Adopt,
+    /// Send the request to the owner's advertised URL.
+    Direct,
+    /// Relay the request to the owner over the bus.
+    Bus,
+    /// Re-forward the request through the load balancer.
+    LoadBalancer,
+}
+
+impl RouteKind {
+    /// Every route, in the order they are tried.
+    pub const ORDER: [Self; 4] = [Self::Adopt, Self::Direct, Self::Bus, Self::LoadBalancer];
+
+    /// The name in `ROUTES`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Adopt => "adopt",
+            Self::Direct => "direct",
+            Self::Bus => "bus",
+            Self::LoadBalancer => "load-balancer",
+        }
+    }
+}
+
+/// The routes `ROUTES` enables; the order they are tried in is always [`RouteKind::ORDER`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routes([bool; 4]);
+
+impl Routes {
+    /// Every route.
+    pub const ALL: Self = Self([true; 4]);
+
+    fn index(kind: RouteKind) -> usize {
+        match kind {
+            RouteKind::Adopt => 0,
+            RouteKind::Direct => 1,
+            RouteKind::Bus => 2,
+            RouteKind::LoadBalancer => 3,
+        }
+    }
+
+    /// Whether `kind` is enabled.
+    pub fn has(self, kind: RouteKind) -> bool {
+        self.0[Self::index(kind)]
+    }
+
+    /// The same routes without `kind`.
+    pub fn without(mut self, kind: RouteKind) -> Self {
+        self.0[Self::index(kind)] = false;
+        self
+    }
+}
+
+impl Default for Routes {
+    fn default() -> Self {
+        Self::ALL
+    }
+}
+
+impl FromStr for Routes {
+    type Err = String;
+
+    /// A comma-separated list such as `adopt,direct,bus,load-balancer`; `none` (or an
+    /// empty list) turns every route off.
+    fn from_str(raw: &str) -> Result<Self, String> {
+        let mut routes = Self([false; 4]);
+        for name in raw.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name.eq_ignore_ascii_case("none") {
+                continue;
+            }
+            let kind = RouteKind::ORDER
+                .into_iter()
+                .find(|kind| kind.name().eq_ignore_ascii_case(name))
+                .ok_or_else(|| {
+                    format!("unknown route {name:?}: use adopt, direct, bus, load-balancer or none")
+                })?;
+            routes.0[Self::index(kind)] = true;
+        }
+        Ok(routes)
+    }
+}
+
+impl fmt::Display for Routes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = RouteKind::ORDER
+            .into_iter()
+            .filter(|kind| self.has(*kind))
+            .map(RouteKind::name)
+            .collect();
+        if names.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&names.join(","))
+        }
+    }
+}
+
+/// The most attempts `MAX_FORWARD_ATTEMPTS=auto` spends on one misrouted request. 128
+/// keeps misses at or under 0.1 % up to 19 instances under a random balancer; past that
+/// enable `direct` or `bus`, which never miss a live owner.
+pub const AUTO_BUDGET_CAP: u32 = 128;
+/// The budget while the cluster's size is unknown (no heartbeat heard yet): the reference
+/// technique's default.
+pub const AUTO_BUDGET_FLOOR: u32 = 10;
+/// The miss rate `auto` sizes the budget for.
+const AUTO_TARGET_MISS_RATE: f64 = 0.001;
+
+/// How many times a misrouted request is re-forwarded through the load balancer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardBudget {
+    /// Sized from the cluster's size: see [`ForwardBudget::attempts`].
+    Auto,
+    /// A fixed number; 0 turns re-forwarding off.
+    Fixed(u32),
+}
+
+impl ForwardBudget {
+    /// The attempts for a cluster of `instances`. With a random balancer each attempt
+    /// reaches the owner with probability 1/N, so k attempts all miss with probability
+    /// (1 − 1/N)^k; `auto` takes the least k with (1 − 1/N)^k ≤ 0.1 %, that is
+    /// k = ⌈ln 0.001 / ln(1 − 1/N)⌉ (10 at N = 2, 25 at 4, 108 at 16), at least
+    /// [`AUTO_BUDGET_FLOOR`] and at most [`AUTO_BUDGET_CAP`]. A round-robin balancer
+    /// needs far fewer (about N); attempts are spent only until the owner answers.
+    pub fn attempts(self, instances: usize) -> u32 {
+        match self {
+            Self::Fixed(attempts) => attempts,
+            Self::Auto if instances < 2 => AUTO_BUDGET_FLOOR,
+            Self::Auto => {
+                let miss_once = 1.0 - 1.0 / instances as f64;
+                let k = (AUTO_TARGET_MISS_RATE.ln() / miss_once.ln()).ceil();
+                (k as u32).clamp(AUTO_BUDGET_FLOOR, AUTO_BUDGET_CAP)
+            }
+        }
+    }
+}
+
+impl FromStr for ForwardBudget {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, String> {
+        if raw.trim().eq_ignore_ascii_case("auto") {
+            return Ok(Self::Auto);
+        }
+        match raw.trim().parse::<u32>() {
+            Ok(attempts) if attempts <= 1000 => Ok(Self::Fixed(attempts)),
+            _ => Err(format!("{raw:?} is not `auto` or a number from 0 to 1000")),
+        }
+    }
+}
+
+impl fmt::Display for ForwardBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Fixed(attempts) => write!(f, "{attempts}"),
+        }
+    }
+}
 
 /// What a request to `{hub}` is, by ASP.NET's rules (TransportProtocols.md; the table
 /// in `HttpConnectionDispatcher.ExecuteAsync`).
@@ -120,8 +301,13 @@ pub struct ForwardPlan {
     pub connection_id: ConnectionId,
     /// The owner's advertised URL, tried first.
     pub direct: Option<String>,
+    /// Relay over the bus next.
+    pub bus: bool,
     /// The load balancer's URL and how many times to try it.
     pub load_balancer: Option<(String, u32)>,
+    /// The owner sent a heartbeat recently: a long poll that misses it may be answered
+    /// with an empty 200 rather than 404 (see `Forwarder::exhausted`).
+    pub owner_alive: bool,
 }
 
 /// The routing policy of one instance.
@@ -130,31 +316,59 @@ pub struct Router {
     /// The cluster key: it signs the markers of internal probes.
     key: ClusterKey,
     load_balancer: Option<String>,
-    max_attempts: u32,
+    budget: ForwardBudget,
+    routes: Routes,
     adoption_window: Option<Duration>,
     peers: Arc<Peers>,
+    /// The bus requests are relayed over (the first hub's), if it reaches other instances.
+    relay_bus: Option<Arc<dyn Bus>>,
 }
 
 impl Router {
-    /// A router. `adoption_window` is how old a token may be for its WebSocket to be
-    /// adopted (`None` turns adoption off); it is the disconnect timeout, after which the
-    /// owner has dropped a connection that never started anyway.
+    /// A router that tries the enabled `routes`. `adoption_window` is how old a token may
+    /// be for its WebSocket to be adopted (`None` turns adoption off); it is the
+    /// disconnect timeout, after which the owner has dropped a connection that never
+    /// started anyway. `relay_bus` is the bus requests are relayed over.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         instance: InstanceId,
         key: ClusterKey,
         load_balancer: Option<String>,
-        max_attempts: u32,
+        budget: ForwardBudget,
+        routes: Routes,
         adoption_window: Option<Duration>,
         peers: Arc<Peers>,
+        relay_bus: Option<Arc<dyn Bus>>,
     ) -> Self {
+        let routes = match adoption_window {
+            Some(_) => routes,
+            None => routes.without(RouteKind::Adopt),
+        };
         Self {
             instance,
             key,
             load_balancer,
-            max_attempts,
+            budget,
+            routes,
             adoption_window,
             peers,
+            relay_bus: relay_bus.filter(|bus| bus.is_shared()),
         }
+    }
+
+    /// The routes enabled.
+    pub fn routes(&self) -> Routes {
+        self.routes
+    }
+
+    /// Instances in the cluster, as heartbeats tell.
+    pub fn cluster_size(&self) -> usize {
+        self.peers.cluster_size()
+    }
+
+    /// The load balancer's attempt budget now.
+    pub fn attempts(&self) -> u32 {
+        self.budget.attempts(self.cluster_size())
     }
 
     /// Whether a request carries a valid probe marker.
@@ -190,20 +404,27 @@ impl Router {
         let fresh = self
             .adoption_window
             .is_some_and(|window| now_secs.saturating_sub(claims.issued_at) <= window.as_secs());
-        if websocket && fresh {
+        if websocket && fresh && self.routes.has(RouteKind::Adopt) {
             return Route::Adopt(claims);
         }
+        let attempts = self.attempts();
         let plan = ForwardPlan {
-            owner: claims.owner.clone(),
-            connection_id: claims.connection_id.clone(),
-            direct: self.peers.url(&claims.owner),
+            direct: self
+                .peers
+                .url(&claims.owner)
+                .filter(|_| self.routes.has(RouteKind::Direct)),
+            bus: self.routes.has(RouteKind::Bus)
+                && self.relay_bus.as_ref().is_some_and(|bus| bus.is_healthy()),
             load_balancer: self
                 .load_balancer
                 .clone()
-                .filter(|_| self.max_attempts > 0)
-                .map(|url| (url, self.max_attempts)),
+                .filter(|_| attempts > 0 && self.routes.has(RouteKind::LoadBalancer))
+                .map(|url| (url, attempts)),
+            owner_alive: self.peers.is_alive(&claims.owner),
+            owner: claims.owner,
+            connection_id: claims.connection_id,
         };
-        if plan.direct.is_none() && plan.load_balancer.is_none() {
+        if plan.direct.is_none() && !plan.bus && plan.load_balancer.is_none() {
             return Route::Reject(Rejection::NoRoute);
         }
         Route::Forward(plan)
@@ -222,7 +443,40 @@ mod tests {
 
     const NOW: u64 = 1_800_000_000;
 
+    /// A bus that says it reaches other instances and is up: all the router asks of it.
+    struct SharedBus;
+
+    impl Bus for SharedBus {
+        fn name(&self) -> &'static str {
+            "shared"
+        }
+        fn is_healthy(&self) -> bool {
+            true
+        }
+        fn publish(&self, _: crate::bus::Envelope) -> futures_util::future::BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+        fn subscribe(&self, _: Vec<crate::bus::Topic>) -> futures_util::future::BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+        fn unsubscribe(
+            &self,
+            _: Vec<crate::bus::Topic>,
+        ) -> futures_util::future::BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
     fn setup(lb: Option<&str>, attempts: u32) -> (Router, Connections, ClusterKey) {
+        setup_with(lb, ForwardBudget::Fixed(attempts), Routes::ALL, None)
+    }
+
+    fn setup_with(
+        lb: Option<&str>,
+        budget: ForwardBudget,
+        routes: Routes,
+        peers: Option<Arc<Peers>>,
+    ) -> (Router, Connections, ClusterKey) {
         let key = ClusterKey::from_secret(b"0123456789abcdef");
         let me = InstanceId::parse("me").unwrap();
         let metrics = Arc::new(Metrics::default());
@@ -236,13 +490,17 @@ mod tests {
             metrics,
             SessionConfig::from_settings(&Settings::default()),
         );
+        let peers =
+            peers.unwrap_or_else(|| Arc::new(Peers::new(InstanceId::parse("me").unwrap(), None)));
         let router = Router::new(
             me,
             key.clone(),
             lb.map(str::to_owned),
-            attempts,
+            budget,
+            routes,
             Some(Duration::from_secs(15)),
-            Arc::new(Peers::new(InstanceId::parse("me").unwrap(), None)),
+            peers,
+            Some(Arc::new(SharedBus)),
         );
         (router, connections, key)
     }
@@ -300,12 +558,109 @@ mod tests {
         };
         assert_eq!(plan.owner.as_str(), "other");
         assert_eq!(plan.direct, None);
+        assert!(plan.bus);
         assert_eq!(plan.load_balancer, Some(("http://lb".into(), 10)));
     }
 
+    async fn peers_with_other(url: Option<&str>) -> Arc<Peers> {
+        let peers = Arc::new(Peers::new(InstanceId::parse("me").unwrap(), None));
+        let announcement = crate::bus::Announcement {
+            instance: InstanceId::parse("other").unwrap(),
+            url: url.map(str::to_owned),
+            reply: true,
+        };
+        peers.receive(announcement, &InProcess).await;
+        peers
+    }
+
+    #[tokio::test]
+    async fn the_routes_setting_picks_which_routes_a_plan_holds_in_one_fixed_order() {
+        let theirs = |key: &ClusterKey| token(key, "other", NOW);
+        let plan = |routes: &str| {
+            let routes: Routes = routes.parse().unwrap();
+            async move {
+                let peers = peers_with_other(Some("http://other")).await;
+                let (router, connections, key) = setup_with(
+                    Some("http://lb"),
+                    ForwardBudget::Fixed(5),
+                    routes,
+                    Some(peers),
+                );
+                match router.route(&key, &connections, &theirs(&key), false, false, NOW) {
+                    Route::Forward(plan) => Some(plan),
+                    _ => None,
+                }
+            }
+        };
+        let all = plan("adopt,direct,bus,load-balancer").await.unwrap();
+        assert_eq!(all.direct.as_deref(), Some("http://other"));
+        assert!(all.bus && all.owner_alive);
+        assert_eq!(all.load_balancer, Some(("http://lb".into(), 5)));
+        // The order written in the setting does not matter; only which are enabled.
+        let bus_only = plan("bus").await.unwrap();
+        assert_eq!(
+            (bus_only.direct, bus_only.bus, bus_only.load_balancer),
+            (None, true, None)
+        );
+        let lb_only = plan("load-balancer").await.unwrap();
+        assert_eq!((lb_only.direct, lb_only.bus), (None, false));
+        assert!(lb_only.load_balancer.is_some());
+        assert!(plan("adopt").await.is_none(), "nothing but adoption: 404");
+        assert!(plan("none").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn adoption_is_a_route_that_can_be_turned_off() {
+        let (router, connections, key) = setup_with(
+            Some("http://lb"),
+            ForwardBudget::Fixed(10),
+            "direct,bus,load-balancer".parse().unwrap(),
+            None,
+        );
+        let fresh = token(&key, "other", NOW);
+        assert!(matches!(
+            router.route(&key, &connections, &fresh, false, true, NOW),
+            Route::Forward(_)
+        ));
+    }
+
     #[test]
-    fn a_budget_of_zero_disables_forwarding() {
-        let (router, connections, key) = setup(Some("http://lb"), 0);
+    fn routes_parse_and_print_in_the_fixed_order() {
+        let routes: Routes = "load-balancer, BUS".parse().unwrap();
+        assert_eq!(routes.to_string(), "bus,load-balancer");
+        assert_eq!(Routes::ALL.to_string(), "adopt,direct,bus,load-balancer");
+        assert_eq!("".parse::<Routes>().unwrap().to_string(), "none");
+        assert!("sticky".parse::<Routes>().is_err());
+    }
+
+    #[test]
+    fn the_auto_budget_keeps_random_balancer_misses_at_or_under_a_tenth_of_a_percent() {
+        let budget = ForwardBudget::Auto;
+        assert_eq!(budget.attempts(1), AUTO_BUDGET_FLOOR, "size unknown");
+        assert_eq!(budget.attempts(2), 10);
+        assert_eq!(budget.attempts(4), 25);
+        assert_eq!(budget.attempts(16), 108);
+        assert_eq!(budget.attempts(1000), AUTO_BUDGET_CAP);
+        for n in 2..=19 {
+            let k = budget.attempts(n);
+            let miss = |k: u32| (1.0 - 1.0 / n as f64).powi(k as i32);
+            assert!(miss(k) <= 0.001, "N={n}: {k} attempts miss {}", miss(k));
+            assert!(
+                miss(k - 1) > 0.001 || k == AUTO_BUDGET_FLOOR,
+                "N={n}: {k} is not the least"
+            );
+        }
+        assert_eq!(ForwardBudget::Fixed(3).attempts(16), 3);
+        assert_eq!("auto".parse(), Ok(ForwardBudget::Auto));
+        assert_eq!("7".parse(), Ok(ForwardBudget::Fixed(7)));
+        assert!("lots".parse::<ForwardBudget>().is_err());
+    }
+
+    #[test]
+    fn a_budget_of_zero_disables_re_forwarding() {
+        let routes = "adopt,direct,load-balancer".parse().unwrap();
+        let (router, connections, key) =
+            setup_with(Some("http://lb"), ForwardBudget::Fixed(0), routes, None);
         let theirs = token(&key, "other", NOW);
         assert!(matches!(
             router.route(&key, &connections, &theirs, false, false, NOW),

@@ -104,6 +104,16 @@ impl Application {
                 settings.static_dir.display()
             );
         }
+        if let Some(relay) = &state.relay {
+            // The owner serves relayed requests against itself, over loopback.
+            let ip = match settings.listen_addr.ip() {
+                ip if ip.is_unspecified() && ip.is_ipv6() => "[::1]".to_owned(),
+                ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                std::net::IpAddr::V4(ip) => ip.to_string(),
+            };
+            relay.set_loopback(format!("http://{ip}:{port}"));
+        }
         let workers = settings.workers;
         let shutdown_secs = settings.shutdown_timeout.as_secs().max(1);
         let state = web::Data::new(state);
@@ -115,6 +125,7 @@ impl Application {
                 app_state.metrics.clone(),
                 settings.poll_timeout,
                 max_body_size(settings),
+                app_state.relay.clone(),
             );
             let mut app = actix_web::App::new()
                 .app_data(app_state.clone())
@@ -151,11 +162,12 @@ impl Application {
             .run();
         let paths: Vec<&str> = state.hubs.iter().map(|hub| hub.path.as_str()).collect();
         log::info!(
-            "instance {} ready on port {port} (hubs: {}, backplane: {}, forwarding: {})",
+            "instance {} ready on port {port} (hubs: {}, backplane: {}, routes: {}, load balancer: {})",
             state.instance,
             paths.join(" "),
             state.bus_name(),
-            state.settings.load_balancer_url.as_deref().unwrap_or("off")
+            state.router.routes(),
+            state.settings.load_balancer_url.as_deref().unwrap_or("unset")
         );
         Ok(Self {
             port,

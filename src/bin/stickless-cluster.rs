@@ -31,7 +31,8 @@ struct Cli {
     /// The chat page's folder.
     #[arg(long, default_value = "static")]
     static_dir: PathBuf,
-    /// Do not announce direct URLs: every misrouted request goes back through nginx.
+    /// Do not announce direct URLs: misrouted requests take the bus or go back through
+    /// nginx (`--env ROUTES=…` picks which).
     #[arg(long)]
     no_direct_routing: bool,
     /// Also stop when standard input reaches its end (for a parent process that pipes it).

@@ -66,6 +66,9 @@ pub enum Topic {
     Group(String),
     /// A user id.
     User(String),
+    /// One instance's own topic: frames addressed to it alone ([`Envelope::ToInstance`]),
+    /// e.g. requests relayed to the owner of a connection and their answers.
+    Instance(InstanceId),
 }
 
 /// A group membership change for a connection that may live on another instance; the
@@ -80,13 +83,14 @@ pub struct GroupCommand {
     pub join: bool,
 }
 
-/// An instance telling the others its direct URL (see [`peers`]).
+/// An instance telling the others it is alive, and its direct URL if it has one (see
+/// [`peers`]): the heartbeat that gives every instance the cluster's size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Announcement {
     /// The announcing instance.
     pub instance: InstanceId,
-    /// Its direct URL (`ADVERTISE_URL`).
-    pub url: String,
+    /// Its direct URL (`ADVERTISE_URL`), if it advertises one.
+    pub url: Option<String>,
     /// False on a first announcement, which asks every other instance to announce itself
     /// back.
     pub reply: bool,
@@ -104,8 +108,17 @@ pub enum Envelope {
     },
     /// A group change for a connection on whatever instance holds it.
     Group(GroupCommand),
-    /// An instance's direct URL.
+    /// An instance's heartbeat (and direct URL).
     Announcement(Announcement),
+    /// Opaque bytes for one instance only, carried on its [`Topic::Instance`] topic; the
+    /// bus neither reads nor reorders them (one sender's frames to one instance arrive in
+    /// the order they were published).
+    ToInstance {
+        /// The instance the bytes are for.
+        to: InstanceId,
+        /// The bytes.
+        payload: Bytes,
+    },
 }
 
 /// What the stream of a bus yields.
@@ -121,11 +134,21 @@ pub enum Event {
 /// The inbound side of a bus: everything other instances published for this one.
 pub type Events = BoxStream<'static, Event>;
 
+/// Takes the payloads of [`Envelope::ToInstance`] addressed to this instance (the relay
+/// of routed requests, which lives above the bus and is handed in by the application).
+pub type InstanceHandler = Arc<dyn Fn(Bytes) -> BoxFuture<'static, ()> + Send + Sync>;
+
 /// How instances reach each other. Implementations must keep the order of one sender's
 /// messages, and keep carrying after their broker comes back.
 pub trait Bus: Send + Sync {
     /// `in-process`, `redis` or `redis-cluster`, for `/healthz`.
     fn name(&self) -> &'static str;
+
+    /// Whether the bus reaches other instances at all (false for the in-process bus):
+    /// routing relays requests over a bus only if it does.
+    fn is_shared(&self) -> bool {
+        true
+    }
 
     /// False while the bus cannot carry messages (its broker is unreachable).
     fn is_healthy(&self) -> bool;
@@ -156,6 +179,10 @@ impl InProcess {
 impl Bus for InProcess {
     fn name(&self) -> &'static str {
         "in-process"
+    }
+
+    fn is_shared(&self) -> bool {
+        false
     }
 
     fn is_healthy(&self) -> bool {

@@ -1,10 +1,12 @@
-//! Peer discovery: which instance answers on which direct URL, for owner-directed
+//! Peer discovery: which instances are alive, and which answer on which direct URL, for
 //! routing (DESIGN.md, "Routing").
 //!
-//! Instances with an `ADVERTISE_URL` announce it over a bus: once when the bus
-//! (re)connects, asking the others to answer ([`Announcement::reply`] false), and then
-//! every [`ANNOUNCE_EVERY`]. A URL not repeated for [`PEER_TTL`] is forgotten, so a dead
-//! instance stops being a direct target. This is not a method of the bus: the bus only
+//! Every instance sends a heartbeat over a bus — with its `ADVERTISE_URL` if it has one —
+//! once when the bus (re)connects, asking the others to answer ([`Announcement::reply`]
+//! false), and then every [`ANNOUNCE_EVERY`]. An instance not heard from for [`PEER_TTL`]
+//! is forgotten, so a dead instance stops being a direct target and stops counting in the
+//! cluster's size (which sizes the load balancer's attempt budget, see
+//! [`crate::routing::ForwardBudget`]). This is not a method of the bus: the bus only
 //! carries the announcements.
 
 use std::collections::HashMap;
@@ -14,17 +16,24 @@ use std::time::{Duration, Instant};
 use super::{Announcement, Bus, Envelope};
 use crate::protocol::token::InstanceId;
 
-/// How often an instance announces its direct URL.
+/// How often an instance sends its heartbeat.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(10);
-/// An announced URL is forgotten when not repeated for this long.
+/// An instance not heard from for this long is forgotten.
 const PEER_TTL: Duration = Duration::from_secs(35);
 
-/// The direct URLs of the other instances, as they announced them.
+/// What is known of one other instance.
+#[derive(Debug)]
+struct Peer {
+    url: Option<String>,
+    seen: Instant,
+}
+
+/// The other instances, as their heartbeats describe them.
 #[derive(Debug)]
 pub struct Peers {
     instance: InstanceId,
     advertise_url: Option<String>,
-    known: Mutex<HashMap<InstanceId, (String, Instant)>>,
+    known: Mutex<HashMap<InstanceId, Peer>>,
 }
 
 impl Peers {
@@ -37,57 +46,73 @@ impl Peers {
         }
     }
 
-    /// The direct URL `instance` announced recently, if any.
-    pub fn url(&self, instance: &InstanceId) -> Option<String> {
+    fn live<T>(&self, instance: &InstanceId, what: impl FnOnce(&Peer) -> T) -> Option<T> {
         let known = self.known.lock().ok()?;
-        let (url, seen) = known.get(instance)?;
-        (seen.elapsed() < PEER_TTL).then(|| url.clone())
+        let peer = known.get(instance)?;
+        (peer.seen.elapsed() < PEER_TTL).then(|| what(peer))
     }
 
-    /// This instance's announcement, if it advertises a URL.
-    fn hello(&self, reply: bool) -> Option<Envelope> {
-        let url = self.advertise_url.clone()?;
-        Some(Envelope::Announcement(Announcement {
+    /// The direct URL `instance` announced recently, if any.
+    pub fn url(&self, instance: &InstanceId) -> Option<String> {
+        self.live(instance, |peer| peer.url.clone()).flatten()
+    }
+
+    /// Whether `instance` sent a heartbeat within [`PEER_TTL`].
+    pub fn is_alive(&self, instance: &InstanceId) -> bool {
+        self.live(instance, |_| ()).is_some()
+    }
+
+    /// Instances in the cluster: this one and every other heard from within [`PEER_TTL`].
+    pub fn cluster_size(&self) -> usize {
+        let others = self.known.lock().map_or(0, |known| {
+            known
+                .values()
+                .filter(|peer| peer.seen.elapsed() < PEER_TTL)
+                .count()
+        });
+        others + 1
+    }
+
+    /// This instance's heartbeat.
+    fn hello(&self, reply: bool) -> Envelope {
+        Envelope::Announcement(Announcement {
             instance: self.instance.clone(),
-            url,
+            url: self.advertise_url.clone(),
             reply,
-        }))
+        })
     }
 
     /// Announces this instance on `bus`, asking the others to answer.
     pub async fn connected(&self, bus: &dyn Bus) {
-        if let Some(hello) = self.hello(false) {
-            bus.publish(hello).await;
-        }
+        bus.publish(self.hello(false)).await;
     }
 
-    /// Records another instance's announcement, and answers a first one (even from a
-    /// peer we know: it may have restarted and forgotten us).
+    /// Records another instance's heartbeat, and answers a first one (even from a peer we
+    /// know: it may have restarted and forgotten us).
     pub async fn receive(&self, announcement: Announcement, bus: &dyn Bus) {
         if announcement.instance == self.instance {
             return;
         }
         if let Ok(mut known) = self.known.lock() {
-            known.insert(announcement.instance, (announcement.url, Instant::now()));
+            let peer = Peer {
+                url: announcement.url,
+                seen: Instant::now(),
+            };
+            known.insert(announcement.instance, peer);
+            // Forget the dead now and then, so the map stays the cluster's size.
+            known.retain(|_, peer| peer.seen.elapsed() < PEER_TTL * 4);
         }
         if !announcement.reply {
-            if let Some(hello) = self.hello(true) {
-                bus.publish(hello).await;
-            }
+            bus.publish(self.hello(true)).await;
         }
     }
 
-    /// Announces this instance on `bus` every [`ANNOUNCE_EVERY`], forever.
+    /// Sends this instance's heartbeat on `bus` every [`ANNOUNCE_EVERY`], forever.
     pub async fn run(self: Arc<Self>, bus: Arc<dyn Bus>) {
-        if self.advertise_url.is_none() {
-            return;
-        }
         let mut tick = tokio::time::interval(ANNOUNCE_EVERY);
         loop {
             tick.tick().await;
-            if let Some(hello) = self.hello(true) {
-                bus.publish(hello).await;
-            }
+            bus.publish(self.hello(true)).await;
         }
     }
 }
@@ -101,20 +126,38 @@ mod tests {
         InstanceId::parse(name).unwrap()
     }
 
+    fn announce(instance: &str, url: Option<&str>) -> Announcement {
+        Announcement {
+            instance: id(instance),
+            url: url.map(str::to_owned),
+            reply: true,
+        }
+    }
+
     #[tokio::test]
     async fn announced_urls_are_known_and_our_own_is_ignored() {
         let peers = Peers::new(id("me"), Some("http://me".into()));
-        let announce = |instance: &str, url: &str| Announcement {
-            instance: id(instance),
-            url: url.into(),
-            reply: true,
-        };
-        peers.receive(announce("b", "http://b"), &InProcess).await;
         peers
-            .receive(announce("me", "http://fake"), &InProcess)
+            .receive(announce("b", Some("http://b")), &InProcess)
+            .await;
+        peers
+            .receive(announce("me", Some("http://fake")), &InProcess)
             .await;
         assert_eq!(peers.url(&id("b")), Some("http://b".into()));
         assert_eq!(peers.url(&id("me")), None);
         assert_eq!(peers.url(&id("c")), None);
+    }
+
+    #[tokio::test]
+    async fn heartbeats_without_a_url_count_in_the_cluster_size() {
+        let peers = Peers::new(id("me"), None);
+        assert_eq!(peers.cluster_size(), 1);
+        peers.receive(announce("b", None), &InProcess).await;
+        peers.receive(announce("c", None), &InProcess).await;
+        peers.receive(announce("b", None), &InProcess).await;
+        assert_eq!(peers.cluster_size(), 3);
+        assert!(peers.is_alive(&id("b")));
+        assert!(!peers.is_alive(&id("d")));
+        assert_eq!(peers.url(&id("b")), None);
     }
 }

@@ -9,12 +9,15 @@
 //! | `{p}:group:<group>` | messages to a group's members |
 //! | `{p}:user:<userId>` | messages to a user's connections |
 //! | `{p}:internal:groups` | join/leave requests for connections on other instances |
-//! | `{p}:internal:instances` | instances announcing their `ADVERTISE_URL` (first hub only) |
+//! | `{p}:internal:instances` | instances' heartbeats, with their `ADVERTISE_URL` if any (first hub only) |
+//! | `{p}:instance:<instanceId>` | frames for one instance only (relayed requests and their answers), raw bytes |
 //!
 //! An instance subscribes to `all`, the internal channels, and the connection, group and
 //! user channels it was told to (those of its own connections, as ASP.NET's Redis
 //! backplane does), so a message to a group crosses to just the instances that have
-//! members. Payloads are JSON with the sender's instance id; an instance ignores its own
+//! members. Payloads are JSON with the sender's instance id (except on instance channels,
+//! whose payloads are the sender's bytes as they are: only one instance reads them, never
+//! the sender); an instance ignores its own
 //! messages, since it already delivered them locally. One publisher task sends everything
 //! in order, which keeps the order of one sender's messages.
 //!
@@ -41,6 +44,8 @@ use crate::protocol::token::{ConnectionId, InstanceId};
 
 /// Messages waiting to be published while Redis is slow or away.
 const PUBLISH_QUEUE: usize = 8192;
+/// Most messages sent to Redis in one pipeline.
+const PUBLISH_BATCH: usize = 256;
 /// Messages received and not yet taken by the hub host; past this, reading from Redis
 /// waits.
 const INBOUND_QUEUE: usize = 8192;
@@ -76,7 +81,8 @@ enum Wire {
     /// the others to announce themselves back.
     Hello {
         origin: String,
-        url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        url: Option<String>,
         reply: bool,
     },
 }
@@ -102,6 +108,7 @@ impl Channels {
             Topic::Connection(id) => format!("{}:connection:{id}", self.prefix),
             Topic::Group(name) => format!("{}:group:{name}", self.prefix),
             Topic::User(user) => format!("{}:user:{user}", self.prefix),
+            Topic::Instance(id) => format!("{}:instance:{id}", self.prefix),
         }
     }
     /// The channel of an audience, and whom it leaves out.
@@ -150,7 +157,9 @@ struct Shared {
     sink: Mutex<Option<PubSubSink>>,
     /// The topic channels this instance needs, subscribed again after every reconnect.
     wanted: Mutex<HashSet<String>>,
-    publish_tx: mpsc::Sender<(String, String)>,
+    /// This instance's own channel, whose payloads are raw bytes.
+    own_channel: String,
+    publish_tx: mpsc::Sender<(String, Bytes)>,
     metrics: Arc<Metrics>,
 }
 
@@ -173,11 +182,13 @@ impl RedisBus {
         let client = redis::Client::open(url)?;
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
         let (events_tx, events_rx) = mpsc::channel(INBOUND_QUEUE);
+        let channels = Channels {
+            prefix: namespace.to_owned(),
+        };
         let shared = Arc::new(Shared {
             client,
-            channels: Channels {
-                prefix: namespace.to_owned(),
-            },
+            own_channel: channels.topic(&Topic::Instance(instance.clone())),
+            channels,
             instance,
             subscribed: AtomicBool::new(false),
             publishing: AtomicBool::new(false),
@@ -196,13 +207,17 @@ impl RedisBus {
     }
 
     fn enqueue(&self, channel: String, wire: &Wire) {
-        let payload = match serde_json::to_string(wire) {
+        let payload = match serde_json::to_vec(wire) {
             Ok(payload) => payload,
             Err(error) => {
                 log::error!("bus message not encodable: {error}");
                 return;
             }
         };
+        self.enqueue_bytes(channel, Bytes::from(payload));
+    }
+
+    fn enqueue_bytes(&self, channel: String, payload: Bytes) {
         if self.shared.publish_tx.try_send((channel, payload)).is_err() {
             self.shared.metrics.backplane_published(false);
             log::warn!("bus publish queue full; message dropped");
@@ -320,6 +335,13 @@ impl RedisBus {
     /// Decodes a message from Redis; `None` for our own and for malformed ones.
     fn receive(&self, message: &redis::Msg) -> Option<Event> {
         let shared = &self.shared;
+        if message.get_channel_name() == shared.own_channel {
+            shared.metrics.backplane_received();
+            return Some(Event::Received(Envelope::ToInstance {
+                to: shared.instance.clone(),
+                payload: Bytes::copy_from_slice(message.get_payload_bytes()),
+            }));
+        }
         let wire: Wire = match serde_json::from_slice(message.get_payload_bytes()) {
             Ok(wire) => wire,
             Err(error) => {
@@ -371,12 +393,13 @@ impl RedisBus {
         Some(Event::Received(envelope))
     }
 
-    async fn publisher(self, mut queue: mpsc::Receiver<(String, String)>) {
+    async fn publisher(self, mut queue: mpsc::Receiver<(String, Bytes)>) {
         let shared = &self.shared;
         let mut backoff = MIN_BACKOFF;
-        // A message whose PUBLISH failed: it is sent again, first, once Redis is back,
-        // so a message sent while Redis is down waits like the ones queued behind it.
-        let mut unsent: Option<(String, String)> = None;
+        // A batch whose pipeline failed is sent again, first, once Redis is back, so a
+        // message sent while Redis is down waits like the ones queued behind it (at least
+        // once: a pipeline cut off half-way may publish its first messages twice).
+        let mut batch: Vec<(String, Bytes)> = Vec::with_capacity(PUBLISH_BATCH);
         loop {
             let mut connection = match shared.client.get_multiplexed_async_connection().await {
                 Ok(connection) => connection,
@@ -391,29 +414,36 @@ impl RedisBus {
             shared.publishing.store(true, Ordering::Relaxed);
             backoff = MIN_BACKOFF;
             loop {
-                let (channel, payload) = match unsent.take() {
-                    Some(item) => item,
-                    None => match queue.recv().await {
-                        Some(item) => item,
-                        None => return,
-                    },
-                };
-                let mut command = redis::cmd("PUBLISH");
-                command.arg(&channel).arg(&payload);
-                let publish = command.query_async::<i64>(&mut connection);
+                if batch.is_empty() && queue.recv_many(&mut batch, PUBLISH_BATCH).await == 0 {
+                    return;
+                }
+                // Whatever is queued goes in one pipeline: one round trip to Redis for
+                // many messages, still published in queue order (Redis runs a
+                // connection's commands in order).
+                let mut pipeline = redis::pipe();
+                for (channel, payload) in &batch {
+                    pipeline
+                        .cmd("PUBLISH")
+                        .arg(channel)
+                        .arg(payload.as_ref())
+                        .ignore();
+                }
+                let publish = pipeline.query_async::<()>(&mut connection);
                 let result = match tokio::time::timeout(REDIS_TIMEOUT, publish).await {
                     Ok(result) => result.map_err(|e| e.to_string()),
                     Err(_) => Err("timed out".to_owned()),
                 };
                 if let Err(error) = result {
-                    log::warn!("bus: publish to {channel} failed ({error}); reconnecting");
-                    unsent = Some((channel, payload));
+                    log::warn!("bus: publishing failed ({error}); reconnecting");
                     break;
                 }
-                shared.metrics.backplane_published(true);
+                for _ in &batch {
+                    shared.metrics.backplane_published(true);
+                }
+                batch.clear();
             }
             shared.publishing.store(false, Ordering::Relaxed);
-            if unsent.is_none() && queue.is_closed() && queue.is_empty() {
+            if batch.is_empty() && queue.is_closed() && queue.is_empty() {
                 return;
             }
         }
@@ -459,6 +489,10 @@ impl Bus for RedisBus {
                     reply: hello.reply,
                 };
                 (channels.instances(), wire)
+            }
+            Envelope::ToInstance { to, payload } => {
+                self.enqueue_bytes(channels.topic(&Topic::Instance(to)), payload);
+                return Box::pin(async {});
             }
         };
         self.enqueue(channel, &wire);

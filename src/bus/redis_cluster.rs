@@ -87,12 +87,14 @@ enum Header {
         group: String,
         join: bool,
     },
-    /// An instance's direct URL.
+    /// An instance's heartbeat, with its direct URL if it advertises one.
     Hello {
         origin: String,
-        url: String,
+        url: Option<String>,
         reply: bool,
     },
+    /// Opaque bytes (the payload's remainder) for one instance, on its own channel.
+    ToInstance { origin: String, to: String },
 }
 
 /// An [`Audience`] as it travels: the channel alone does not say `except`.
@@ -162,6 +164,7 @@ impl Channels {
             Topic::Connection(id) => format!("{{{}:connection:{id}}}", self.namespace),
             Topic::Group(name) => format!("{{{}:group:{name}}}", self.namespace),
             Topic::User(user) => format!("{{{}:user:{user}}}", self.namespace),
+            Topic::Instance(id) => format!("{{{}:instance:{id}}}", self.namespace),
         }
     }
 
@@ -176,6 +179,7 @@ impl Channels {
             },
             Envelope::Group(command) => self.topic(&Topic::Connection(command.connection.clone())),
             Envelope::Announcement(_) => self.instances(),
+            Envelope::ToInstance { to, .. } => self.topic(&Topic::Instance(to.clone())),
         }
     }
 }
@@ -207,6 +211,13 @@ fn encode(origin: &InstanceId, envelope: &Envelope) -> Result<Vec<u8>, serde_jso
                 reply: announcement.reply,
             },
             None,
+        ),
+        Envelope::ToInstance { to, payload } => (
+            Header::ToInstance {
+                origin,
+                to: to.to_string(),
+            },
+            Some(payload),
         ),
     };
     let mut payload = serde_json::to_vec(&header)?;
@@ -243,7 +254,8 @@ fn decode(me: &InstanceId, payload: &[u8]) -> Result<Option<Envelope>, DecodeErr
     let origin = match &header {
         Header::Message { origin, .. }
         | Header::Group { origin, .. }
-        | Header::Hello { origin, .. } => origin,
+        | Header::Hello { origin, .. }
+        | Header::ToInstance { origin, .. } => origin,
     };
     if origin == me.as_str() {
         return Ok(None);
@@ -270,6 +282,10 @@ fn decode(me: &InstanceId, payload: &[u8]) -> Result<Option<Envelope>, DecodeErr
             url,
             reply,
         }),
+        Header::ToInstance { to, .. } => Envelope::ToInstance {
+            to: InstanceId::parse(&to).map_err(|_| DecodeError::Origin)?,
+            payload: Bytes::copy_from_slice(record),
+        },
     }))
 }
 
@@ -867,7 +883,7 @@ mod tests {
             }),
             Envelope::Announcement(Announcement {
                 instance: other.clone(),
-                url: "http://10.0.0.2:8080".into(),
+                url: Some("http://10.0.0.2:8080".into()),
                 reply: true,
             }),
         ];

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::{Hub, HubContext, Method};
 use crate::bus::peers::Peers;
-use crate::bus::{Bus, Envelope, Event, Events, GroupCommand};
+use crate::bus::{Bus, Envelope, Event, Events, GroupCommand, InstanceHandler};
 use crate::clients::{Clients, LocalClients};
 use crate::outbox::Outbox;
 use crate::protocol::message::{HubMessage, Outcome};
@@ -212,8 +212,14 @@ impl HubHost {
 
     /// Drains the hub's bus: delivers what other instances sent to local recipients,
     /// applies their group commands to local connections, and hands announcements to
-    /// peer discovery (`peers`, on the one bus that carries it). Runs until the bus ends.
-    pub async fn drain(self: Arc<Self>, mut events: Events, peers: Option<Arc<Peers>>) {
+    /// peer discovery (`peers`) and frames addressed to this instance to `frames` (both on
+    /// the one bus that carries them). Runs until the bus ends.
+    pub async fn drain(
+        self: Arc<Self>,
+        mut events: Events,
+        peers: Option<Arc<Peers>>,
+        frames: Option<InstanceHandler>,
+    ) {
         while let Some(event) = events.next().await {
             match event {
                 Event::Received(Envelope::Message { audience, record }) => {
@@ -234,6 +240,11 @@ impl HubHost {
                 Event::Received(Envelope::Announcement(announcement)) => {
                     if let Some(peers) = &peers {
                         peers.receive(announcement, &*self.bus).await;
+                    }
+                }
+                Event::Received(Envelope::ToInstance { payload, .. }) => {
+                    if let Some(frames) = &frames {
+                        frames(payload).await;
                     }
                 }
                 Event::Connected => {

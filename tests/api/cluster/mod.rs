@@ -6,7 +6,7 @@ mod backplane;
 mod failover;
 mod launcher;
 mod load_balancer;
-mod routing;
+pub(crate) mod routing;
 
 use serde_json::{json, Value};
 

@@ -102,7 +102,7 @@ async fn a_forged_probe_marker_is_not_trusted() {
 
 /// Negotiates every transport on node-1 and sends all its other requests straight to
 /// node-2 (and, for SSE sends, node-3); each must be served by node-1.
-async fn every_request_kind_misrouted(cluster: &TestCluster) {
+pub(crate) async fn every_request_kind_misrouted(cluster: &TestCluster) {
     let (a, b, c) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);
     let owner = cluster.ids[0].as_str();
 
@@ -208,6 +208,10 @@ async fn misrouted_requests_of_every_kind_go_back_through_the_load_balancer_with
         options
             .env
             .push(("ADOPT_WEBSOCKETS".into(), "false".into()));
+        // Only re-forwarding: the bus route would otherwise reach the owner first.
+        options
+            .env
+            .push(("ROUTES".into(), "adopt,load-balancer".into()));
     })
     .await;
     let before = cluster.forwarding().await;
@@ -335,6 +339,10 @@ async fn a_forward_budget_of_zero_without_direct_routing_disables_forwarding() {
         options
             .env
             .push(("MAX_FORWARD_ATTEMPTS".into(), "0".into()));
+        // Without the bus route too, nothing is left to reach the owner.
+        options
+            .env
+            .push(("ROUTES".into(), "adopt,direct,load-balancer".into()));
     })
     .await;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
