@@ -14,9 +14,7 @@ use serde_json::{json, Value};
 use stickless::{demo, App, Hub, HubBuilder, HubContext, HubError, InstanceId};
 
 use crate::helpers::app::test_settings;
-use crate::helpers::{
-    eventually, is_call, within, Api, HubClient, LpClient, TestApp, WsClient,
-};
+use crate::helpers::{eventually, is_call, within, Api, HubClient, LpClient, TestApp, WsClient};
 
 /// Masters in the test cluster.
 const MASTERS: usize = 3;

@@ -27,6 +27,8 @@ async fn the_launcher_starts_what_its_flags_say_and_stops_at_the_end_of_its_inpu
             "--env",
             "MAX_FORWARD_ATTEMPTS=0",
             "--env",
+            "ROUTES=adopt,direct,load-balancer",
+            "--env",
             "POLL_TIMEOUT=2s",
         ])
         .arg("--nginx-conf")
@@ -61,7 +63,7 @@ async fn the_launcher_starts_what_its_flags_say_and_stops_at_the_end_of_its_inpu
     assert_eq!(lb.healthz().await["backplane"], "redis");
     assert_eq!(nodes[1].healthz().await["instance"], instances[1]["id"]);
 
-    // --no-direct-routing and --env MAX_FORWARD_ATTEMPTS=0: a misrouted poll has no way
+    // --no-direct-routing, --env MAX_FORWARD_ATTEMPTS=0 and no bus route: a misrouted poll has no way
     // to its owner. The positive control: the owner itself serves it.
     let (_, token) = nodes[0].negotiate().await;
     let no_route = rejections("no_route");

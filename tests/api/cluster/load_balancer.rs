@@ -10,6 +10,9 @@ use serde_json::json;
 use crate::helpers::metrics::{forwarded, Forwarding};
 use crate::helpers::*;
 
+/// A Ping record, the smallest send.
+const PING: &str = "{\"type\":6}\u{1e}";
+
 /// The attempts header of a forwarded response, which must be there.
 fn attempts(reply: &Reply) -> f64 {
     reply
@@ -22,6 +25,8 @@ fn attempts(reply: &Reply) -> f64 {
 #[actix_web::test]
 async fn retries_after_a_404_reach_the_owner_and_every_attempt_is_counted() {
     let cluster = spawn_cluster(3, |options| {
+        // Only the routes under test: the bus route would otherwise reach the owner first.
+        options.env.push(("ROUTES".into(), "load-balancer".into()));
         options.direct_routing = false;
         options
             .env
@@ -72,21 +77,26 @@ async fn retries_after_a_404_reach_the_owner_and_every_attempt_is_counted() {
 #[actix_web::test]
 async fn when_the_budget_runs_out_the_client_gets_404_after_exactly_that_many_attempts() {
     let mut cluster = spawn_cluster(3, |options| {
+        // Only the routes under test: the bus route would otherwise reach the owner first.
+        options.env.push(("ROUTES".into(), "load-balancer".into()));
         options.direct_routing = false;
         options
             .env
             .push(("MAX_FORWARD_ATTEMPTS".into(), "3".into()));
     })
     .await;
-    // A token naming an instance that is gone: negotiated at node-1, which then stops.
+    // A token naming an instance that is gone: negotiated at node-1, which then stops. A
+    // send, not a poll: a poll whose owner is still known alive (its heartbeat has not
+    // expired) is answered with an empty 200 so the client polls again
+    // (cluster::routing and tests/api/routing.rs hold that).
     let client = LpClient::connect(&cluster.nodes[0]).await;
     cluster.stop_instance(0);
     let via = &cluster.nodes[1];
-    let not_found = forwarded("long_polling", "load_balancer", "not_found");
+    let not_found = forwarded("send", "load_balancer", "not_found");
     let before = cluster.forwarding().await;
     let not_found_before = via.metric(&not_found).await;
 
-    let reply = via.poll(&client.token).await;
+    let reply = via.post(&client.token, PING).await;
 
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
     assert_eq!(reply.text(), "No Connection with that ID");
@@ -108,13 +118,17 @@ async fn when_the_budget_runs_out_the_client_gets_404_after_exactly_that_many_at
     assert_eq!(via.metric(&not_found).await - not_found_before, 1.0);
 
     // Through the balancer too: whichever instance gets it answers 404 in the end.
-    let reply = cluster.lb.poll(&client.token).await;
+    let reply = cluster.lb.post(&client.token, PING).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
 }
 
 #[actix_web::test]
 async fn a_failed_direct_hop_is_followed_by_the_load_balancer() {
     let cluster = spawn_cluster(3, |options| {
+        // Only the routes under test: the bus route would otherwise reach the owner first.
+        options
+            .env
+            .push(("ROUTES".into(), "adopt,direct,load-balancer".into()));
         // Every instance announces an address where nothing listens.
         options
             .env
@@ -155,6 +169,10 @@ async fn a_failed_direct_hop_is_followed_by_the_load_balancer() {
 #[actix_web::test]
 async fn an_owner_that_cannot_be_reached_at_all_is_502_and_counted_as_failed() {
     let cluster = spawn_cluster(2, |options| {
+        // Only the routes under test: the bus route would otherwise reach the owner first.
+        options
+            .env
+            .push(("ROUTES".into(), "direct,load-balancer".into()));
         options
             .env
             .push(("ADVERTISE_URL".into(), "http://127.0.0.1:1".into()));
@@ -167,12 +185,13 @@ async fn an_owner_that_cannot_be_reached_at_all_is_502_and_counted_as_failed() {
     })
     .await;
     let (owner, via) = (&cluster.nodes[0], &cluster.nodes[1]);
-    let failed = forwarded("long_polling", "load_balancer", "failed");
+    let failed = forwarded("send", "load_balancer", "failed");
     let failed_before = via.metric(&failed).await;
     let before = cluster.forwarding().await;
     let (_, token) = owner.negotiate().await;
 
-    let reply = via.poll(&token).await;
+    // A send: a poll whose owner is known alive is answered with an empty 200 instead.
+    let reply = via.post(&token, PING).await;
 
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
     assert!(

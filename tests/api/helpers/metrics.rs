@@ -19,8 +19,8 @@ const DOCUMENTED_LABELS: &[(&str, &[&str])] = &[
             "delete",
         ],
     ),
-    ("mode", &["direct", "load_balancer"]),
-    ("outcome", &["served", "not_found", "failed"]),
+    ("mode", &["direct", "bus", "load_balancer"]),
+    ("outcome", &["served", "not_found", "failed", "retried"]),
     ("reason", &["bad_token", "gone", "probe_miss", "no_route"]),
     (
         "transport",
