@@ -78,7 +78,7 @@ teardown() {
   if [ -n "$stack_up" ]; then
     if [ "$failed" -gt 0 ]; then
       echo "--- compose logs (last lines of each container):" >&2
-      compose logs --no-color --tail 30 >&2 2>&1
+      compose logs --no-color --tail 20 >&2 2>&1
     fi
     say "tearing down"
     compose down --volumes --remove-orphans --timeout 10 >"$WORK/down.log" 2>&1 \
@@ -232,11 +232,23 @@ docker import "$rootfs" "$base" >/dev/null
 built_images+=("$base")
 empty="$WORK/empty-context"
 mkdir -p "$empty"
+# redis and nginx images are saved under target/ too, keyed by the rootfs and their
+# Dockerfile, and loaded from there on later runs.
+key="$( (stat -c '%s %Y' "$rootfs"; cat tests/compose/local-images.Dockerfile) | sha256sum | cut -c1-16)"
 for service in redis nginx; do
-  # Host networking: apt inside the build reaches the mirror as the host does.
-  logged "image-$service" docker build --network host --build-arg BASE="$base" --target "$service" \
-    -t "$IMAGES/$service:local" -f tests/compose/local-images.Dockerfile "$empty"
-  built_images+=("$IMAGES/$service:local")
+  image="$IMAGES/$service:local"
+  saved="$WORK/image-$service-$key.tar"
+  if [ -s "$saved" ]; then
+    logged "image-$service" docker load -i "$saved"
+  else
+    rm -f "$WORK/image-$service-"*.tar
+    # Host networking: apt inside the build reaches the mirror as the host does.
+    logged "image-$service" docker build --network host --build-arg BASE="$base" --target "$service" \
+      -t "$image" -f tests/compose/local-images.Dockerfile "$empty"
+    docker save -o "$saved.tmp" "$image"
+    mv "$saved.tmp" "$saved"
+  fi
+  built_images+=("$image")
 done
 bin="${STICKLESS_BIN:-target/debug/stickless}"
 if [ ! -x "$bin" ]; then
@@ -270,7 +282,7 @@ url="http://127.0.0.1:$STICKLESS_PORT"
 clients() {
   local phase=$1 instances=$2 out="$WORK/node-$1-$2.log"
   STICKLESS_URL="$url" COMPOSE_PHASE="$phase" EXPECT_INSTANCES="$instances" \
-    node --test --test-force-exit --test-reporter=tap tests/compose/compose.test.mjs >"$out" 2>&1
+    node --test --test-force-exit --test-reporter=tap tests/compose/compose.test.mjs >"$out" 2>&1 || true
   local p f
   p=$(awk '/^# pass /{print $3}' "$out")
   f=$(awk '/^# fail /{print $3}' "$out")

@@ -87,6 +87,19 @@ if (PHASE === "serve") {
       assert.equal(seen.size, INSTANCES, `replicas seen: ${JSON.stringify([...seen])}`);
     });
 
+    test("the chat page and its assets load through the published port", async () => {
+      const page = await http(`${URL}/`);
+      assert.equal(page.status, 200, page.text);
+      assert.match(page.headers.get("content-type") ?? "", /text\/html/);
+      assert.match(page.text, /<title>stickless chat<\/title>/);
+      const assets = [...page.text.matchAll(/(?:src|href)="\/?([^":]+\.(?:js|css))"/g)].map((m) => m[1]);
+      assert.ok(assets.length > 0, "the page links its scripts and styles");
+      for (const asset of assets) {
+        const r = await http(`${URL}/${asset}`);
+        assert.equal(r.status, 200, `${asset}: ${r.status}`);
+      }
+    });
+
     const everyone = [];
     for (const transport of TRANSPORTS) {
       test(`${transport}: clients are served by every replica`, async () => {
