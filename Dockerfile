@@ -29,10 +29,15 @@ ENTRYPOINT ["stickless"]
 
 # A binary built outside the image. This stage comes before the Rust build on purpose:
 # the classic builder runs every stage up to the target, so `--target prebuilt` never
-# needs the Rust image.
+# needs the Rust image. For the same reason the classic builder runs this stage for the
+# default target too, where no binary is there: the wildcard lets the COPY match nothing
+# (Cargo.toml is only there so that it always matches something).
 FROM runtime-base AS prebuilt
 ARG BINARY=target/docker/stickless
-COPY ${BINARY} /usr/local/bin/stickless
+COPY Cargo.toml ${BINARY}* /tmp/prebuilt/
+RUN binary="/tmp/prebuilt/$(basename "$BINARY")" \
+ && if [ -f "$binary" ]; then install -m 0755 "$binary" /usr/local/bin/stickless; fi \
+ && rm -rf /tmp/prebuilt
 USER 10001
 
 # Build stage: the release binary, with dependencies cached in their own layer.

@@ -267,7 +267,7 @@ for service in redis nginx; do
   else
     rm -f "$WORK/image-$service-"*.tar
     # Host networking: apt inside the build reaches the mirror as the host does.
-    logged "image-$service" docker build --network host --build-arg BASE="$base" --target "$service" \
+    logged "image-$service" docker build --force-rm --network host --build-arg BASE="$base" --target "$service" \
       -t "$image" -f tests/compose/local-images.Dockerfile "$empty"
     docker save -o "$saved.tmp" "$image"
     mv "$saved.tmp" "$saved"
@@ -280,7 +280,7 @@ if [ ! -x "$bin" ]; then
 fi
 mkdir -p target/docker
 cp "$bin" target/docker/stickless
-logged image-app docker build --build-arg RUNTIME_IMAGE="$base" --target prebuilt \
+logged image-app docker build --force-rm --build-arg RUNTIME_IMAGE="$base" --target prebuilt \
   -t "$IMAGES/app:local" .
 built_images+=("$IMAGES/app:local")
 # The override swaps image names and nothing else.
