@@ -3,8 +3,11 @@
 //!
 //! The `stickless-cluster` command and the integration tests both use this, so the
 //! `nginx.conf` that ships is the one that is tested. The only changes made to it are
-//! the `listen` port, the upstream servers between its `BEGIN`/`END upstream servers`
-//! markers, and file locations for an unprivileged prefix (temp paths, logs, pid).
+//! the `listen` port, what lies between its `BEGIN`/`END upstream servers` markers (the
+//! shipped file finds Docker Compose replicas through Docker's DNS there; here it becomes
+//! a plain round-robin `upstream` group of the loopback instances, which the shipped
+//! `proxy_pass http://$stickless_upstream` then names), and file locations for an
+//! unprivileged prefix (temp paths, logs, pid).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -210,11 +213,21 @@ pub fn render_nginx_conf(
         .split_once(BEGIN)
         .ok_or(ClusterError::Template(BEGIN))?;
     let (_, tail) = rest.split_once(END).ok_or(ClusterError::Template(END))?;
+    if !tail.contains("proxy_pass http://$stickless_upstream;") {
+        return Err(ClusterError::Template(
+            "`proxy_pass http://$stickless_upstream;`",
+        ));
+    }
     let servers: String = upstreams
         .iter()
-        .map(|port| format!("\n        server 127.0.0.1:{port};"))
+        .map(|port| format!("        server 127.0.0.1:{port};\n"))
         .collect();
-    let conf = format!("{head}{BEGIN}{servers}\n        {END}{tail}");
+    // A proxy_pass variable whose value names an `upstream` group uses that group (round
+    // robin, keep-alive) instead of the resolver.
+    let group = format!(
+        "\n    upstream stickless {{\n{servers}        keepalive 32;\n    }}\n    map $host $stickless_upstream {{\n        default stickless;\n    }}\n"
+    );
+    let conf = format!("{head}{BEGIN}{group}    {END}{tail}");
     if !conf.contains("listen 8080;") {
         return Err(ClusterError::Template("`listen 8080;`"));
     }
@@ -417,8 +430,14 @@ mod tests {
             fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nginx.conf")).unwrap();
         let conf = render_nginx_conf(&template, 9000, &[9001, 9002], Path::new("/tmp/x")).unwrap();
         assert!(conf.contains("listen 127.0.0.1:9000;"));
-        assert!(conf.contains("server 127.0.0.1:9001;\n        server 127.0.0.1:9002;"));
-        assert!(!conf.contains("server app:8080 resolve;"));
+        assert!(conf.contains(
+            "upstream stickless {\n        server 127.0.0.1:9001;\n        server 127.0.0.1:9002;\n        keepalive 32;\n    }"
+        ));
+        assert!(conf.contains("default stickless;"));
+        // Docker's DNS is not there outside a container.
+        assert!(!conf.contains("resolver"));
+        assert!(!conf.contains("default app:8080;"));
+        assert!(conf.contains("proxy_pass http://$stickless_upstream;"));
         assert!(conf.contains("client_body_temp_path /tmp/x/body;"));
         let directives: String = conf
             .lines()
