@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# The whole test suite, on a fresh Debian or Ubuntu machine: installs what is missing
-# (redis-server, nginx, Node.js and npm from apt; npm packages from package-lock.json),
-# builds once, then runs the Rust tests (unit + integration, with real redis-server and
-# nginx) and the interop tests with the official @microsoft/signalr client.
-set -euo pipefail
+# The whole test suite, one command, on a fresh Debian or Ubuntu machine with Rust:
+#   - installs what is missing (apt: redis-server, nginx, chromium, nodejs, npm,
+#     python3-venv; npm packages from package-lock.json; never a downloaded browser),
+#   - builds once,
+#   - runs the Rust tests (unit + integration, real redis-server and nginx) alongside the
+#     single-instance Node suites (official @microsoft/signalr client, chat page in
+#     Chromium), then the Node cluster suites,
+#   - prints each suite's output whole when it ends, then every runner's own summary lines,
+#   - exits non-zero if anything failed.
+# Works without a terminal and with CI=true. Suite logs are kept in target/test-logs/.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '\n==> %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -15,33 +22,95 @@ as_root() {
 # Debian keeps nginx in /usr/sbin, which is not on every user's PATH.
 export PATH="$PATH:/usr/sbin:/sbin"
 
+# ---------------------------------------------------------------------------------------
+# What the tests need
+# ---------------------------------------------------------------------------------------
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v nginx >/dev/null || missing+=(nginx)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ "${#missing[@]}" -gt 0 ]; then
   say "installing ${missing[*]}"
-  as_root apt-get update -qq
+  as_root apt-get update -qq || die "apt-get update failed"
   # Installing packages must not start their services (port 80, port 6379): the tests
   # start their own on free loopback ports.
   printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
   as_root chmod +x /usr/sbin/policy-rc.d
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+    || { as_root rm -f /usr/sbin/policy-rc.d; die "apt-get install ${missing[*]} failed"; }
   as_root rm -f /usr/sbin/policy-rc.d
 fi
-command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
+command -v cargo >/dev/null || die "cargo is required (https://rustup.rs)"
 
 say "npm packages (from package-lock.json)"
-npm ci --no-audit --no-fund --loglevel=error
+npm ci --no-audit --no-fund --no-progress --loglevel=error || die "npm ci failed"
 
 say "build"
-cargo build --bins --locked
+cargo build --bins --locked || die "cargo build failed"
+cargo test --locked --no-run || die "building the Rust tests failed"
 
-say "Rust tests (unit and integration)"
-cargo test --locked -- --test-threads="${TEST_THREADS:-2}"
+# ---------------------------------------------------------------------------------------
+# Suites
+# ---------------------------------------------------------------------------------------
+LOGS=target/test-logs
+rm -rf "$LOGS"
+mkdir -p "$LOGS"
+export STICKLESS_BIN="$PWD/target/debug/stickless"
+export STICKLESS_CLUSTER_BIN="$PWD/target/debug/stickless-cluster"
+NODE_TEST=(node --test --test-reporter=tap --test-concurrency=1 --test-force-exit)
 
-say "interop tests with the official @microsoft/signalr client"
-STICKLESS_BIN="$PWD/target/debug/stickless" \
-STICKLESS_CLUSTER_BIN="$PWD/target/debug/stickless-cluster" \
-  npm test
+declare -A status=() pids=()
+
+# Runs suite $1 (the rest is its command) in the background, its output to its log, so
+# suites running side by side do not interleave their lines.
+start_suite() {
+  local name=$1
+  shift
+  "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+  pids[$name]=$!
+  echo "started $name"
+}
+
+# Waits for suite $1, then prints its whole output under a header.
+finish_suite() {
+  local name=$1
+  wait "${pids[$name]}"
+  status[$name]=$?
+  say "$name: exit ${status[$name]} (log: $LOGS/$name.log)"
+  cat "$LOGS/$name.log"
+}
+
+say "Rust tests and single-instance Node suites, in parallel"
+start_suite rust cargo test --locked -- --test-threads="${TEST_THREADS:-2}"
+start_suite node-single "${NODE_TEST[@]}" \
+  tests/node/single.test.mjs tests/node/official-client.test.mjs tests/node/browser.test.mjs
+finish_suite node-single
+finish_suite rust
+
+say "Node cluster suites (official client through nginx, real redis-server)"
+start_suite node-cluster "${NODE_TEST[@]}" tests/node/cluster.test.mjs tests/node/cluster-routing.test.mjs
+finish_suite node-cluster
+
+# --- hook: the lead adds the Docker Compose suite (scripts/compose-test.sh) here ---------
+
+# ---------------------------------------------------------------------------------------
+# Summary: each runner's own closing lines
+# ---------------------------------------------------------------------------------------
+say "summary"
+failed=0
+for name in rust node-single node-cluster; do
+  echo "-- $name (exit ${status[$name]})"
+  case $name in
+    rust) grep -E '^test result:' "$LOGS/$name.log" ;;
+    *) grep -E '^# (tests|pass|fail|cancelled|skipped|todo) [0-9]+$' "$LOGS/$name.log" ;;
+  esac
+  [ "${status[$name]}" = 0 ] || failed=1
+done
+if [ "$failed" -ne 0 ]; then
+  echo "FAILED: see the logs above (and $LOGS/)"
+  exit 1
+fi
+echo "all suites passed"

@@ -22,11 +22,10 @@ import {
   forgeToken,
   describeResponse,
   withTimeout,
-  delay,
+  flush,
 } from "./helpers.mjs";
 
 const T = 30000;
-const QUIET_MS = 800; // cross-instance delivery goes through redis: wait a bit longer
 const CLIENTS = 6;
 
 let cluster;
@@ -122,7 +121,8 @@ for (const transport of TRANSPORTS) {
         const got = await rec.next(CLIENTS, 15000);
         assert.deepEqual(got.map(([m]) => m).sort(), expected, `client ${i} on ${clients[i].instance}`);
       }
-      await Promise.all(recs.map((r) => r.expectNone(QUIET_MS, (m) => !expected.includes(m))));
+      await flush(clients[0], clients);
+      recs.forEach((r) => r.assertNone((m) => !expected.includes(m)));
     });
 
     test("SendMessage carries the sender's instance and transport", { timeout: T }, async () => {
@@ -154,7 +154,8 @@ for (const transport of TRANSPORTS) {
         assert.equal(msg.room, room);
         assert.equal(msg.connectionId, members[0].connectionId);
       }
-      await Promise.all(others.map((o) => recs.get(o).expectNone(QUIET_MS)));
+      await flush(members[0], clients);
+      others.forEach((o) => recs.get(o).assertNone());
       // A member on another instance leaves; it no longer receives.
       const leaver = members[members.length - 1];
       assert.equal(await leaver.invoke("LeaveRoom", room), room);
@@ -162,7 +163,8 @@ for (const transport of TRANSPORTS) {
       const recs2 = new Map(clients.map((c) => [c, record(c, "ReceiveMessage", (m) => m?.text === tag2)]));
       await members[0].invoke("SendToRoom", room, tag2);
       for (const m of members.slice(0, -1)) await recs2.get(m).next(1, 10000);
-      await Promise.all([leaver, ...others].map((o) => recs2.get(o).expectNone(QUIET_MS)));
+      await flush(members[0], clients);
+      [leaver, ...others].forEach((o) => recs2.get(o).assertNone());
     });
 
     test("SendTo reaches exactly the target connection on another instance", { timeout: T }, async () => {
@@ -176,7 +178,8 @@ for (const transport of TRANSPORTS) {
       const [[msg]] = await recs.get(target).next(1, 10000);
       assert.equal(msg.to, target.connectionId);
       assert.equal(msg.connectionId, sender.connectionId);
-      await Promise.all(clients.filter((c) => c !== target).map((c) => recs.get(c).expectNone(QUIET_MS)));
+      await flush(sender, clients);
+      clients.filter((c) => c !== target).forEach((c) => recs.get(c).assertNone());
     });
 
     test("SendToUser reaches all of that user's connections across instances", { timeout: T }, async () => {
@@ -194,7 +197,8 @@ for (const transport of TRANSPORTS) {
         const [[msg]] = await recs.get(a).next(1, 10000);
         assert.equal(msg.toUser, "alice");
       }
-      await Promise.all([...bob, sender].map((c) => recs.get(c).expectNone(QUIET_MS)));
+      await flush(sender, [...alice, ...bob, sender]);
+      [...bob, sender].forEach((c) => recs.get(c).assertNone());
     });
 
     test("20 sequential WhoAmI invocations all succeed with the same answer", { timeout: 60000 }, async () => {
@@ -249,7 +253,8 @@ describe("cluster, clients on mixed transports", () => {
     const recs = new Map(clients.map((c) => [c, record(c, "ReceiveMessage", (m) => m?.text === tag)]));
     await rest[0].invoke("SendToUser", "carol", tag);
     for (const c of carol) assert.equal((await recs.get(c).next(1, 10000))[0][0].toUser, "carol");
-    await Promise.all(rest.map((c) => recs.get(c).expectNone(QUIET_MS)));
+    await flush(rest[0], clients);
+    rest.forEach((c) => recs.get(c).assertNone());
 
     const tag2 = nonce("cl-mix-to");
     const recs2 = new Map(clients.map((c) => [c, record(c, "ReceiveMessage", (m) => m?.text === tag2)]));
@@ -262,7 +267,8 @@ describe("cluster, clients on mixed transports", () => {
       assert.equal(msg.to, c.connectionId);
       assert.equal(msg.connectionId, clients[(i - 1 + clients.length) % clients.length].connectionId);
     }
-    await delay(QUIET_MS);
+    // Every sender's marker after its SendTo: nothing else can still be on its way.
+    for (const c of clients) await flush(c, clients);
     for (const c of clients) {
       assert.equal(recs2.get(c).items.length, 1, `${c.label} got ${JSON.stringify(recs2.get(c).items)}`);
     }

@@ -3,7 +3,7 @@
 // timeouts (a test must fail, never hang).
 
 import { spawn } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync, readdirSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { setTimeout as delay } from "node:timers/promises";
@@ -22,6 +22,16 @@ export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url
 export const TRANSPORTS = ["WebSockets", "ServerSentEvents", "LongPolling"];
 
 export const HUB_PATH = "/chat";
+
+/**
+ * The only variables a spawned process inherits from this shell: where programs are (Debian
+ * keeps nginx in /usr/sbin). Everything else a test depends on is passed explicitly, so an
+ * exported POLL_TIMEOUT, REDIS_URL, RUST_LOG, ... never changes what is tested.
+ */
+export function baseEnv() {
+  const path = process.env.PATH ?? "/usr/local/bin:/usr/bin:/bin";
+  return { PATH: `${path}:/usr/sbin:/sbin` };
+}
 
 function resolveBin(envName, fallback) {
   const fromEnv = process.env[envName];
@@ -193,7 +203,7 @@ export async function startServer({ env = {}, args = [], timeoutMs = 20000 } = {
     label: "stickless",
     timeoutMs,
     env: {
-      ...process.env,
+      ...baseEnv(),
       LISTEN_ADDR: "127.0.0.1:0",
       STATIC_DIR: path.join(REPO_ROOT, "static"),
       RUST_LOG: "warn",
@@ -208,23 +218,34 @@ export async function startServer({ env = {}, args = [], timeoutMs = 20000 } = {
 }
 
 /**
- * Starts `stickless-cluster` (redis + N instances + nginx). Resolves with
- * { url, redis, instances: [{id, url}], stop(), stderr(), exited, child }.
+ * Starts `stickless-cluster` (redis + N instances + nginx). Options: `instances`,
+ * `directRouting` (default true: instances announce ADVERTISE_URL; false: every misrouted
+ * request goes back through nginx), `instanceEnv` (extra settings for every instance).
+ * Resolves with { url, redis, instances: [{id, url}], stop(), stderr(), exited, child }.
  * Its stdin stays open: if this test process dies, the cluster sees EOF and stops itself.
  */
-export async function startCluster({ instances = 2, args = [], env = {}, timeoutMs = 90000 } = {}) {
+export async function startCluster({ instances = 2, directRouting = true, instanceEnv = {}, timeoutMs = 90000 } = {}) {
   const bin = resolveBin("STICKLESS_CLUSTER_BIN", "target/debug/stickless-cluster");
-  const fullArgs = ["--instances", String(instances), "--stop-on-stdin-eof", ...args];
-  if (process.env.STICKLESS_BIN) {
-    fullArgs.push("--bin", resolveBin("STICKLESS_BIN", "target/debug/stickless"));
-  }
+  const fullArgs = [
+    "--instances",
+    String(instances),
+    "--stop-on-stdin-eof",
+    "--bin",
+    resolveBin("STICKLESS_BIN", "target/debug/stickless"),
+    "--nginx-conf",
+    path.join(REPO_ROOT, "nginx.conf"),
+    "--static-dir",
+    path.join(REPO_ROOT, "static"),
+  ];
+  if (!directRouting) fullArgs.push("--no-direct-routing");
+  for (const [k, v] of Object.entries(instanceEnv)) fullArgs.push("--env", `${k}=${v}`);
   const h = await spawnAndWait({
     bin,
     args: fullArgs,
     label: "stickless-cluster",
     timeoutMs,
     stdin: "pipe",
-    env: { ...process.env, RUST_LOG: "warn", ...env },
+    env: { ...baseEnv(), RUST_LOG: "warn", STICKLESS_CLUSTER_LOG: "info" },
     isReady: (line) => {
       const t = line.trim();
       if (!t.startsWith("{")) return null;
@@ -302,7 +323,8 @@ let connectionCounter = 0;
  * Builds (and by default starts) a HubConnection to `${baseUrl}/chat` using ONLY the given
  * transport. Options: transport ("WebSockets" | "ServerSentEvents" | "LongPolling" or a
  * HttpTransportType flag), accessTokenFactory, reconnect (array of delays, or true for the
- * default policy), hubPath, start (default true), startTimeoutMs, plus any other
+ * default policy), hubPath, start (default true), startTimeoutMs, builder (a function that
+ * may change the HubConnectionBuilder, e.g. b => b.withStatefulReconnect()), plus any other
  * IHttpConnectionOptions. The connection is tracked; stopAllConnections() stops it.
  * The returned HubConnection gets extra properties: `logger`, `transportName`, `label`.
  */
@@ -314,6 +336,7 @@ export async function connect(baseUrl, opts = {}) {
     start = true,
     startTimeoutMs = 10000,
     label,
+    builder: customize = (b) => b,
     ...httpOptions
   } = opts;
   const name = label ?? `${typeof transport === "string" ? transport : transport}#${++connectionCounter}`;
@@ -323,6 +346,7 @@ export async function connect(baseUrl, opts = {}) {
     .configureLogging(logger);
   if (Array.isArray(reconnect)) builder = builder.withAutomaticReconnect(reconnect);
   else if (reconnect === true) builder = builder.withAutomaticReconnect();
+  builder = customize(builder);
   const connection = builder.build();
   connection.logger = logger;
   connection.transportName = typeof transport === "string" ? transport : HttpTransportType[transport];
@@ -375,7 +399,7 @@ export function withTimeout(promise, ms, what) {
  *   ... do things ...
  *   const msgs = await rec.next(3);          // the next 3 argument arrays, in arrival order
  *   const [ev] = await rec.waitFor((e) => e.kind === "joined");  // any time, past or future
- *   await rec.expectNone(500);               // nothing matching has arrived after 500 ms
+ *   await flush(sender, [conn]); rec.assertNone();  // nothing matching arrived before a marker
  */
 export function record(connection, target, filter = () => true) {
   const items = [];
@@ -438,12 +462,14 @@ export function record(connection, target, filter = () => true) {
     waitFor(pred, timeoutMs = 5000, what = "a matching message") {
       return wait(() => items.find((args) => pred(...args)), timeoutMs, what);
     },
-    /** Resolves if, after `ms`, no message matching `pred` has been received at all. */
-    async expectNone(ms = 500, pred = () => true) {
-      await delay(ms);
+    /**
+     * Fails if any message matching `pred` has arrived. Call it after `flush()`: a marker sent
+     * after the message that must not arrive has arrived, so nothing is still on its way.
+     */
+    assertNone(pred = () => true, what = "") {
       const bad = items.filter((args) => pred(...args));
       if (bad.length > 0) {
-        throw new Error(`${who} received unexpected '${target}' message(s): ${JSON.stringify(bad).slice(0, 2000)}`);
+        throw new Error(`${who} received unexpected '${target}' message(s)${what ? ` (${what})` : ""}: ${JSON.stringify(bad).slice(0, 2000)}`);
       }
     },
     dispose() {
@@ -585,4 +611,130 @@ export function forgeToken(token) {
   const c = token[i];
   const replacement = c === "A" ? "B" : "A";
   return token.slice(0, i) + replacement + token.slice(i + 1);
+}
+
+/**
+ * Sends a marker broadcast (target `Send`) from `sender` and waits until every connection in
+ * `receivers` has it. The server handles one connection's invocations in order and the
+ * backplane keeps each sender's order, so whatever `sender` sent before the marker has
+ * reached each receiver by then: "nothing else arrived" needs no waiting window.
+ */
+export async function flush(sender, receivers, timeoutMs = 15000) {
+  const tag = nonce("marker");
+  const recs = receivers.map((r) => record(r, "Send", (m) => m === tag));
+  try {
+    await withTimeout(sender.invoke("Send", tag), timeoutMs, `${sender.label}: marker Send`);
+    await Promise.all(recs.map((r) => r.next(1, timeoutMs)));
+  } finally {
+    recs.forEach((r) => r.dispose());
+  }
+}
+
+/**
+ * Polls `probe()` (sync or async) until it returns something other than undefined/false and
+ * resolves with that value; fails after `timeoutMs` with the last value seen. For states that
+ * have no event to wait on (a metric reaching a value, a health status changing).
+ */
+export async function waitUntil(probe, timeoutMs, what, intervalMs = 50) {
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  for (;;) {
+    let ready = false;
+    try {
+      last = await probe();
+      ready = last !== undefined && last !== false;
+    } catch (e) {
+      last = `threw ${e.message}`;
+    }
+    if (ready) return last;
+    if (Date.now() > deadline) {
+      throw new Error(`Timed out after ${timeoutMs} ms waiting for ${what}; last: ${JSON.stringify(last)}`);
+    }
+    await delay(intervalMs);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------
+
+/**
+ * GET {base}/metrics, parsed: `series` maps `name{labels}` (as printed) to its number,
+ * `families` holds every metric name declared by a `# TYPE` line.
+ */
+export async function scrape(base) {
+  const r = await http(`${base}/metrics`);
+  if (r.status !== 200) throw new Error(`${base}/metrics: ${describeResponse(r)}`);
+  const series = new Map();
+  const families = new Set();
+  for (const line of r.text.split("\n")) {
+    if (!line) continue;
+    const type = /^# TYPE (\S+) /.exec(line);
+    if (type) families.add(type[1]);
+    if (line.startsWith("#")) continue;
+    const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)$/.exec(line);
+    if (!m) throw new Error(`${base}/metrics: unparsable line ${JSON.stringify(line)}`);
+    series.set(m[1], Number(m[2]));
+  }
+  return { series, families };
+}
+
+function labelsOf(key) {
+  const out = {};
+  const m = /\{(.*)\}$/.exec(key);
+  if (!m) return out;
+  for (const part of m[1].matchAll(/([a-zA-Z_]+)="([^"]*)"/g)) out[part[1]] = part[2];
+  return out;
+}
+
+/**
+ * The sum of every series of metric `name` whose labels include `labels`, on one instance
+ * (`base`) or several (an array). Fails loudly when the metric is not there at all (neither
+ * declared nor printed): a renamed or removed metric must never read as 0. A declared
+ * labelled family with no matching series (nothing counted yet) reads as 0; tests pair such
+ * a zero with a positive control on the same family.
+ */
+export async function metric(bases, name, labels = {}) {
+  let total = 0;
+  for (const base of Array.isArray(bases) ? bases : [bases]) {
+    const { series, families } = await scrape(base);
+    let found = families.has(name);
+    for (const [key, value] of series) {
+      if (key.replace(/\{.*$/, "") !== name) continue;
+      found = true;
+      const have = labelsOf(key);
+      if (Object.entries(labels).every(([k, v]) => have[k] === v)) total += value;
+    }
+    if (!found) throw new Error(`metric ${name} is missing from ${base}/metrics`);
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------------------
+// Cluster processes
+// ---------------------------------------------------------------------------
+
+/**
+ * The pid of each instance the cluster launcher started, by INSTANCE_ID (read from
+ * /proc/<pid>/environ of the launcher's children), so a test can signal one of them.
+ */
+export function instancePids(cluster) {
+  const launcher = cluster.child.pid;
+  const children = [];
+  for (const task of readdirSync(`/proc/${launcher}/task`)) {
+    const text = readFileSync(`/proc/${launcher}/task/${task}/children`, "utf8").trim();
+    if (text) children.push(...text.split(/\s+/).map(Number));
+  }
+  const pids = new Map();
+  for (const pid of children) {
+    let environ;
+    try {
+      environ = readFileSync(`/proc/${pid}/environ`, "utf8");
+    } catch {
+      continue; // exited meanwhile
+    }
+    const id = environ.split("\0").find((kv) => kv.startsWith("INSTANCE_ID="));
+    if (id) pids.set(id.slice("INSTANCE_ID=".length), pid);
+  }
+  return pids;
 }
