@@ -1,11 +1,12 @@
 // stickless chat: wires the chat hub (docs/chat-hub.md) to the page.
 // All user-provided text goes through textContent; nothing user-controlled reaches innerHTML.
 
-import { HubConnection, normalizeTransport } from "./signalr-lite.js";
+import { HubConnection, backoff, normalizeTransport } from "./signalr-lite.js";
 
 const $ = (id) => document.getElementById(id);
 const NAME_KEY = "stickless.name";
-const RETRY_SECONDS = 15; // how long to wait before starting again once we are disconnected
+const TYPING_EVERY_MS = 3000;   // send Typing at most this often while keys are pressed
+const TYPING_SHOWN_MS = 5000;   // show "… is typing" this long after the last Typing
 
 const STATE_LABELS = {
   connecting: "Connecting…", connected: "Connected",
@@ -17,11 +18,26 @@ const TRANSPORT_LABELS = { WebSockets: "WebSockets", ServerSentEvents: "SSE", Lo
 
 const requested = new URLSearchParams(location.search).get("transport");
 const forced = normalizeTransport(requested);
-const me = { connectionId: null, instance: null, transport: null, name: localStorage.getItem(NAME_KEY) || "" };
+// The name is chosen before joining (remembered, or a guest name kept on this device), so
+// others see one "Ann joined" rather than a guest joining and then renaming.
+const me = { connectionId: null, instance: null, transport: null, name: localStorage.getItem(NAME_KEY) || guestName() };
 const rooms = new Set();        // rooms we are in (joined again after every reconnect)
 const names = new Map();        // connectionId → last known display name
+const online = new Map();       // connectionId → member {connectionId, name, instance, since}
+const seen = new Set();         // ids of the messages shown: history on reconnect adds only new ones
+const typing = new Map();       // connectionId → {name, room, until}
+const outbox = [];              // messages written while offline: [{value, text, node}]
+let onlineTotal = 0;            // members cluster-wide (the list may name fewer)
 let retryTimer = null;
+let retryAttempt = 0;
 let everConnected = false;      // connection dividers appear in the chat only after the first success
+let joined = false;             // Join succeeded on the current connection
+
+function guestName() {
+  const name = `guest-${Math.floor(1000 + Math.random() * 9000)}`;
+  localStorage.setItem(NAME_KEY, name);
+  return name;
+}
 
 const hub = new HubConnection("/chat", { transport: forced });
 window.hub = hub; // handy in the browser console: hub.invoke("WhoAmI"), hub.send("Send", "hi")
@@ -65,11 +81,53 @@ function append(node) {
   const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 120;
   list.append(node);
   while (list.children.length > 500) list.firstElementChild.remove();
-  if (nearBottom || node.classList.contains("mine")) list.scrollTop = list.scrollHeight;
+  if (nearBottom || node.classList.contains("mine")) scrollToEnd();
 }
 
-function systemLine(text, kind = "") {
-  append(el("li", `system ${kind}`.trim(), text));
+function timeEl(date) {
+  const time = el("time", "", clock(date));
+  time.dateTime = date.toISOString();
+  time.title = date.toLocaleString();
+  return time;
+}
+
+/** A notice in the chat, with its time. */
+function scrollToEnd() {
+  list.style.scrollBehavior = "auto";
+  list.scrollTop = list.scrollHeight;
+  list.style.scrollBehavior = "";
+}
+
+function systemLine(text, kind = "", at = Date.now()) {
+  const li = el("li", `system ${kind}`.trim());
+  li.append(el("span", "", text), timeEl(new Date(at)));
+  append(li);
+  return li;
+}
+
+const URL_PATTERN = /\bhttps?:\/\/[^\s<>"']+/gi;
+
+/** Text with its http(s) links made clickable, built from text nodes and <a> elements only:
+ * nothing the sender wrote is parsed as HTML, and no other scheme (javascript:, data:)
+ * becomes a link. */
+function linkified(text) {
+  const fragment = document.createDocumentFragment();
+  let last = 0;
+  for (const match of text.matchAll(URL_PATTERN)) {
+    const raw = match[0].replace(/[.,;:!?)\]]+$/, ""); // trailing punctuation is prose
+    let url;
+    try { url = new URL(raw); } catch { continue; }
+    if (url.protocol !== "http:" && url.protocol !== "https:") continue;
+    fragment.append(document.createTextNode(text.slice(last, match.index)));
+    const a = el("a", "", raw);
+    a.href = url.href;
+    a.rel = "noopener noreferrer nofollow";
+    a.target = "_blank";
+    fragment.append(a);
+    last = match.index + raw.length;
+  }
+  fragment.append(document.createTextNode(text.slice(last)));
+  return fragment;
 }
 
 function badge(text, className = "", title = "") {
@@ -84,9 +142,16 @@ function transportBadge(transport) {
   return node;
 }
 
-/** Renders a chat message: {connectionId, name, text, instance, transport, room, to, toUser, sentAt}. */
-function renderMessage(msg, { legacy = false, toName = null } = {}) {
-  const mine = !legacy && msg.connectionId === (hub.connectionId || me.connectionId);
+/** Renders a chat message {id, connectionId, name, text, instance, transport, room, to, toUser,
+ * sentAt} once: a message already shown (same id) is skipped. */
+function renderMessage(msg, { legacy = false, toName = null, mine: ours = false } = {}) {
+  if (msg.id) {
+    if (seen.has(msg.id)) return null;
+    seen.add(msg.id);
+  }
+  typing.delete(msg.connectionId);
+  renderTyping();
+  const mine = ours || (!legacy && msg.connectionId === (hub.connectionId || me.connectionId));
   const direct = Boolean(msg.to || msg.toUser);
   const li = el("li", ["msg", mine && "mine", direct && "direct", legacy && "legacy"].filter(Boolean).join(" "));
 
@@ -109,16 +174,15 @@ function renderMessage(msg, { legacy = false, toName = null } = {}) {
   if (msg.transport) meta.append(transportBadge(msg.transport));
   if (msg.room) meta.append(badge(`#${msg.room}`, "room", "room message"));
   if (direct) meta.append(badge(toName ? `to ${toName}` : "direct", "direct", "only you two see this"));
-  const sent = new Date(msg.sentAt || Date.now());
-  const time = el("time", "", clock(sent));
-  time.dateTime = sent.toISOString();
-  time.title = sent.toLocaleString();
-  meta.append(time);
+  meta.append(timeEl(new Date(msg.sentAt || Date.now())));
 
   const body = el("div", "msg-body");
-  body.append(meta, el("div", "bubble", msg.text));
+  const bubble = el("div", "bubble");
+  bubble.append(linkified(String(msg.text ?? "")));
+  body.append(meta, bubble);
   li.append(avatar, body);
   append(li);
+  return li;
 }
 
 // ---- events panel -------------------------------------------------------------------
@@ -138,13 +202,27 @@ $("events-clear").addEventListener("click", () => $("events").replaceChildren())
 
 // ---- connection status ----------------------------------------------------------------
 
-function showState(state, extra = "") {
+function showState(state) {
   $("state-pill").dataset.state = state;
-  $("state-text").textContent = STATE_LABELS[state] + extra;
+  $("state-text").textContent = STATE_LABELS[state];
   $("fact-state").textContent = STATE_LABELS[state];
-  $("send-button").disabled = state !== "connected";
-  $("retry").hidden = state !== "disconnected";
-  if (state !== "connected") showIdentity(null);
+  document.body.dataset.state = state;
+  $("offline-hint").hidden = state === "connected";
+  if (state !== "connected") { showIdentity(null); joined = false; }
+  updateSendButton();
+}
+
+/** The banner over the chat: reconnecting, reconnected (briefly) or disconnected, with a
+ * button that retries at once. */
+let bannerTimer = null;
+function banner(kind, text) {
+  clearTimeout(bannerTimer);
+  const node = $("banner");
+  node.hidden = !kind;
+  node.dataset.kind = kind || "";
+  $("banner-text").textContent = text || "";
+  $("banner-retry").hidden = kind !== "reconnecting" && kind !== "disconnected";
+  if (kind === "reconnected") bannerTimer = setTimeout(() => banner(null), 4000);
 }
 
 function showIdentity(who) {
@@ -170,41 +248,75 @@ hub.addEventListener("log", (e) => {
   logEvent(category, message, level);
 });
 
-hub.addEventListener("reconnecting", () => systemLine("Connection lost, reconnecting…", "divider"));
+hub.addEventListener("reconnecting", () => {
+  systemLine("Connection lost, reconnecting…", "divider");
+  banner("reconnecting", "Connection lost. Reconnecting…");
+});
+
+hub.addEventListener("retrying", (e) => {
+  const { attempt, delay } = e.detail;
+  const when = delay >= 1000 ? `in ${Math.round(delay / 1000)} s` : "now";
+  banner("reconnecting", `Connection lost. Reconnecting ${when} (attempt ${attempt})…`);
+});
 
 hub.addEventListener("connected", async (e) => {
   const { reconnected } = e.detail;
-  everConnected = true;
+  retryAttempt = 0;
   showIdentity({ transport: hub.transportName, connectionId: hub.connectionId, instance: "…" });
-  try {
-    const who = await hub.invoke("WhoAmI");
-    me.connectionId = who.connectionId; me.instance = who.instance; me.transport = who.transport;
-    names.set(who.connectionId, me.name || `guest-${who.connectionId.slice(0, 4)}`);
-    showIdentity(who);
-    logEvent("whoami", `Served by instance ${who.instance} over ${who.transport}`, "good");
-    systemLine(`${reconnected ? "Reconnected" : "Connected"} to instance ${who.instance} over ${TRANSPORT_LABELS[who.transport] || who.transport}`, "divider");
-  } catch (error) {
-    logEvent("whoami", `WhoAmI failed: ${error.message}`, "error");
-  }
-  // A new connection knows nothing about us: send the name and rejoin the rooms.
-  if (me.name) await applyName(me.name, { quiet: true });
-  for (const room of rooms) {
-    await hub.invoke("JoinRoom", room).catch((error) => logEvent("rooms", `Could not rejoin #${room}: ${error.message}`, "error"));
-  }
+  if (reconnected || everConnected) banner("reconnected", "Reconnected. Messages sent meanwhile are below.");
+  else banner(null);
+  await join(reconnected || everConnected);
+  everConnected = true;
 });
 
 hub.addEventListener("disconnected", (e) => {
   if (e.detail.error && everConnected) systemLine(`Disconnected: ${e.detail.error.message}`, "divider");
-  scheduleRetry();
+  if (e.detail.error) scheduleRetry();
 });
 
-// While disconnected, try again every RETRY_SECONDS (with a visible countdown).
+/** Comes online: Join(name) names us once and answers with who is online and the lobby's
+ * recent messages; then the rooms are joined again, their history fetched, and messages
+ * written while offline go out. */
+async function join(again) {
+  let result;
+  try {
+    result = await hub.invoke("Join", me.name);
+  } catch (error) {
+    logEvent("join", `Join failed: ${error.message}`, "error");
+    return;
+  }
+  joined = true;
+  me.connectionId = result.connectionId; me.instance = result.instance; me.transport = result.transport;
+  me.name = result.name;
+  $("name-input").value = me.name;
+  showIdentity(result);
+  logEvent("join", `Joined as ${result.name} on instance ${result.instance} over ${result.transport}`, "good");
+  systemLine(`${again ? "Reconnected" : "Connected"} to instance ${result.instance} over ${TRANSPORT_LABELS[result.transport] || result.transport}`, "divider");
+  setOnline(result.online, result.onlineCount);
+  const fresh = result.history.filter((m) => !seen.has(m.id));
+  if (fresh.length && !again) systemLine(`Earlier messages`, "divider history-divider");
+  for (const msg of fresh) renderMessage(msg);
+  if (!again) scrollToEnd();
+  for (const room of rooms) {
+    try {
+      await hub.invoke("JoinRoom", room);
+      for (const msg of await hub.invoke("History", room)) renderMessage(msg);
+    } catch (error) {
+      logEvent("rooms", `Could not rejoin #${room}: ${error.message}`, "error");
+    }
+  }
+  updateSendButton();
+  flushOutbox();
+}
+
+// While the first start keeps failing, try again with the same capped backoff.
 function scheduleRetry() {
   clearRetry();
-  let left = RETRY_SECONDS;
+  const delay = backoff(++retryAttempt);
+  let left = Math.ceil(delay / 1000);
   const tick = () => {
     if (left <= 0) { clearRetry(); connect(); return; }
-    $("state-text").textContent = `Disconnected · retrying in ${left}s`;
+    banner("disconnected", `Cannot reach the server. Retrying in ${left} s…`);
     left -= 1;
     retryTimer = setTimeout(tick, 1000);
   };
@@ -221,13 +333,117 @@ async function connect() {
   }
 }
 
-$("retry").addEventListener("click", () => { clearRetry(); connect(); });
+/** Now, not after the current wait: the retry button, the browser coming back online, the
+ * tab becoming visible. */
+function retryNow() {
+  if (hub.state === "reconnecting") hub.reconnectNow();
+  else if (hub.state === "disconnected") { clearRetry(); connect(); }
+}
+$("banner-retry").addEventListener("click", retryNow);
+window.addEventListener("online", retryNow);
+document.addEventListener("visibilitychange", () => { if (document.visibilityState === "visible") retryNow(); });
+
+// ---- who is online ---------------------------------------------------------------------
+
+/** How many connections a name has among the members (a person with two tabs is one name). */
+function connectionsOf(name) {
+  let n = 0;
+  for (const m of online.values()) if (m.name === name) n += 1;
+  return n;
+}
+
+function setOnline(members, total) {
+  online.clear();
+  for (const m of members) { online.set(m.connectionId, m); names.set(m.connectionId, m.name); }
+  onlineTotal = Math.max(total ?? members.length, online.size);
+  renderOnline();
+}
+
+function renderOnline() {
+  const byName = new Map();
+  for (const m of online.values()) {
+    const entry = byName.get(m.name) || { name: m.name, ids: [], instances: new Set() };
+    entry.ids.push(m.connectionId);
+    entry.instances.add(m.instance);
+    byName.set(m.name, entry);
+  }
+  const ul = $("online");
+  ul.replaceChildren();
+  const sorted = [...byName.values()].sort((a, b) => a.name.localeCompare(b.name));
+  for (const entry of sorted) {
+    const li = el("li", "person");
+    const self = entry.ids.includes(hub.connectionId);
+    const dot = el("span", "dot");
+    dot.setAttribute("aria-hidden", "true");
+    const button = el("button", "person-name", self ? `${entry.name} (you)` : entry.name);
+    button.type = "button";
+    button.disabled = self;
+    button.title = `${entry.ids.length} connection(s) on ${[...entry.instances].join(", ")}`;
+    if (!self) button.addEventListener("click", () => { startDirect(entry.ids[0], entry.name); setPanel(false); });
+    li.append(dot, button);
+    if (entry.ids.length > 1) li.append(el("span", "muted", `×${entry.ids.length}`));
+    ul.append(li);
+  }
+  const total = Math.max(onlineTotal, online.size);
+  $("online-count").textContent = String(total);
+  $("online-count-top").textContent = String(total);
+  $("online-hint").textContent = total > online.size
+    ? `Showing ${online.size} of ${total}. Click a name to message that person directly.`
+    : "Click a name to message that person directly.";
+}
+
+let refreshTimer = null;
+/** A batch left events out: the list is only approximate; ask for it again, once, a little
+ * later and at a random moment so that a crowd of pages does not ask at the same time. */
+function refreshOnlineSoon() {
+  if (refreshTimer) return;
+  refreshTimer = setTimeout(async () => {
+    refreshTimer = null;
+    if (hub.state !== "connected") return;
+    try {
+      const members = await hub.invoke("Online");
+      setOnline(members, members.length);
+    } catch { /* the next batch tries again */ }
+  }, 2000 + Math.random() * 8000);
+}
+
+/** One coalesced batch {events, omitted}: notices only when a name comes or goes (a second
+ * tab or a reconnect of the same person is not news), renames with the old name. */
+function applyPresence(batch) {
+  for (const ev of batch.events) {
+    const self = ev.connectionId === hub.connectionId;
+    if (ev.kind === "joined") {
+      const before = connectionsOf(ev.name);
+      if (!online.has(ev.connectionId)) onlineTotal += 1;
+      online.set(ev.connectionId, { connectionId: ev.connectionId, name: ev.name, instance: ev.instance, since: ev.at });
+      if (before === 0 && !self) systemLine(`${ev.name} joined`, "presence", ev.at);
+    } else if (ev.kind === "left") {
+      const known = online.delete(ev.connectionId);
+      if (known || onlineTotal > online.size) onlineTotal -= 1;
+      if (connectionsOf(ev.name) === 0) systemLine(`${ev.name} left`, "presence", ev.at);
+      typing.delete(ev.connectionId);
+      markGone(ev.connectionId);
+    } else if (ev.kind === "renamed") {
+      const member = online.get(ev.connectionId);
+      if (member) member.name = ev.name;
+      systemLine(self ? `You are now ${ev.name}` : `${ev.oldName ?? "Someone"} is now ${ev.name}`, "presence", ev.at);
+    }
+    if (ev.kind !== "left") names.set(ev.connectionId, ev.name);
+  }
+  if (batch.omitted > 0) {
+    systemLine(`…and ${batch.omitted} more joined, left or renamed`, "presence");
+    refreshOnlineSoon();
+  }
+  onlineTotal = Math.max(onlineTotal, online.size);
+  renderOnline();
+  renderTyping();
+}
 
 // ---- hub targets --------------------------------------------------------------------
 
 hub.on("ReceiveMessage", (msg) => {
   names.set(msg.connectionId, msg.name);
-  renderMessage(msg);
+  renderMessage(msg, { toName: msg.to || msg.toUser ? "you" : null });
 });
 
 hub.on("Send", (message) => {
@@ -235,28 +451,35 @@ hub.on("Send", (message) => {
 });
 
 hub.on("Presence", (event) => {
-  const self = event.connectionId === (hub.connectionId || me.connectionId);
+  if (Array.isArray(event?.events)) return applyPresence(event);
+  // Room events come one by one: rooms are small.
+  const self = event.connectionId === hub.connectionId;
   const who = self ? "You" : event.name;
-  const where = event.instance ? ` (instance ${event.instance})` : "";
   switch (event.kind) {
-    case "joined": systemLine(`${who} joined${where}`); break;
-    case "left": systemLine(`${who} left`); break;
-    case "renamed": {
-      const before = names.get(event.connectionId);
-      systemLine(before && before !== event.name ? `${before} is now ${event.name}` : `${event.name} changed their name`);
-      break;
-    }
-    case "joinedRoom": systemLine(`${who} joined #${event.room}`); break;
-    case "leftRoom": systemLine(`${who} left #${event.room}`); break;
+    case "joinedRoom": systemLine(`${who} joined #${event.room}`, "presence", event.at); break;
+    case "leftRoom": systemLine(`${who} left #${event.room}`, "presence", event.at); break;
     default: logEvent("presence", `Unknown presence event '${event.kind}'`, "warn");
   }
-  if (event.kind === "left") {
-    names.delete(event.connectionId);
-    markGone(event.connectionId);
-  } else {
-    names.set(event.connectionId, event.name);
-  }
 });
+
+hub.on("Typing", (ev) => {
+  typing.set(ev.connectionId, { name: ev.name, room: ev.room, until: Date.now() + TYPING_SHOWN_MS });
+  renderTyping();
+  setTimeout(renderTyping, TYPING_SHOWN_MS + 50);
+});
+
+function renderTyping() {
+  const now = Date.now();
+  const who = [];
+  for (const [id, t] of typing) {
+    if (t.until < now) typing.delete(id);
+    else if (!who.includes(t.name)) who.push(t.room ? `${t.name} (#${t.room})` : t.name);
+  }
+  $("typing").textContent = who.length === 0 ? ""
+    : who.length === 1 ? `${who[0]} is typing…`
+    : who.length <= 3 ? `${who.join(", ")} are typing…`
+    : "Several people are typing…";
+}
 
 // ---- composing ----------------------------------------------------------------------
 
@@ -270,7 +493,7 @@ function describeTarget() {
     $("scope-sub").textContent = "Only members of this room receive these messages, on every instance.";
   } else if (value.startsWith("dm:")) {
     $("scope-title").textContent = `Direct message to ${target.selectedOptions[0].dataset.name}`;
-    $("scope-sub").textContent = "Only that connection receives it, whichever instance holds it.";
+    $("scope-sub").textContent = "Only that person receives it, whichever instance holds their connection.";
   } else {
     $("scope-title").textContent = "Everyone";
     $("scope-sub").textContent = "Messages go to every connected client, whichever instance holds it.";
@@ -309,31 +532,109 @@ function markGone(connectionId) {
 
 target.addEventListener("change", describeTarget);
 
+function updateSendButton() {
+  const button = $("send-button");
+  const ready = hub.state === "connected" && joined;
+  button.textContent = ready ? "Send" : "Queue";
+  button.title = ready ? "Send" : "Offline: the message waits and goes out when the connection is back";
+  button.disabled = false;
+}
+
+/** Shows a message of ours that is not delivered yet (queued or failed), with its status. */
+function pendingBubble(text, status) {
+  const li = el("li", "msg mine pending");
+  const body = el("div", "msg-body");
+  const meta = el("div", "meta");
+  const state = el("span", "pending-state", status);
+  meta.append(el("span", "sender", "You"), state);
+  const bubble = el("div", "bubble");
+  bubble.append(linkified(text));
+  body.append(meta, bubble);
+  li.append(body);
+  append(li);
+  return li;
+}
+
+function setPending(item, status, failed = false) {
+  item.node.classList.toggle("failed", failed);
+  const state = item.node.querySelector(".pending-state");
+  state.replaceChildren(status);
+  if (failed) {
+    const again = el("button", "button ghost small", "Retry");
+    again.type = "button";
+    again.addEventListener("click", () => { setPending(item, "Waiting for the connection…"); outbox.push(item); flushOutbox(); });
+    state.append(" ", again);
+  }
+}
+
+async function deliver(value, text) {
+  if (value.startsWith("room:")) {
+    await hub.invoke("SendToRoom", value.slice(5), text);
+  } else if (value.startsWith("dm:")) {
+    // A direct message goes to its recipient only; the server hands us our copy.
+    const msg = await hub.invoke("SendTo", value.slice(3), text);
+    const option = [...target.options].find((o) => o.value === value);
+    renderMessage(msg, { toName: option?.dataset.name, mine: true });
+  } else {
+    await hub.invoke("SendMessage", text);
+  }
+}
+
+let flushing = false;
+/** Sends what was written while offline, in order; stops at the first failure. */
+async function flushOutbox() {
+  if (flushing) return;
+  flushing = true;
+  try {
+    while (outbox.length && hub.state === "connected" && joined) {
+      const item = outbox[0];
+      setPending(item, "Sending…");
+      try {
+        await deliver(item.value, item.text);
+        outbox.shift();
+        item.node.remove();
+      } catch (error) {
+        if (hub.state === "connected") { // refused by the server: it will not go through later either
+          outbox.shift();
+          setPending(item, `Not sent: ${error.message}`, true);
+        } else {
+          setPending(item, "Not sent yet: waiting for the connection…");
+          break;
+        }
+      }
+    }
+  } finally {
+    flushing = false;
+  }
+}
+
 async function sendCurrent() {
   const text = input.value.trim();
-  if (!text || hub.state !== "connected") return;
+  if (!text) return;
   const value = target.value;
-  const button = $("send-button");
-  button.disabled = true;
+  input.value = "";
+  autosize();
+  lastTypingSent = 0;
+  if (hub.state !== "connected" || !joined || outbox.length) {
+    // Offline: keep it, say so, send it once the connection is back.
+    const item = { value, text, node: null };
+    item.node = pendingBubble(text, "Waiting for the connection…");
+    outbox.push(item);
+    flushOutbox();
+    return;
+  }
   try {
-    if (value.startsWith("room:")) {
-      await hub.invoke("SendToRoom", value.slice(5), text);
-    } else if (value.startsWith("dm:")) {
-      const to = value.slice(3);
-      await hub.invoke("SendTo", to, text);
-      // The server delivers a direct message to its recipient only: show our own copy.
-      renderMessage({ connectionId: me.connectionId, name: names.get(me.connectionId) || me.name, text, instance: me.instance,
-        transport: me.transport, to, sentAt: Date.now() }, { toName: target.selectedOptions[0].dataset.name });
-    } else {
-      await hub.invoke("SendMessage", text);
-    }
-    input.value = "";
-    autosize();
+    await deliver(value, text);
   } catch (error) {
+    const item = { value, text, node: pendingBubble(text, "") };
+    if (hub.state === "connected") {
+      setPending(item, `Not sent: ${error.message}`, true);
+    } else {
+      setPending(item, "Not sent yet: waiting for the connection…");
+      outbox.push(item);
+    }
     logEvent("send", `Not sent: ${error.message}`, "error");
-    systemLine(`Your message was not sent: ${error.message}`, "error");
   } finally {
-    button.disabled = hub.state !== "connected";
     input.focus();
   }
 }
@@ -343,15 +644,26 @@ function autosize() {
   input.style.height = `${Math.min(input.scrollHeight + 2, 144)}px`;
 }
 
+let lastTypingSent = 0;
+function announceTyping() {
+  if (hub.state !== "connected" || !joined || !input.value.trim()) return;
+  const now = Date.now();
+  if (now - lastTypingSent < TYPING_EVERY_MS) return;
+  lastTypingSent = now;
+  const value = target.value;
+  if (value.startsWith("dm:")) return; // not announced to everybody
+  hub.send("Typing", value.startsWith("room:") ? value.slice(5) : null).catch(() => {});
+}
+
 $("composer").addEventListener("submit", (e) => { e.preventDefault(); sendCurrent(); });
-input.addEventListener("input", autosize);
+input.addEventListener("input", () => { autosize(); announceTyping(); });
 input.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); sendCurrent(); }
 });
 
 // ---- name -----------------------------------------------------------------------------
 
-async function applyName(name, { quiet = false } = {}) {
+async function applyName(name) {
   try {
     const accepted = await hub.invoke("SetName", name);
     me.name = accepted;
@@ -359,7 +671,6 @@ async function applyName(name, { quiet = false } = {}) {
     $("name-input").value = accepted;
     if (me.connectionId) names.set(me.connectionId, accepted);
     $("name-hint").textContent = `You appear as “${accepted}”. Remembered on this device.`;
-    if (!quiet) systemLine(`You are now ${accepted}`);
     logEvent("profile", `Name set to ${accepted}`, "good");
   } catch (error) {
     $("name-hint").textContent = error.message;
@@ -371,7 +682,14 @@ $("name-input").value = me.name;
 $("name-form").addEventListener("submit", (e) => {
   e.preventDefault();
   const name = $("name-input").value.trim();
-  if (hub.state !== "connected") { $("name-hint").textContent = "Not connected yet; try again in a moment."; return; }
+  if (!name) return;
+  if (hub.state !== "connected") {
+    // Not online: remembered, and used by the next Join.
+    me.name = name;
+    localStorage.setItem(NAME_KEY, name);
+    $("name-hint").textContent = `You will appear as “${name}” once connected.`;
+    return;
+  }
   applyName(name);
 });
 
@@ -409,6 +727,7 @@ $("room-form").addEventListener("submit", async (e) => {
     rooms.add(room);
     $("room-input").value = "";
     renderRooms();
+    for (const msg of await hub.invoke("History", room)) renderMessage(msg);
     target.value = `room:${room}`;
     describeTarget();
     logEvent("rooms", `Joined #${room}`, "good");
@@ -451,7 +770,10 @@ if (requested && !forced) {
 }
 showState("disconnected");
 showIdentity(null);
-window.addEventListener("pagehide", () => { hub.stop(); }); // tell the server at once
+renderOnline();
+// Tell the server at once that the tab is gone (for Long Polling, a DELETE with
+// keepalive: true, which outlives the page) instead of letting it time the connection out.
+window.addEventListener("pagehide", () => { hub.stop(); });
 window.addEventListener("pageshow", (e) => { // back from the back/forward cache
   if (e.persisted && hub.state === "disconnected") { clearRetry(); connect(); }
 });

@@ -10,7 +10,8 @@
 //   3. handshake  {"protocol":"json","version":1}␞  →  {}␞  (or {"error": "..."}␞)
 //   4. messages   JSON records, each terminated by the 0x1E record separator (␞)
 //
-// plus keep-alive pings, a server timeout and automatic reconnect (after 0, 2, 10, 30 s).
+// plus keep-alive pings, a server timeout and automatic reconnect (forever by default, with
+// a capped, jittered backoff; reconnectNow() skips the wait, e.g. on `online`).
 //
 //   const hub = new HubConnection("/chat", { transport: "LongPolling" });
 //   hub.on("ReceiveMessage", (msg) => console.log(msg.text));
@@ -38,12 +39,21 @@ export function normalizeTransport(name) {
 const DEFAULTS = {
   transport: null,               // force one transport (any spelling normalizeTransport knows)
   accessTokenFactory: null,      // () => string | Promise<string>: Bearer header / access_token
-  reconnectDelays: [0, 2000, 10000, 30000], // ms before each reconnect attempt; [] = never
+  // ms before each reconnect attempt: an array (then give up after its last entry; [] =
+  // never reconnect) or a function (attempt) => ms, or null to give up.
+  reconnectDelays: backoff,
   keepAliveIntervalMs: 15000,    // send a Ping when nothing was sent for this long
   serverTimeoutMs: 30000,        // drop the connection when nothing was received for this long
   handshakeTimeoutMs: 15000,
   pollTimeoutMs: 100000,         // client-side limit for one long poll
 };
+/** The default reconnect delay: 0, 1, 2, 4, 8 s, then 10 s forever, each ±20 % so that a
+ * crowd of pages does not come back in lockstep after an outage. */
+export function backoff(attempt) {
+  const base = attempt === 0 ? 0 : Math.min(10000, 1000 * 2 ** (attempt - 1));
+  return Math.round(base * (0.8 + Math.random() * 0.4));
+}
+
 const REQUEST_TIMEOUT_MS = 100000; // other HTTP requests (negotiate, POST, DELETE), as the official client
 const MAX_REDIRECTS = 100;
 
@@ -244,6 +254,7 @@ const browserSupports = (name) => ({
  *   statechange   {state, previous}   "disconnected" | "connecting" | "connected" | "reconnecting"
  *   connected     {connectionId, transport, reconnected}   after start() and after each reconnect
  *   reconnecting  {error}             the connection was lost; reconnect attempts follow
+ *   retrying      {attempt, delay, error}   a reconnect attempt is due in `delay` ms
  *   disconnected  {error}             stopped (error null), failed to start, or gave up
  *   log           {level, category, message, time}   level "info" | "warn" | "error"
  */
@@ -575,19 +586,34 @@ export class HubConnection extends EventTarget {
     const transport = this.transport;
     this.teardown(error);
     transport?.stop().catch(() => {});
-    if (allowReconnect && !this.stopRequested && this.options.reconnectDelays.length) return this.reconnect(error);
+    if (allowReconnect && !this.stopRequested && this.delayBefore(0) !== null) return this.reconnect(error);
     this.log(error ? "error" : "info", "close", `Disconnected${error ? `: ${error.message}` : ""}`);
     this.setState("disconnected");
     this.emit("disconnected", { error });
+  }
+
+  /** The wait before reconnect attempt `attempt` (0-based), or null to give up. */
+  delayBefore(attempt) {
+    const delays = this.options.reconnectDelays;
+    if (typeof delays === "function") return delays(attempt) ?? null;
+    return Array.isArray(delays) && attempt < delays.length ? delays[attempt] : null;
+  }
+
+  /** Skips the wait before the next reconnect attempt (e.g. the browser came back online). */
+  reconnectNow() {
+    this.wakeUp?.();
   }
 
   async reconnect(error) {
     this.log("warn", "reconnect", `Connection lost${error ? ` (${error.message})` : ""}`);
     this.setState("reconnecting");
     this.emit("reconnecting", { error });
-    const delays = this.options.reconnectDelays;
-    for (const [attempt, delay] of delays.entries()) {
-      this.log("info", "reconnect", `Attempt ${attempt + 1} of ${delays.length} ${delay ? `in ${delay / 1000} s` : "now"}`);
+    let lastError = error;
+    for (let attempt = 0; ; attempt++) {
+      const delay = this.delayBefore(attempt);
+      if (delay === null) break;
+      this.log("info", "reconnect", `Attempt ${attempt + 1} ${delay ? `in ${(delay / 1000).toFixed(1)} s` : "now"}`);
+      this.emit("retrying", { attempt: attempt + 1, delay, error: lastError });
       await new Promise((resolve) => {
         const timer = setTimeout(resolve, delay);
         this.wakeUp = () => { clearTimeout(timer); resolve(); };
@@ -598,12 +624,13 @@ export class HubConnection extends EventTarget {
         await this.connect(); // a full new negotiate: a new connection, perhaps on another instance
       } catch (failure) {
         if (this.stopRequested) return;
+        lastError = failure;
         this.log("warn", "reconnect", `Attempt ${attempt + 1} failed: ${failure.message}`);
         continue;
       }
       return this.connectedNow(true);
     }
-    const gaveUp = new Error(`Gave up reconnecting after ${delays.length} attempts`);
+    const gaveUp = new Error("Gave up reconnecting");
     this.log("error", "reconnect", gaveUp.message);
     this.setState("disconnected");
     this.emit("disconnected", { error: gaveUp });
