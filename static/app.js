@@ -92,6 +92,12 @@ function timeEl(date) {
 }
 
 /** A notice in the chat, with its time. */
+// Stay at the newest message while the list changes size (composer grows, window resizes),
+// unless the reader scrolled up.
+let pinned = true;
+list.addEventListener("scroll", () => { pinned = list.scrollHeight - list.scrollTop - list.clientHeight < 40; });
+new ResizeObserver(() => { if (pinned) scrollToEnd(); }).observe(list);
+
 function scrollToEnd() {
   list.style.scrollBehavior = "auto";
   list.scrollTop = list.scrollHeight;

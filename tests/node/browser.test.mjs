@@ -142,14 +142,23 @@ async function waitOnline(page, name, present = true, timeout = WAIT) {
   );
 }
 
-/** The widest thing on the page against the window: nothing may stick out sideways. */
+/** The widest things on the page against the window: nothing may stick out sideways, and
+ * no message may be wider than its bubble. */
 function overflow(page) {
   return page.evaluate(() => {
     const width = window.innerWidth;
     const sticking = [...document.querySelectorAll("#messages li, #send-button, #message-input, .topbar, .composer")]
       .filter((e) => e.getBoundingClientRect().right > width + 0.5)
       .map((e) => `${e.tagName}#${e.id}.${e.className} right=${Math.round(e.getBoundingClientRect().right)}`);
-    return { width, scrollWidth: document.scrollingElement.scrollWidth, sticking };
+    // Text wider than its box (cut off, or scrolling sideways inside the message list).
+    const box = document.getElementById("messages").getBoundingClientRect();
+    const clipped = [...document.querySelectorAll("#messages, #messages .bubble")]
+      .filter((e) => {
+        const r = e.getBoundingClientRect();
+        return e.scrollWidth > e.clientWidth + 1 || r.left < box.left - 0.5 || r.right > box.right + 0.5;
+      })
+      .map((e) => `${e.tagName}#${e.id}.${e.className} ${e.scrollWidth}>${e.clientWidth}`);
+    return { width, scrollWidth: document.scrollingElement.scrollWidth, sticking, clipped };
   });
 }
 
@@ -218,6 +227,27 @@ describe("chat page in Chromium", () => {
     } finally {
       await a.context().close();
       await b.context().close();
+    }
+  });
+
+  test("a closing long-polling tab tells the server, and the others see it leave", { timeout: T }, async () => {
+    // A server that would wait 2 minutes for a silent long-polling client: only the page's
+    // own goodbye (Close and DELETE on pagehide) can make it leave within the deadline.
+    const patient = await startServer({ env: { DISCONNECT_TIMEOUT: "120s", CLIENT_TIMEOUT: "120s" } });
+    const a = await openPage("lp", patient.url);
+    const b = await openPage("ws", patient.url);
+    try {
+      await Promise.all([waitConnected(a), waitConnected(b)]);
+      const nameA = nonce("Lp").slice(0, 20);
+      await rename(a, nameA);
+      await waitOnline(b, nameA);
+      await a.close({ runBeforeUnload: true });
+      await waitOnline(b, nameA, false);
+      assert.deepEqual(b.errors, []);
+    } finally {
+      await a.context().close();
+      await b.context().close();
+      await patient.stop();
     }
   });
 
@@ -296,6 +326,7 @@ describe("chat page in Chromium", () => {
         await page.screenshot({ path: path.join(ARTIFACTS, `chat-long-word-${viewport.width}.png`) });
         assert.ok(seen.scrollWidth <= seen.width, `page is ${seen.scrollWidth} px wide in a ${seen.width} px window`);
         assert.deepEqual(seen.sticking, []);
+        assert.deepEqual(seen.clipped, []);
         assert.deepEqual(page.errors, []);
       } finally {
         await page.context().close();
