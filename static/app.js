@@ -413,6 +413,11 @@ function refreshOnlineSoon() {
   }, 2000 + Math.random() * 8000);
 }
 
+// A person whose last connection left is announced a few seconds later, and not at all if
+// they come back meanwhile: a reconnect (a failover, a flaky network) is not news.
+const LEFT_GRACE_MS = 8000;
+const leaving = new Map(); // name → timer of the pending "left" notice
+
 /** One coalesced batch {events, omitted}: notices only when a name comes or goes (a second
  * tab or a reconnect of the same person is not news), renames with the old name. */
 function applyPresence(batch) {
@@ -422,11 +427,17 @@ function applyPresence(batch) {
       const before = connectionsOf(ev.name);
       if (!online.has(ev.connectionId)) onlineTotal += 1;
       online.set(ev.connectionId, { connectionId: ev.connectionId, name: ev.name, instance: ev.instance, since: ev.at });
-      if (before === 0 && !self) systemLine(`${ev.name} joined`, "presence", ev.at);
+      if (leaving.has(ev.name)) { clearTimeout(leaving.get(ev.name)); leaving.delete(ev.name); }
+      else if (before === 0 && !self) systemLine(`${ev.name} joined`, "presence", ev.at);
     } else if (ev.kind === "left") {
       const known = online.delete(ev.connectionId);
       if (known || onlineTotal > online.size) onlineTotal -= 1;
-      if (connectionsOf(ev.name) === 0) systemLine(`${ev.name} left`, "presence", ev.at);
+      if (connectionsOf(ev.name) === 0 && !leaving.has(ev.name) && ev.name !== me.name) {
+        leaving.set(ev.name, setTimeout(() => {
+          leaving.delete(ev.name);
+          if (connectionsOf(ev.name) === 0) systemLine(`${ev.name} left`, "presence", ev.at);
+        }, LEFT_GRACE_MS));
+      }
       typing.delete(ev.connectionId);
       markGone(ev.connectionId);
     } else if (ev.kind === "renamed") {

@@ -12,13 +12,13 @@
 //! Its contract (methods, events, payloads) is documented in `docs/chat-hub.md`; the
 //! chat page in `static/` and the interop tests are written against it.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::Stream;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::presence::{now_ms, History, Member, Presence};
+use crate::presence::{History, Member, Presence};
 use crate::{Hub, HubBuilder, HubContext, HubError, Settings, State};
 
 /// Longest display name, in characters.
@@ -136,6 +136,13 @@ impl Chat {
                 Vec::new()
             })
     }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Trims and checks a name-like argument.
