@@ -20,7 +20,10 @@ const requested = new URLSearchParams(location.search).get("transport");
 const forced = normalizeTransport(requested);
 // The name is chosen before joining (remembered, or a guest name kept on this device), so
 // others see one "Ann joined" rather than a guest joining and then renaming.
-const me = { connectionId: null, instance: null, transport: null, name: localStorage.getItem(NAME_KEY) || guestName() };
+// `?name=Ann` picks it in the address (and remembers it).
+const named = new URLSearchParams(location.search).get("name")?.trim();
+if (named) localStorage.setItem(NAME_KEY, named);
+const me = { connectionId: null, instance: null, transport: null, name: named || localStorage.getItem(NAME_KEY) || guestName() };
 const rooms = new Set();        // rooms we are in (joined again after every reconnect)
 const names = new Map();        // connectionId → last known display name
 const online = new Map();       // connectionId → member {connectionId, name, instance, since}
@@ -288,8 +291,17 @@ async function join(again) {
   try {
     result = await hub.invoke("Join", me.name);
   } catch (error) {
-    logEvent("join", `Join failed: ${error.message}`, "error");
-    return;
+    logEvent("join", `Join as ${me.name} failed: ${error.message}`, "error");
+    if (hub.state !== "connected") return; // the next connection joins again
+    // The server refused the name (too long, empty…): join as a guest and say why.
+    $("name-hint").textContent = error.message;
+    me.name = guestName();
+    try {
+      result = await hub.invoke("Join", me.name);
+    } catch (again) {
+      logEvent("join", `Join failed: ${again.message}`, "error");
+      return;
+    }
   }
   joined = true;
   me.connectionId = result.connectionId; me.instance = result.instance; me.transport = result.transport;

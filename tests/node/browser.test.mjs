@@ -251,6 +251,26 @@ describe("chat page in Chromium", () => {
     }
   });
 
+  test("a name chosen before joining: the others see one 'joined' with that name, no guest and no rename", { timeout: T }, async () => {
+    const b = await openPage("ws");
+    let a;
+    try {
+      await waitConnected(b);
+      const name = nonce("Cleo").slice(0, 20);
+      a = await openPage(`sse&name=${encodeURIComponent(name)}`);
+      await waitConnected(a);
+      assert.equal(await a.inputValue("#name-input"), name);
+      await waitOnline(b, name);
+      await b.waitForFunction((n) => [...document.querySelectorAll("#messages li.system")].some((li) => li.textContent.startsWith(`${n} joined`)), name, { timeout: WAIT });
+      const notices = await b.evaluate((n) => [...document.querySelectorAll("#messages li.system")].map((li) => li.textContent).filter((t) => t.includes(n)), name);
+      assert.equal(notices.length, 1, JSON.stringify(notices));
+      assert.deepEqual(b.errors, []);
+    } finally {
+      await a?.context().close();
+      await b.context().close();
+    }
+  });
+
   test("history comes back after a reload, each message once", { timeout: T }, async () => {
     const page = await openPage("sse");
     try {
