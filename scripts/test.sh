@@ -5,7 +5,8 @@
 #   - builds once,
 #   - runs the Rust tests (unit + integration, real redis-server and nginx) alongside the
 #     single-instance Node suites (official @microsoft/signalr client, chat page in
-#     Chromium), then the Node cluster suites,
+#     Chromium) and the Docker Compose suite (scripts/compose-test.sh), then the Node
+#     cluster suites,
 #   - prints each suite's output whole when it ends, then every runner's own summary lines,
 #   - exits non-zero if anything failed.
 # Works without a terminal and with CI=true. Suite logs are kept in target/test-logs/.
@@ -84,17 +85,27 @@ finish_suite() {
   cat "$LOGS/$name.log"
 }
 
-say "Rust tests and single-instance Node suites, in parallel"
+say "Rust tests, single-instance Node suites and the Docker Compose suite, in parallel"
+# The compose suite (scripts/compose-test.sh) spends its first minutes fetching Debian
+# packages and building images, so it runs beside the others. It needs root (dockerd);
+# STICKLESS_SKIP_COMPOSE=1 leaves out everything but its validation step.
+start_suite compose as_root env STICKLESS_SKIP_COMPOSE="${STICKLESS_SKIP_COMPOSE:-}" \
+  STICKLESS_BIN="$STICKLESS_BIN" ./scripts/compose-test.sh
 start_suite rust cargo test --locked -- --test-threads="${TEST_THREADS:-2}"
-start_suite node-single "${NODE_TEST[@]}" \
-  tests/node/single.test.mjs tests/node/official-client.test.mjs tests/node/browser.test.mjs \
-  tests/node/testhub.test.mjs
+# Single-instance suites: one instance each. Every other tests/node/*.test.mjs starts
+# clusters, and runs after them, so that a new test file cannot be left out.
+SINGLE_NODE=(tests/node/single.test.mjs tests/node/official-client.test.mjs tests/node/browser.test.mjs
+  tests/node/testhub.test.mjs)
+CLUSTER_NODE=()
+for file in tests/node/*.test.mjs; do
+  case " ${SINGLE_NODE[*]} " in *" $file "*) ;; *) CLUSTER_NODE+=("$file") ;; esac
+done
+start_suite node-single "${NODE_TEST[@]}" "${SINGLE_NODE[@]}"
 finish_suite node-single
 finish_suite rust
 
 say "Node cluster suites (official client through nginx, real redis-server)"
-start_suite node-cluster "${NODE_TEST[@]}" tests/node/cluster.test.mjs tests/node/cluster-routing.test.mjs \
-  tests/node/streams-results.test.mjs tests/node/msgpack.test.mjs
+start_suite node-cluster "${NODE_TEST[@]}" "${CLUSTER_NODE[@]}"
 finish_suite node-cluster
 
 # Interop tests with third-party Python clients (tests/python): signalrcore and pysignalr
@@ -110,18 +121,19 @@ python_suite() {
 start_suite python python_suite
 finish_suite python
 
-# --- hook: the lead adds the Docker Compose suite (scripts/compose-test.sh) here ---------
+finish_suite compose
 
 # ---------------------------------------------------------------------------------------
 # Summary: each runner's own closing lines
 # ---------------------------------------------------------------------------------------
 say "summary"
 failed=0
-for name in rust node-single node-cluster python; do
+for name in rust node-single node-cluster python compose; do
   echo "-- $name (exit ${status[$name]})"
   case $name in
     rust) grep -E '^test result:' "$LOGS/$name.log" ;;
     python) tail -n 1 "$LOGS/$name.log" ;;
+    compose) grep -E '^compose: [0-9]+ passed, [0-9]+ failed' "$LOGS/$name.log" ;;
     *) grep -E '^# (tests|pass|fail|cancelled|skipped|todo) [0-9]+$' "$LOGS/$name.log" ;;
   esac
   [ "${status[$name]}" = 0 ] || failed=1

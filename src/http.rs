@@ -151,6 +151,13 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// The connection token (`id`); an empty one counts as none, as in ASP.NET
+/// (`StringValues.IsNullOrEmpty`): 400 "Connection ID required", or, for a WebSocket, a
+/// client that skipped negotiation.
+fn connection_token(req: &HttpRequest) -> Option<String> {
+    query_param(req, "id").filter(|id| !id.is_empty())
+}
+
 /// A query parameter, by name ignoring case as ASP.NET does.
 fn query_param(req: &HttpRequest, name: &str) -> Option<String> {
     web::Query::<Vec<(String, String)>>::from_query(req.query_string())
@@ -368,7 +375,7 @@ async fn hub_get(
 ) -> Result<HttpResponse, actix_web::Error> {
     let kind =
         RequestKind::classify(req.method(), req.headers()).ok_or(ApiError::MethodNotAllowed)?;
-    let Some(token) = query_param(&req, "id") else {
+    let Some(token) = connection_token(&req) else {
         if kind != RequestKind::WebSocket {
             return Err(ApiError::MissingId.into());
         }
@@ -409,7 +416,7 @@ async fn hub_post(
     hub: web::Data<HubEndpoint>,
     forwarder: web::Data<Forwarder>,
 ) -> Result<HttpResponse, ApiError> {
-    let token = query_param(&req, "id").ok_or(ApiError::MissingId)?;
+    let token = connection_token(&req).ok_or(ApiError::MissingId)?;
     let route = state.route(&req, &hub, &token, RequestKind::Send);
     if let Route::Reject(why) = route {
         state.metrics.rejected(why);
@@ -435,7 +442,7 @@ async fn hub_delete(
     hub: web::Data<HubEndpoint>,
     forwarder: web::Data<Forwarder>,
 ) -> Result<HttpResponse, ApiError> {
-    let token = query_param(&req, "id").ok_or(ApiError::MissingId)?;
+    let token = connection_token(&req).ok_or(ApiError::MissingId)?;
     match state.route(&req, &hub, &token, RequestKind::Delete) {
         Route::Local(connection) => {
             if connection.transport()

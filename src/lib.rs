@@ -81,6 +81,8 @@
 //! - `bus`: carries messages between instances; owns its addressing types; peer
 //!   discovery (advertised URLs) is its own component.
 //! - `outbox`, `metrics`: the outbound queue, the counters.
+//! - [`presence`]: who is online cluster-wide (coalesced join/leave/rename batches) and
+//!   recent messages, in Redis or in process: state for chat-like hubs.
 //! - [`protocol`]: the SignalR wire format, pure and unit-tested.
 //! - [`demo`]: the demo's hubs — the module a template user replaces.
 //! - [`devcluster`]: redis-server, N instances and nginx on loopback, for tests and demos.
@@ -97,6 +99,7 @@ pub(crate) mod http;
 pub(crate) mod hub;
 pub(crate) mod metrics;
 pub(crate) mod outbox;
+pub mod presence;
 pub mod protocol;
 pub(crate) mod routing;
 pub mod startup;

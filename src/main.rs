@@ -90,8 +90,9 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let listen = settings.listen_addr;
     // The application is chosen here: mount your own hubs (see the README).
+    let chat = demo::chat::hub(&settings);
     let app = App::new(settings)
-        .hub("/chat", demo::chat::hub())
+        .hub("/chat", chat)
         .hub("/notifications", demo::notifications::hub())
         .user_id(demo::user_id)
         .build()

@@ -431,6 +431,10 @@ impl RedisBus {
     async fn publisher(self, mut queue: mpsc::Receiver<(String, Bytes)>) {
         let shared = &self.shared;
         let mut backoff = MIN_BACKOFF;
+        // A batch whose pipeline failed is sent again, first, once Redis is back, so a
+        // message sent while Redis is down waits like the ones queued behind it (at least
+        // once: a pipeline cut off half-way may publish its first messages twice).
+        let mut batch: Vec<(String, Bytes)> = Vec::with_capacity(PUBLISH_BATCH);
         loop {
             let mut connection = match shared.client.get_multiplexed_async_connection().await {
                 Ok(connection) => connection,
@@ -444,8 +448,10 @@ impl RedisBus {
             };
             shared.publishing.store(true, Ordering::Relaxed);
             backoff = MIN_BACKOFF;
-            let mut batch = Vec::with_capacity(PUBLISH_BATCH);
-            while queue.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+            loop {
+                if batch.is_empty() && queue.recv_many(&mut batch, PUBLISH_BATCH).await == 0 {
+                    return;
+                }
                 // Whatever is queued goes in one pipeline: one round trip to Redis for
                 // many messages, still published in queue order (Redis runs a
                 // connection's commands in order).
@@ -462,17 +468,17 @@ impl RedisBus {
                     Ok(result) => result.map_err(|e| e.to_string()),
                     Err(_) => Err("timed out".to_owned()),
                 };
-                for _ in &batch {
-                    shared.metrics.backplane_published(result.is_ok());
-                }
-                batch.clear();
                 if let Err(error) = result {
                     log::warn!("bus: publishing failed ({error}); reconnecting");
                     break;
                 }
+                for _ in &batch {
+                    shared.metrics.backplane_published(true);
+                }
+                batch.clear();
             }
             shared.publishing.store(false, Ordering::Relaxed);
-            if queue.is_closed() && queue.is_empty() {
+            if batch.is_empty() && queue.is_closed() && queue.is_empty() {
                 return;
             }
         }

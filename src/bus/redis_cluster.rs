@@ -91,15 +91,14 @@ enum Header {
         group: String,
         join: bool,
     },
-    /// An instance's heartbeat, with its direct URL if it has one.
+    /// An instance's heartbeat, with its direct URL if it advertises one.
     Hello {
         origin: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         url: Option<String>,
         reply: bool,
     },
-    /// Opaque bytes (the payload's remainder) for one instance (on its instance channel).
-    Frames { origin: String },
+    /// Opaque bytes (the payload's remainder) for one instance, on its own channel.
+    ToInstance { origin: String, to: String },
     /// A client asked for a result (on the connection's channel).
     Invoke {
         origin: String,
@@ -203,11 +202,11 @@ impl Channels {
             },
             Envelope::Group(command) => self.topic(&Topic::Connection(command.connection.clone())),
             Envelope::Announcement(_) => self.instances(),
+            Envelope::ToInstance { to, .. } => self.topic(&Topic::Instance(to.clone())),
             Envelope::Invoke(invocation) => {
                 self.topic(&Topic::Connection(invocation.connection.clone()))
             }
             Envelope::Reply(reply) => self.returns(&reply.to),
-            Envelope::ToInstance { to, .. } => self.topic(&Topic::Instance(to.clone())),
         }
     }
 }
@@ -240,7 +239,13 @@ fn encode(origin: &InstanceId, envelope: &Envelope) -> Result<Vec<u8>, serde_jso
             },
             None,
         ),
-        Envelope::ToInstance { payload, .. } => (Header::Frames { origin }, Some(payload)),
+        Envelope::ToInstance { to, payload } => (
+            Header::ToInstance {
+                origin,
+                to: to.to_string(),
+            },
+            Some(payload),
+        ),
         Envelope::Invoke(invocation) => (
             Header::Invoke {
                 origin,
@@ -293,7 +298,7 @@ fn decode(me: &InstanceId, payload: &[u8]) -> Result<Option<Envelope>, DecodeErr
         Header::Message { origin, .. }
         | Header::Group { origin, .. }
         | Header::Hello { origin, .. }
-        | Header::Frames { origin }
+        | Header::ToInstance { origin, .. }
         | Header::Invoke { origin, .. }
         | Header::Reply { origin, .. } => origin,
     };
@@ -322,8 +327,8 @@ fn decode(me: &InstanceId, payload: &[u8]) -> Result<Option<Envelope>, DecodeErr
             url,
             reply,
         }),
-        Header::Frames { .. } => Envelope::ToInstance {
-            to: me.clone(),
+        Header::ToInstance { to, .. } => Envelope::ToInstance {
+            to: InstanceId::parse(&to).map_err(|_| DecodeError::Origin)?,
             payload: Bytes::copy_from_slice(record),
         },
         Header::Invoke {

@@ -367,7 +367,7 @@ mod tests {
             Arc::new(InProcess),
             InstanceId::parse("i").unwrap(),
         );
-        let mut config = SessionConfig::from_settings(&Settings::for_tests());
+        let mut config = SessionConfig::from_settings(&Settings::default());
         config.disconnect_timeout = disconnect_timeout;
         Arc::new(Connections::new(Arc::new(host), metrics, config))
     }

@@ -679,7 +679,9 @@ async fn relay(
                         return;
                     }
                     Some(Err(error)) => {
-                        let reason = CloseReason { code: CloseCode::Protocol, description: Some(error.to_string()) };
+                        // As on a socket served directly (transport::websocket): a frame
+                        // this side cannot take is 1009, not a bare protocol error.
+                        let reason = CloseReason { code: CloseCode::Size, description: Some(error.to_string()) };
                         let _ = upstream.send(Message::Close(Some(reason.clone()))).await;
                         let _ = session.close(Some(reason)).await;
                         return;

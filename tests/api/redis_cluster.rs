@@ -13,9 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use stickless::{demo, App, Hub, HubBuilder, HubContext, HubError, InstanceId};
 
-use crate::helpers::{
-    eventually, is_call, test_settings, within, Api, HubClient, LpClient, TestApp, WsClient,
-};
+use crate::helpers::app::test_settings;
+use crate::helpers::{eventually, is_call, within, Api, HubClient, LpClient, TestApp, WsClient};
 
 /// Masters in the test cluster.
 const MASTERS: usize = 3;
@@ -358,12 +357,10 @@ async fn spawn_instance(redis: &RedisCluster, name: &str) -> TestApp {
     let port = application.port();
     let handle = application.handle();
     actix_web::rt::spawn(application.run_until_stopped());
-    let address = format!("http://127.0.0.1:{port}");
-    let api = Api::new(address.clone());
+    let api = Api::new(format!("http://127.0.0.1:{port}"));
     wait_for_status(&api, "ok").await;
     assert_eq!(api.healthz().await["backplane"], "redis-cluster");
     TestApp {
-        address,
         port,
         handle,
         instance: name.to_owned(),

@@ -96,7 +96,13 @@ for (const { instances, directRouting } of CONFIGS) {
     let urls;
     before(
       async () => {
-        cluster = await startCluster({ instances, directRouting });
+        // The route under test alone (the bus route would otherwise serve what the load
+        // balancer or the direct hop should).
+        cluster = await startCluster({
+          instances,
+          directRouting,
+          instanceEnv: { ROUTES: directRouting ? "adopt,direct" : "adopt,load-balancer" },
+        });
         urls = cluster.instances.map((i) => i.url);
         assert.equal(new Set(cluster.instances.map((i) => i.id)).size, instances);
       },

@@ -39,12 +39,13 @@ const PER_TRANSPORT = 6;
 const INVOCATIONS = 3;
 
 const CONFIGURATIONS = [
-  { name: "direct", mode: "direct", args: ["--env", "ROUTES=direct"] },
-  { name: "bus", mode: "bus", args: ["--no-direct-routing", "--env", "ROUTES=bus"] },
+  { name: "direct", mode: "direct", directRouting: true, instanceEnv: { ROUTES: "direct" } },
+  { name: "bus", mode: "bus", directRouting: false, instanceEnv: { ROUTES: "bus" } },
   {
     name: "load-balancer",
     mode: "load_balancer",
-    args: ["--no-direct-routing", "--env", "ROUTES=load-balancer", "--env", "MAX_FORWARD_ATTEMPTS=auto"],
+    directRouting: false,
+    instanceEnv: { ROUTES: "load-balancer", MAX_FORWARD_ATTEMPTS: "auto" },
   },
 ];
 
@@ -74,7 +75,12 @@ for (const config of CONFIGURATIONS) {
 
     before(
       async () => {
-        cluster = await startCluster({ instances: INSTANCES, args: config.args, timeoutMs: 180000 });
+        cluster = await startCluster({
+          instances: INSTANCES,
+          directRouting: config.directRouting,
+          instanceEnv: config.instanceEnv,
+          timeoutMs: 180000,
+        });
         assert.equal(cluster.instances.length, INSTANCES);
         // Heartbeats: every instance knows the cluster's size before clients come.
         const deadline = Date.now() + 30000;
