@@ -604,6 +604,10 @@ impl SingleClient<'_> {
                 return Err(InvokeError::Disconnected(connection));
             }
         } else if bus.is_shared() {
+            if bus.is_heard(Topic::Connection(connection.clone())).await == Some(false) {
+                results.forget(&id);
+                return Err(InvokeError::NotConnected(connection));
+            }
             let asked = ClientInvocation {
                 connection: connection.clone(),
                 invocation_id: id.clone(),

@@ -285,6 +285,14 @@ pub trait Bus: Send + Sync {
 
     /// Stops messages for these topics reaching this instance.
     fn unsubscribe(&self, topics: Vec<Topic>) -> BoxFuture<'_, ()>;
+
+    /// Whether some instance listens for `topic` right now. `Some(false)`: nobody holds
+    /// what it names, so a client-result call fails at once, as ASP.NET's Redis backplane
+    /// does from PUBLISH's receiver count. `None`: the bus cannot tell (then the call
+    /// waits for its timeout).
+    fn is_heard(&self, _topic: Topic) -> BoxFuture<'_, Option<bool>> {
+        Box::pin(async { None })
+    }
 }
 
 /// The bus of a single instance: there is nobody else to tell.

@@ -179,6 +179,9 @@ struct Shared {
     /// This instance's own channel, whose payloads are raw bytes.
     own_channel: String,
     publish_tx: mpsc::Sender<(String, Bytes)>,
+    /// A connection for queries (`PUBSUB NUMSUB`), opened on first use and again after
+    /// an error.
+    queries: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
     metrics: Arc<Metrics>,
 }
 
@@ -214,6 +217,7 @@ impl RedisBus {
             sink: Mutex::new(None),
             wanted: Mutex::new(HashSet::new()),
             publish_tx,
+            queries: tokio::sync::Mutex::new(None),
             metrics,
         });
         let bus = Self { shared };
@@ -548,6 +552,28 @@ impl Bus for RedisBus {
 
     fn subscribe(&self, topics: Vec<Topic>) -> BoxFuture<'_, ()> {
         Box::pin(self.change_subscriptions(topics, true))
+    }
+
+    fn is_heard(&self, topic: Topic) -> BoxFuture<'_, Option<bool>> {
+        let channel = self.shared.channels.topic(&topic);
+        Box::pin(async move {
+            let mut slot = self.shared.queries.lock().await;
+            if slot.is_none() {
+                let connecting = self.shared.client.get_multiplexed_async_connection();
+                *slot = tokio::time::timeout(REDIS_TIMEOUT, connecting).await.ok()?.ok();
+            }
+            let connection = slot.as_mut()?;
+            let mut command = redis::cmd("PUBSUB");
+            command.arg("NUMSUB").arg(&channel);
+            let asked = command.query_async::<(String, u64)>(connection);
+            match tokio::time::timeout(REDIS_TIMEOUT, asked).await {
+                Ok(Ok((_, listeners))) => Some(listeners > 0),
+                _ => {
+                    *slot = None; // Broken or slow: open a new one next time.
+                    None
+                }
+            }
+        })
     }
 
     fn unsubscribe(&self, topics: Vec<Topic>) -> BoxFuture<'_, ()> {
