@@ -560,7 +560,10 @@ impl Bus for RedisBus {
             let mut slot = self.shared.queries.lock().await;
             if slot.is_none() {
                 let connecting = self.shared.client.get_multiplexed_async_connection();
-                *slot = tokio::time::timeout(REDIS_TIMEOUT, connecting).await.ok()?.ok();
+                *slot = tokio::time::timeout(REDIS_TIMEOUT, connecting)
+                    .await
+                    .ok()?
+                    .ok();
             }
             let connection = slot.as_mut()?;
             let mut command = redis::cmd("PUBSUB");
