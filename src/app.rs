@@ -124,7 +124,10 @@ impl App {
                     frames = Some(handler);
                 }
             }
-            let host = Arc::new(HubHost::new(hub, bus, instance.clone()));
+            let host = Arc::new(
+                HubHost::new(hub, bus, instance.clone())
+                    .with_detailed_errors(settings.enable_detailed_errors),
+            );
             tokio::spawn(host.clone().drain(events, discovery, frames));
             let connections = Arc::new(Connections::new(host, metrics.clone(), session.clone()));
             tokio::spawn(connections.clone().run_sweeper());

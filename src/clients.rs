@@ -2,19 +2,21 @@
 //! API that hub methods use, and the index of this instance's own connections that
 //! delivers to them.
 //!
-//! Sending first delivers to local recipients directly, then hands the same record to the
+//! Sending first delivers to local recipients directly, then hands the same message to the
 //! bus (the backplane), which carries it to the other instances (it never comes back here: an
-//! instance ignores its own messages). The record is encoded once, whatever the audience.
+//! instance ignores its own messages). The message is encoded once per protocol, whatever
+//! the audience: each recipient gets the record of its connection's protocol from one
+//! shared [`EncodedMessage`], and the bus carries the JSON record.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
-use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::bus::{Audience, Bus, Envelope, GroupCommand, Topic};
 use crate::outbox::{Outbox, Pushed};
+use crate::protocol::hub_protocol::{EncodedMessage, HubProtocol};
 use crate::protocol::message::HubMessage;
 use crate::protocol::token::ConnectionId;
 
@@ -156,14 +158,16 @@ impl LocalClients {
         self.read().connections.contains_key(id)
     }
 
-    /// Queues `record` for every local recipient; returns how many got it.
-    pub fn deliver(&self, audience: &Audience, record: &Bytes) -> usize {
+    /// Queues `message` for every local recipient, each in its connection's protocol;
+    /// returns how many got it.
+    pub fn deliver(&self, audience: &Audience, message: &EncodedMessage) -> usize {
         let index = self.read();
         let mut push = |id: &ConnectionId| -> usize {
             let Some(member) = index.connections.get(id) else {
                 return 0;
             };
-            usize::from(member.outbox.push(record.clone()) == Pushed::Queued)
+            let record = message.record(member.outbox.protocol());
+            usize::from(member.outbox.push(record) == Pushed::Queued)
         };
         match audience {
             Audience::All { except } => {
@@ -312,23 +316,24 @@ impl Target<'_> {
             Value::Null => Vec::new(),
             one => vec![one],
         };
-        let record = HubMessage::Invocation {
+        let message = EncodedMessage::new(HubMessage::Invocation {
             invocation_id: None,
             target: method.to_owned(),
             arguments,
             stream_ids: Vec::new(),
-        }
-        .encode();
+        });
         let Clients { local, bus, .. } = self.clients;
-        local.deliver(&self.audience, &record);
+        local.deliver(&self.audience, &message);
         if let Audience::Connection(id) = &self.audience {
             if local.contains(id) {
                 return Ok(());
             }
         }
+        // The bus carries JSON records; the receiving instances re-encode for their
+        // MessagePack connections, once per message.
         let envelope = Envelope::Message {
             audience: self.audience,
-            record,
+            record: message.record(HubProtocol::Json),
         };
         bus.publish(envelope).await;
         Ok(())
@@ -416,7 +421,7 @@ mod tests {
         local.add(&a, Some("alice"), outbox_a);
         local.add(&b, None, outbox_b);
         local.join(&b, "room").unwrap();
-        let record = Bytes::from_static(b"x");
+        let record = EncodedMessage::new(HubMessage::Ping);
         assert_eq!(
             local.deliver(
                 &Audience::All {
@@ -451,10 +456,43 @@ mod tests {
             local.deliver(&Audience::Connection(ConnectionId::random()), &record),
             0
         );
-        let drain = |rx: &mut tokio::sync::mpsc::Receiver<Bytes>| {
+        let drain = |rx: &mut tokio::sync::mpsc::Receiver<bytes::Bytes>| {
             std::iter::from_fn(|| rx.try_recv().ok()).count()
         };
         assert_eq!(drain(&mut rx_a), 1);
         assert_eq!(drain(&mut rx_b), 2);
+    }
+
+    #[test]
+    fn one_message_is_encoded_once_per_protocol_whatever_the_number_of_recipients() {
+        let local = local();
+        let mut receivers = Vec::new();
+        for protocol in [
+            HubProtocol::Json,
+            HubProtocol::MessagePack,
+            HubProtocol::Json,
+            HubProtocol::MessagePack,
+        ] {
+            let (outbox, rx) = outbox(4);
+            outbox.set_protocol(protocol);
+            local.add(&ConnectionId::random(), None, outbox);
+            receivers.push((protocol, rx));
+        }
+        let message = EncodedMessage::new(HubMessage::Invocation {
+            invocation_id: None,
+            target: "Send".into(),
+            arguments: vec![Value::from("hi")],
+            stream_ids: vec![],
+        });
+        assert_eq!(
+            local.deliver(&Audience::All { except: vec![] }, &message),
+            4
+        );
+        for (protocol, rx) in &mut receivers {
+            let record = rx.try_recv().expect("a record");
+            assert_eq!(record, protocol.encode(message.message()));
+            // The very bytes of the shared encoding: not encoded again for this recipient.
+            assert_eq!(record.as_ptr(), message.record(*protocol).as_ptr());
+        }
     }
 }

@@ -107,6 +107,12 @@ pub struct Settings {
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// Send clients the detail of server errors (exception-like text after ASP.NET's
+    /// generic messages), like ASP.NET's `EnableDetailedErrors`; off by default, because
+    /// the detail may reveal the server's internals.
+    #[arg(long, env = "ENABLE_DETAILED_ERRORS", default_value_t = false, action = ArgAction::Set)]
+    pub enable_detailed_errors: bool,
+
     /// HTTP worker threads; default: one per core.
     #[arg(long, env = "WORKERS")]
     pub workers: Option<usize>,

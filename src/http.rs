@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use actix_web::dev::ServiceRequest;
 use actix_web::http::header::CONTENT_TYPE;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
@@ -142,6 +143,48 @@ fn query_param(req: &HttpRequest, name: &str) -> Option<String> {
         .map(|(_, value)| value)
 }
 
+/// Query parameters whose values are secrets: `id` is the connection token (whoever holds
+/// it reads and writes the connection; in negotiate version 0 it is also the connection
+/// id) and `access_token` the bearer credential browsers cannot send as a header.
+const SECRET_QUERY_KEYS: [&str; 2] = ["id", "access_token"];
+
+/// A query string as logs may show it: the values of [`SECRET_QUERY_KEYS`] (keys matched
+/// as [`query_param`] matches them: decoded, ignoring case) become `[redacted]`.
+pub fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| {
+            let key = web::Query::<Vec<(String, String)>>::from_query(pair)
+                .ok()
+                .and_then(|pairs| pairs.into_inner().into_iter().next())
+                .map(|(key, _)| key)
+                .unwrap_or_default();
+            if SECRET_QUERY_KEYS
+                .iter()
+                .any(|secret| key.eq_ignore_ascii_case(secret))
+            {
+                let raw_key = pair.split_once('=').map_or(pair, |(raw_key, _)| raw_key);
+                format!("{raw_key}=[redacted]")
+            } else {
+                pair.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The access log's request line (`GET /chat?id=[redacted] HTTP/1.1`): actix's `%r`
+/// with the secrets of the query left out.
+pub fn access_log_request_line(req: &ServiceRequest) -> String {
+    let query = req.query_string();
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", redact_query(query))
+    };
+    format!("{} {}{query} {:?}", req.method(), req.path(), req.version())
+}
+
 /// Largest POST body: several records may share one (the client batches its sends).
 pub fn max_body_size(settings: &Settings) -> usize {
     settings.max_message_size as usize * 8
@@ -200,29 +243,29 @@ async fn negotiate(
             .insert_header((CONTENT_TYPE, "text/plain; charset=utf-8"))
             .body("This instance is shutting down.");
     }
-    let version =
-        match negotiate::negotiate_version(query_param(&req, "negotiateVersion").as_deref()) {
-            Ok(version) => version,
-            // The client reads errors only from a 200 with `{"error"}`.
-            Err(error) => {
-                return HttpResponse::Ok().json(negotiate::error_body(&error.to_string()))
-            }
-        };
-    let (id, token) = state.mint(&hub);
+    let version = match negotiate::parse_negotiate_version(
+        query_param(&req, "negotiateVersion").as_deref(),
+    ) {
+        Ok(version) => version,
+        // The client reads errors only from a 200 with `{"error"}`.
+        Err(error) => return HttpResponse::Ok().json(negotiate::error_body(&error.to_string())),
+    };
+    // In version 0 the connection id is the token, as in ASP.NET, where a version-0
+    // client (signalrcore) knows its connection only by the id it negotiated.
+    let (id, token) = state.mint(&hub, version);
     hub.connections.create(id.clone(), token.clone());
     state.metrics.negotiated();
     HttpResponse::Ok().json(NegotiateResponse::new(version, &id, &token))
 }
 
 impl AppState {
-    fn mint(&self, hub: &HubEndpoint) -> (ConnectionId, ConnectionToken) {
-        let id = ConnectionId::random();
-        let token = hub.key.mint(&TokenClaims {
+    fn mint(&self, hub: &HubEndpoint, negotiate_version: u32) -> (ConnectionId, ConnectionToken) {
+        let claims = TokenClaims {
             owner: self.instance.clone(),
-            connection_id: id.clone(),
+            connection_id: ConnectionId::random(),
             issued_at: now_secs(),
-        });
-        (id, token)
+        };
+        hub.key.mint_connection(&claims, negotiate_version)
     }
 
     fn route(&self, req: &HttpRequest, hub: &HubEndpoint, token: &str, kind: RequestKind) -> Route {
@@ -293,7 +336,7 @@ async fn hub_get(
             return Err(ApiError::MissingId.into());
         }
         // A WebSocket without id is a client that skipped negotiation: a new connection.
-        let (id, token) = state.mint(&hub);
+        let (id, token) = state.mint(&hub, negotiate::MAX_NEGOTIATE_VERSION);
         let connection = hub.connections.create(id, token);
         return serve(&req, payload, &state, &hub, kind, connection).await;
     };
@@ -405,4 +448,18 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
                 .metrics
                 .render(state.buses_healthy(), state.router.cluster_size()),
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_query_values_are_redacted_whatever_their_case_or_encoding() {
+        assert_eq!(
+            redact_query("id=abc.def&negotiateVersion=1&ACCESS_TOKEN=s3cr3t&%69d=x&_=1"),
+            "id=[redacted]&negotiateVersion=1&ACCESS_TOKEN=[redacted]&%69d=[redacted]&_=1"
+        );
+        assert_eq!(redact_query("idx=1&id"), "idx=1&id=[redacted]");
+    }
 }

@@ -9,6 +9,11 @@
 //! [`Outbox::push`] is the one push path of the server: hub clients' fan-out, session
 //! replies, completions and stream items all go through it, and it alone counts records
 //! sent and slow-consumer closes.
+//!
+//! The outbox also knows the hub protocol its connection agreed on in the handshake
+//! (JSON until then), so that messages made without knowing the recipient's protocol —
+//! a Close at shutdown, a slow-consumer Close — are encoded in the right one, and so that
+//! transports know whether to send text or binary (`HubProtocol.md`, "Overview").
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -18,31 +23,32 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Metrics;
+use crate::protocol::hub_protocol::{HubProtocol, TransferFormat};
 use crate::protocol::message::HubMessage;
 use crate::protocol::token::ConnectionId;
 
 /// Why and how a connection is closing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Closing {
-    /// The framed Close message to send before the transport ends, if any. A transport
-    /// that cannot send it (the client is already gone) drops it.
-    pub record: Option<Bytes>,
+    /// The Close message to send before the transport ends, if any, encoded in the
+    /// connection's protocol by [`Outbox::close_record`]. A transport that cannot send it
+    /// (the client is already gone) drops it.
+    pub message: Option<HubMessage>,
     /// Whether the close is an error (WebSockets close with 1011 instead of 1000 when no
     /// Close message explains it).
     pub is_error: bool,
 }
 
 impl Closing {
-    /// A close that sends `{"type":7,…}` with this error and reconnect hint.
+    /// A close that sends a Close message (`{"type":7,…}` in JSON) with this error and
+    /// reconnect hint, in whatever protocol the connection speaks.
     pub fn with_message(error: Option<String>, allow_reconnect: bool) -> Self {
         let is_error = error.is_some();
-        let record = HubMessage::Close {
-            error,
-            allow_reconnect,
-        }
-        .encode();
         Self {
-            record: Some(record),
+            message: Some(HubMessage::Close {
+                error,
+                allow_reconnect,
+            }),
             is_error,
         }
     }
@@ -50,7 +56,7 @@ impl Closing {
     /// A close with nothing to say: the client left, or its transport broke.
     pub fn silent() -> Self {
         Self {
-            record: None,
+            message: None,
             is_error: false,
         }
     }
@@ -69,6 +75,7 @@ struct Shared {
     tx: mpsc::Sender<Bytes>,
     closing: watch::Sender<Option<Closing>>,
     last_queued_ms: AtomicU64,
+    protocol: OnceLock<HubProtocol>,
 }
 
 /// A cloneable handle to push records to one connection.
@@ -102,6 +109,7 @@ impl Outbox {
             tx,
             closing,
             last_queued_ms: AtomicU64::new(now_millis()),
+            protocol: OnceLock::new(),
         };
         (Self(Arc::new(shared)), rx)
     }
@@ -122,7 +130,7 @@ impl Outbox {
             Err(mpsc::error::TrySendError::Full(_)) => {
                 log::warn!(
                     "connection {} closed: its outbound queue is full",
-                    self.0.id
+                    self.0.id.for_log()
                 );
                 self.0.metrics.slow_consumer();
                 self.close(Closing::with_message(
@@ -135,6 +143,36 @@ impl Outbox {
                 Pushed::Overflowed
             }
         }
+    }
+
+    /// Records the protocol the handshake agreed on; set once, before the handshake reply
+    /// is queued (ASP.NET switches the transfer format before writing the reply, so a
+    /// MessagePack client receives `{}` in a binary frame).
+    pub fn set_protocol(&self, protocol: HubProtocol) {
+        let _ = self.0.protocol.set(protocol);
+    }
+
+    /// The connection's hub protocol: JSON until a handshake agreed on another.
+    pub fn protocol(&self) -> HubProtocol {
+        self.0.protocol.get().copied().unwrap_or(HubProtocol::Json)
+    }
+
+    /// Whether transports must send this connection's records as text or binary.
+    pub fn transfer_format(&self) -> TransferFormat {
+        self.protocol().transfer_format()
+    }
+
+    /// Encodes a message in the connection's protocol and queues it, as [`Outbox::push`].
+    pub fn push_message(&self, message: &HubMessage) -> Pushed {
+        self.push(self.protocol().encode(message))
+    }
+
+    /// The framed Close record of a close reason, in the connection's protocol.
+    pub fn close_record(&self, closing: &Closing) -> Option<Bytes> {
+        closing
+            .message
+            .as_ref()
+            .map(|message| self.protocol().encode(message))
     }
 
     /// Asks the connection to close. The first reason given wins.

@@ -14,7 +14,7 @@ use actix_web::{http, web, HttpServer};
 use crate::bus::BusError;
 use crate::config::ConfigError;
 use crate::forwarding::Forwarder;
-use crate::http::{max_body_size, routes, AppState};
+use crate::http::{access_log_request_line, max_body_size, routes, AppState};
 use crate::hub::BuildError;
 use crate::outbox::Closing;
 use crate::protocol::token::ClusterKey;
@@ -135,7 +135,12 @@ impl Application {
                     cors(&settings.cors_origins),
                 ))
                 .wrap(DefaultHeaders::new().add((INSTANCE_HEADER, app_state.instance.as_str())))
-                .wrap(Logger::new("%a \"%r\" %s %b %Dms").log_target("stickless::access"))
+                .wrap(
+                    // `%r` would log the connection token and the access token.
+                    Logger::new("%a \"%{request}xi\" %s %b %Dms")
+                        .custom_request_replace("request", access_log_request_line)
+                        .log_target("stickless::access"),
+                )
                 .configure(routes(&app_state.hubs));
             if settings.static_dir.join("index.html").is_file() {
                 app = app.service(
@@ -198,16 +203,16 @@ impl Application {
 impl AppHandle {
     /// Sends every client a Close message that allows reconnecting (to another instance,
     /// behind a load balancer), gives them `SHUTDOWN_TIMEOUT` to receive it, then stops.
+    /// The Close carries no error, as ASP.NET's at shutdown (`{"type":7,"allowReconnect":
+    /// true}`): clients such as pysignalr treat any Close error as fatal and would not
+    /// reconnect.
     pub async fn shutdown(&self) {
         self.state.stopping.store(true, Ordering::Relaxed);
         let hubs = &self.state.hubs;
         let count: usize = hubs.iter().map(|hub| hub.connections.len()).sum();
         log::info!("shutting down: closing {count} connection(s)");
         for hub in hubs {
-            hub.connections.close_all(Closing::with_message(
-                Some("Server is shutting down.".into()),
-                true,
-            ));
+            hub.connections.close_all(Closing::with_message(None, true));
         }
         let deadline = Instant::now() + self.state.settings.shutdown_timeout;
         while self.state.metrics.live_connections() > 0 && Instant::now() < deadline {

@@ -3,9 +3,12 @@
 //!
 //! Prints one JSON line on stdout when ready (`{"url":…,"redis":…,"instances":[…]}`),
 //! then waits; Ctrl-C or SIGTERM (or, with `--stop-on-stdin-eof`, the end of its standard
-//! input) stops everything.
+//! input) stops everything. With `--stop-on-stdin-eof`, a line `restart N` on standard
+//! input restarts instance N (from 0) on its port, as a deployment would, and is answered
+//! with `{"restarted":N}` once the instance is ready again (tests of clients'
+//! automatic reconnect use it).
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -35,7 +38,8 @@ struct Cli {
     /// nginx (`--env ROUTES=…` picks which).
     #[arg(long)]
     no_direct_routing: bool,
-    /// Also stop when standard input reaches its end (for a parent process that pipes it).
+    /// Also stop when standard input reaches its end (for a parent process that pipes it),
+    /// and take `restart N` lines from it.
     #[arg(long)]
     stop_on_stdin_eof: bool,
     /// Extra environment for every instance, as NAME=VALUE (repeatable).
@@ -79,7 +83,7 @@ fn main() -> anyhow::Result<()> {
     );
     eprintln!("stop with Ctrl-C");
 
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<&'static str>();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<Command>();
     let on_signal = stop_tx.clone();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -98,18 +102,61 @@ fn main() -> anyhow::Result<()> {
                     _ = term.recv() => {}
                 }
             });
-            let _ = on_signal.send("signal");
+            let _ = on_signal.send(Command::Stop("signal"));
         }
     });
     if stop_on_stdin_eof {
         std::thread::spawn(move || {
-            let mut sink = Vec::new();
-            let _ = std::io::stdin().read_to_end(&mut sink);
-            let _ = stop_tx.send("end of standard input");
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
+                let restart = line
+                    .trim()
+                    .strip_prefix("restart ")
+                    .and_then(|n| n.trim().parse().ok());
+                match restart {
+                    Some(index) => {
+                        let _ = stop_tx.send(Command::Restart(index));
+                    }
+                    None => eprintln!("unknown command {line:?} (expected `restart N`)"),
+                }
+            }
+            let _ = stop_tx.send(Command::Stop("end of standard input"));
         });
     }
-    let why = stop_rx.recv().unwrap_or("channel closed");
+    let mut cluster = cluster;
+    let why = loop {
+        match stop_rx.recv() {
+            Ok(Command::Restart(index)) if index < cluster.instances.len() => {
+                cluster.stop_instance(index);
+                match cluster.start_instance(index) {
+                    Ok(()) => println!("{}", json!({ "restarted": index })),
+                    Err(error) => println!(
+                        "{}",
+                        json!({ "restarted": index, "error": error.to_string() })
+                    ),
+                }
+                std::io::stdout().flush()?;
+            }
+            Ok(Command::Restart(index)) => {
+                println!(
+                    "{}",
+                    json!({ "restarted": index, "error": "no such instance" })
+                );
+                std::io::stdout().flush()?;
+            }
+            Ok(Command::Stop(why)) => break why,
+            Err(_) => break "channel closed",
+        }
+    };
     eprintln!("stopping the cluster ({why})");
     drop(cluster);
     Ok(())
+}
+
+/// What the main thread is asked to do.
+enum Command {
+    /// Restart one instance.
+    Restart(usize),
+    /// Stop everything, for this reason.
+    Stop(&'static str),
 }

@@ -71,6 +71,7 @@ pub struct Connection {
     state: Mutex<State>,
     polls: watch::Sender<u64>,
     close_sent: AtomicBool,
+    finished: AtomicBool,
 }
 
 /// A transport request holding a connection; dropping it marks the connection idle.
@@ -112,6 +113,7 @@ impl Connection {
             }),
             polls: watch::channel(0).0,
             close_sent: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
         }
     }
 
@@ -140,7 +142,9 @@ impl Connection {
         // A closing long-polling connection still answers polls, so that the client
         // collects what is left, the Close message last (ASP.NET hands over the remaining
         // data, then answers 204).
-        let draining = kind == TransportKind::LongPolling && state.transport == Some(kind);
+        let draining = kind == TransportKind::LongPolling
+            && state.transport == Some(kind)
+            && !self.finished.load(Ordering::Acquire);
         if self.outbox.is_closing() && !draining {
             return Err(ConnectionError::Gone);
         }
@@ -190,6 +194,12 @@ impl Connection {
     /// closing long-polling connection is polled again.
     pub fn claim_close_record(&self) -> bool {
         !self.close_sent.swap(true, Ordering::AcqRel)
+    }
+
+    /// Marks a closed long-polling connection whose final poll was answered (204): from
+    /// now on it is gone (404), even before the sweeper forgets it.
+    pub fn finish(&self) {
+        self.finished.store(true, Ordering::Release);
     }
 
     fn idle_for(&self) -> Option<Duration> {
@@ -321,7 +331,7 @@ impl Connections {
         for connection in &stale {
             log::debug!(
                 "connection {} dropped after {:?} without a transport request",
-                connection.id,
+                connection.id.for_log(),
                 self.config.disconnect_timeout
             );
             self.dispose(connection);

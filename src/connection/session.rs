@@ -13,7 +13,12 @@
 //! - sends a Ping when nothing was queued for `KEEP_ALIVE_INTERVAL`, and closes a client
 //!   silent for `CLIENT_TIMEOUT` once it has sent its first Ping (ASP.NET starts that
 //!   check only then); neither applies to long polling, which keeps itself alive;
-//! - closes the connection with a Close message on malformed or oversized input.
+//! - closes the connection with a Close message on malformed or oversized input;
+//! - speaks the hub protocol the handshake chose (JSON or MessagePack, versions 0-2,
+//!   names in any case), reading and writing through the [`crate::protocol::hub_protocol`]
+//!   facade, so nothing below branches on the protocol;
+//! - refuses a stream whose invocation id is in use, and answers a canceled stream with
+//!   a Completion, as ASP.NET's `DefaultHubDispatcher` does.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -23,7 +28,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::{Connection, Connections};
@@ -32,9 +37,10 @@ use crate::hub::host::{Caller, Invoked};
 use crate::hub::HubContext;
 use crate::metrics::Metrics;
 use crate::outbox::{closed, now_millis, Closing, Outbox, Pushed};
-use crate::protocol::framing::{FrameError, RecordBuffer};
-use crate::protocol::handshake::{self, HandshakeError, HandshakeRequest};
-use crate::protocol::message::{ping_record, HubMessage};
+use crate::protocol::framing::RecordBuffer;
+use crate::protocol::handshake::{self, Agreed, HandshakeError};
+use crate::protocol::hub_protocol::{HubProtocol, MessageReader};
+use crate::protocol::message::{HubMessage, Outcome};
 use crate::protocol::negotiate::TransportKind;
 
 /// Invocations read ahead of the one running; past this the session stops reading, and
@@ -81,25 +87,30 @@ pub(super) async fn run(
 ) {
     let config = &connections.config;
     let metrics = &connections.metrics;
+    let detailed = connections.host.detailed_errors();
     let outbox = connection.outbox().clone();
     let mut closing = outbox.closing();
     let mut records = RecordBuffer::new(config.max_message_size);
     metrics.connection_opened(caller.transport);
     log::debug!(
         "connection {} started on {}",
-        caller.connection_id,
+        caller.connection_id.for_log(),
         caller.transport.name()
     );
 
     let handshake = tokio::select! {
-        result = read_handshake(&mut inbound, &mut records) => result,
+        result = read_handshake(&mut inbound, &mut records, caller.transport) => result,
         _ = tokio::time::sleep(config.handshake_timeout) => Some(Err(HandshakeError::TimedOut)),
         _ = closed(&mut closing) => None,
     };
     match handshake {
-        Some(Ok(_)) => {
+        Some(Ok(agreed)) => {
+            // The transfer format first, then the reply: a MessagePack client gets `{}` in
+            // a binary frame, as from ASP.NET (`HubConnectionContext.HandshakeAsync`).
+            outbox.set_protocol(agreed.protocol);
             outbox.push(handshake::success_reply());
             connections.host.connect(&caller, outbox.clone()).await;
+            let mut reader = MessageReader::after_handshake(agreed.protocol, records);
             let mut session = Session {
                 connections: &connections,
                 outbox: &outbox,
@@ -109,19 +120,21 @@ pub(super) async fn run(
                 pending: VecDeque::new(),
                 pinged: false,
                 last_received: Instant::now(),
+                ping: agreed.protocol.ping_record(),
+                detailed,
             };
-            session.run(&mut inbound, &mut records, &mut closing).await;
+            session.run(&mut inbound, &mut reader, &mut closing).await;
             for (_, stream) in session.streams.drain() {
-                stream.abort();
+                stream.task.abort();
             }
             connections.host.disconnect(&caller).await;
         }
         Some(Err(error)) => {
             log::debug!(
                 "connection {}: handshake refused: {error}",
-                caller.connection_id
+                caller.connection_id.for_log()
             );
-            outbox.push(handshake::error_reply(&error));
+            outbox.push(handshake::error_reply_detailed(&error, detailed));
             outbox.close(Closing::silent());
         }
         None => {}
@@ -134,21 +147,31 @@ pub(super) async fn run(
         connections.dispose(&connection);
     }
     metrics.connection_closed(caller.transport);
-    log::debug!("connection {} ended", caller.connection_id);
+    log::debug!("connection {} ended", caller.connection_id.for_log());
 }
 
-/// Reads until the first record; `None` if the transport went away first.
+/// Reads until the first record and checks it against the protocols this server speaks
+/// on `transport`; `None` if the transport went away first.
 async fn read_handshake(
     inbound: &mut mpsc::Receiver<Bytes>,
     records: &mut RecordBuffer,
-) -> Option<Result<HandshakeRequest, HandshakeError>> {
+    transport: TransportKind,
+) -> Option<Result<Agreed, HandshakeError>> {
     loop {
         match records.next_record() {
-            Ok(Some(record)) => return Some(HandshakeRequest::parse(&record)),
+            Ok(Some(record)) => {
+                return Some(handshake::accept(&record, &HubProtocol::ALL, transport))
+            }
             Ok(None) => records.extend(&inbound.recv().await?),
-            Err(error) => return Some(Err(HandshakeError::Malformed(error.to_string()))),
+            Err(error) => return Some(Err(HandshakeError::from(error))),
         }
     }
+}
+
+/// A server-to-client stream running in its own task, and the way to cancel it.
+struct RunningStream {
+    task: JoinHandle<()>,
+    cancel: Option<oneshot::Sender<()>>,
 }
 
 struct Session<'a> {
@@ -156,10 +179,12 @@ struct Session<'a> {
     outbox: &'a Outbox,
     metrics: &'a Metrics,
     context: HubContext,
-    streams: HashMap<String, JoinHandle<()>>,
+    streams: HashMap<String, RunningStream>,
     pending: VecDeque<HubMessage>,
     pinged: bool,
     last_received: Instant,
+    ping: Bytes,
+    detailed: bool,
 }
 
 /// What handling a record asks of the loop.
@@ -172,14 +197,14 @@ impl Session<'_> {
     async fn run(
         &mut self,
         inbound: &mut mpsc::Receiver<Bytes>,
-        records: &mut RecordBuffer,
+        reader: &mut MessageReader,
         closing: &mut tokio::sync::watch::Receiver<Option<Closing>>,
     ) {
         let config = &self.connections.config;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut running: Option<BoxFuture<'static, ()>> = None;
         // Records that came in the same chunk as the handshake.
-        if let Next::Stop = self.take_records(records) {
+        if let Next::Stop = self.take_messages(reader) {
             return;
         }
         loop {
@@ -197,8 +222,8 @@ impl Session<'_> {
                 chunk = inbound.recv(), if reading => {
                     let Some(chunk) = chunk else { return };
                     self.last_received = Instant::now();
-                    records.extend(&chunk);
-                    if let Next::Stop = self.take_records(records) {
+                    reader.extend(&chunk);
+                    if let Next::Stop = self.take_messages(reader) {
                         return;
                     }
                 }
@@ -212,46 +237,47 @@ impl Session<'_> {
         }
     }
 
-    /// Queues a message for the client (the outbox counts it).
+    /// Queues a message for the client in its protocol (the outbox counts it).
     fn send(&self, message: &HubMessage) {
-        self.outbox.push(message.encode());
+        self.outbox.push_message(message);
     }
 
-    fn fail(&self, error: String) -> Next {
+    /// Closes the connection with a Close message. Its error is ASP.NET's "Connection
+    /// closed with an error." (`HubConnectionHandler.SendCloseAsync`), with the detail only
+    /// when detailed errors are on.
+    fn fail(&self, detail: String) -> Next {
         log::debug!(
-            "connection {}: closing: {error}",
-            self.context.connection_id
+            "connection {}: closing: {detail}",
+            self.context.connection_id.for_log()
         );
-        self.outbox.close(Closing::with_message(
-            Some(format!("Connection closed with an error. {error}")),
-            false,
-        ));
+        let error = if self.detailed {
+            format!("Connection closed with an error. {detail}")
+        } else {
+            "Connection closed with an error.".to_owned()
+        };
+        self.outbox.close(Closing::with_message(Some(error), false));
         Next::Stop
     }
 
-    fn take_records(&mut self, records: &mut RecordBuffer) -> Next {
+    fn take_messages(&mut self, reader: &mut MessageReader) -> Next {
         loop {
-            let record = match records.next_record() {
-                Ok(Some(record)) => record,
+            let message = match reader.next_message() {
+                Ok(Some(message)) => message,
                 Ok(None) => return Next::Continue,
-                Err(error @ FrameError::TooLarge { .. }) => {
-                    return self.fail(format!("InvalidDataException: {error}"));
-                }
                 Err(error) => return self.fail(format!("InvalidDataException: {error}")),
             };
             self.metrics.message_received();
-            let message = match HubMessage::parse(&record) {
-                Ok(Some(message)) => message,
-                Ok(None) => continue,
-                Err(error) => return self.fail(format!("InvalidDataException: {error}")),
-            };
             match message {
                 HubMessage::Invocation { .. } | HubMessage::StreamInvocation { .. } => {
                     self.pending.push_back(message)
                 }
                 HubMessage::CancelInvocation { invocation_id } => {
-                    if let Some(stream) = self.streams.remove(&invocation_id) {
-                        stream.abort();
+                    // The stream task answers with a Completion without result, as ASP.NET
+                    // does for a canceled stream; an unknown id is ignored.
+                    if let Some(mut stream) = self.streams.remove(&invocation_id) {
+                        if let Some(cancel) = stream.cancel.take() {
+                            let _ = cancel.send(());
+                        }
                     }
                 }
                 HubMessage::Ping => self.pinged = true,
@@ -272,19 +298,19 @@ impl Session<'_> {
     }
 
     fn keep_alive(&mut self, interval: Duration, client_timeout: Duration) -> Next {
-        self.streams.retain(|_, stream| !stream.is_finished());
+        self.streams.retain(|_, stream| !stream.task.is_finished());
         if self.context.transport.has_inherent_keep_alive() {
             return Next::Continue;
         }
         if self.pinged && self.last_received.elapsed() > client_timeout {
             return self.fail(format!(
-                "The client sent nothing for {}s (client timeout).",
+                "TimeoutException: The client sent nothing for {}s (client timeout).",
                 client_timeout.as_secs()
             ));
         }
         if now_millis().saturating_sub(self.outbox.last_queued_ms()) >= interval.as_millis() as u64
         {
-            self.outbox.push(ping_record());
+            self.outbox.push(self.ping.clone());
         }
         Next::Continue
     }
@@ -292,6 +318,23 @@ impl Session<'_> {
     /// Starts one invocation: the host dispatches it; a unary method's future is
     /// returned to be driven in order, a stream runs in its own task.
     fn start(&mut self, message: HubMessage) -> Option<BoxFuture<'static, ()>> {
+        if let HubMessage::StreamInvocation { invocation_id, .. } = &message {
+            // ASP.NET refuses a second stream under the id of one still running
+            // (`DefaultHubDispatcher`, `ActiveRequestCancellationSources.TryAdd`).
+            if self
+                .streams
+                .get(invocation_id)
+                .is_some_and(|stream| !stream.task.is_finished())
+            {
+                self.send(&HubMessage::Completion {
+                    invocation_id: invocation_id.clone(),
+                    outcome: Outcome::Error(format!(
+                        "Invocation ID '{invocation_id}' is already in use."
+                    )),
+                });
+                return None;
+            }
+        }
         match self.connections.host.invoke(&self.context, message) {
             Invoked::Done(reply) => {
                 if let Some(reply) = reply {
@@ -304,7 +347,7 @@ impl Session<'_> {
                 Some(
                     async move {
                         if let Some(completion) = running.await {
-                            outbox.push(completion.encode());
+                            outbox.push_message(&completion);
                         }
                     }
                     .boxed(),
@@ -314,19 +357,53 @@ impl Session<'_> {
                 invocation_id,
                 messages,
             } => {
-                let task = tokio::spawn(send_all(messages, self.outbox.clone()));
-                self.streams.insert(invocation_id, task);
+                let (cancel, canceled) = oneshot::channel();
+                let task = tokio::spawn(send_all(
+                    messages,
+                    self.outbox.clone(),
+                    invocation_id.clone(),
+                    canceled,
+                ));
+                let stream = RunningStream {
+                    task,
+                    cancel: Some(cancel),
+                };
+                self.streams.insert(invocation_id, stream);
                 None
             }
         }
     }
 }
 
-/// Sends a stream's messages until it ends or the connection stops taking them.
-async fn send_all(mut messages: BoxStream<'static, HubMessage>, outbox: Outbox) {
-    while let Some(message) = messages.next().await {
-        if outbox.push(message.encode()) != Pushed::Queued {
-            return;
+/// Sends a stream's messages until it ends (its Completion is the last), the connection
+/// stops taking them, or the client cancels it, which is answered with a Completion
+/// without result (ASP.NET `DefaultHubDispatcher.StreamResultsAsync` always ends a stream
+/// with a Completion, and a canceled one carries no error).
+async fn send_all(
+    mut messages: BoxStream<'static, HubMessage>,
+    outbox: Outbox,
+    invocation_id: String,
+    mut canceled: oneshot::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            signal = &mut canceled => {
+                if signal.is_ok() {
+                    outbox.push_message(&HubMessage::Completion {
+                        invocation_id,
+                        outcome: Outcome::Void,
+                    });
+                }
+                return;
+            }
+            message = messages.next() => {
+                let Some(message) = message else { return };
+                let last = matches!(message, HubMessage::Completion { .. });
+                if outbox.push_message(&message) != Pushed::Queued || last {
+                    return;
+                }
+            }
         }
     }
 }

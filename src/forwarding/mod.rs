@@ -204,7 +204,7 @@ impl Forwarder {
         log::info!(
             "forwarded {} request for connection {} (owner {}): {:?} after {} attempt(s), last via {}{}",
             kind.label(),
-            plan.connection_id,
+            plan.connection_id.for_log(),
             plan.owner,
             outcome,
             tally.attempts,

@@ -123,10 +123,11 @@ pub(super) fn bind_arguments<A: DeserializeOwned>(
     } else {
         serde_json::from_value(Value::Array(args))
     };
-    bound.map_err(|error| {
-        HubError::new(format!(
-            "Failed to invoke '{target}' due to an error on the server. InvalidDataException: Invocation provides {count} argument(s) that do not match the method: {error}"
-        ))
+    bound.map_err(|error| HubError::Arguments {
+        target: target.to_owned(),
+        detail: format!(
+            "Invocation provides {count} argument(s) that do not match the method: {error}"
+        ),
     })
 }
 

@@ -15,6 +15,7 @@ use crate::bus::peers::Peers;
 use crate::bus::{Bus, Envelope, Event, Events, GroupCommand, InstanceHandler};
 use crate::clients::{Clients, LocalClients};
 use crate::outbox::Outbox;
+use crate::protocol::hub_protocol::{EncodedMessage, HubProtocol};
 use crate::protocol::message::{HubMessage, Outcome};
 use crate::protocol::negotiate::TransportKind;
 use crate::protocol::token::{ConnectionId, InstanceId};
@@ -54,6 +55,7 @@ pub struct HubHost {
     local: Arc<LocalClients>,
     bus: Arc<dyn Bus>,
     instance: InstanceId,
+    detailed_errors: bool,
 }
 
 fn completion(invocation_id: String, outcome: Outcome) -> HubMessage {
@@ -71,7 +73,20 @@ impl HubHost {
             local: Arc::new(LocalClients::default()),
             bus,
             instance,
+            detailed_errors: false,
         }
+    }
+
+    /// Sends callers the detail of errors (ASP.NET's `EnableDetailedErrors`), not only
+    /// ASP.NET's generic texts.
+    pub fn with_detailed_errors(mut self, detailed: bool) -> Self {
+        self.detailed_errors = detailed;
+        self
+    }
+
+    /// Whether callers get the detail of errors.
+    pub fn detailed_errors(&self) -> bool {
+        self.detailed_errors
     }
 
     /// The hub's bus, for health.
@@ -137,8 +152,10 @@ impl HubHost {
                     "The client attempted to invoke the non-streaming '{name}' method with a streaming invocation."
                 ))
             }
-            (Some((_, method)), _) => method,
+            (Some((name, method)), _) => (name.to_owned(), method),
         };
+        let (name, method) = method;
+        let detailed = self.detailed_errors;
         match method {
             Method::Unary(call) => {
                 let running = call(context.clone(), arguments);
@@ -148,14 +165,17 @@ impl HubHost {
                         let result = running.await;
                         let Some(invocation_id) = invocation_id else {
                             if let Err(error) = result {
-                                log::debug!("connection {connection_id}: {target} failed: {error}");
+                                log::debug!(
+                                    "connection {}: {target} failed: {error}",
+                                    connection_id.for_log()
+                                );
                             }
                             return None;
                         };
                         let outcome = match result {
                             Ok(Value::Null) => Outcome::Void,
                             Ok(value) => Outcome::Result(value),
-                            Err(error) => Outcome::Error(error.to_string()),
+                            Err(error) => Outcome::Error(error.client_text(&name, detailed)),
                         };
                         Some(completion(invocation_id, outcome))
                     }
@@ -182,7 +202,7 @@ impl HubHost {
                     }
                     Err(failure) => Invoked::Done(Some(completion(
                         invocation_id,
-                        Outcome::Error(failure.to_string()),
+                        Outcome::Error(failure.client_text(&name, detailed)),
                     ))),
                 }
             }
@@ -223,7 +243,14 @@ impl HubHost {
         while let Some(event) = events.next().await {
             match event {
                 Event::Received(Envelope::Message { audience, record }) => {
-                    self.local.deliver(&audience, &record);
+                    // The bus carries JSON records (see `Clients`): the JSON recipients
+                    // get these very bytes, the MessagePack ones one re-encoding.
+                    match EncodedMessage::from_record(HubProtocol::Json, record) {
+                        Ok(message) => {
+                            self.local.deliver(&audience, &message);
+                        }
+                        Err(error) => log::warn!("bus: dropped an unreadable message: {error}"),
+                    }
                 }
                 Event::Received(Envelope::Group(command)) => {
                     let GroupCommand {
@@ -365,7 +392,10 @@ mod tests {
         );
         assert_eq!(
             run(call("Refuse", Some("3"), vec![])).await,
-            error("3", "No.")
+            error(
+                "3",
+                "An unexpected error occurred invoking 'Refuse' on the server. HubException: No."
+            )
         );
     }
 
@@ -384,9 +414,10 @@ mod tests {
             else {
                 panic!("not an error completion: {reply:?}");
             };
-            assert!(
-                text.starts_with("Failed to invoke 'Echo' due to an error on the server."),
-                "{text}"
+            // The detail is only sent with detailed errors on, as in ASP.NET.
+            assert_eq!(
+                text,
+                "Failed to invoke 'Echo' due to an error on the server."
             );
         }
     }

@@ -41,7 +41,10 @@ use crate::clients::{Clients, Groups, SendError};
 use crate::protocol::negotiate::TransportKind;
 use crate::protocol::token::{ConnectionId, InstanceId};
 
-/// An error a hub method returns; its text is sent to the caller in the Completion.
+/// An error a hub method returns. The caller's Completion carries ASP.NET's text for it:
+/// "An unexpected error occurred invoking 'M' on the server.", followed by
+/// `HubException: <message>` for a [`HubError::Message`] and, only when detailed errors
+/// are enabled (`ENABLE_DETAILED_ERRORS`), by the detail of the other kinds.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     /// A message meant for the caller, like ASP.NET's `HubException`.
@@ -50,6 +53,16 @@ pub enum HubError {
     /// Sending to other clients failed.
     #[error("An unexpected error occurred: {0}")]
     Send(#[from] SendError),
+    /// The invocation's arguments do not bind to the method's parameters.
+    #[error(
+        "Failed to invoke '{target}' due to an error on the server. InvalidDataException: {detail}"
+    )]
+    Arguments {
+        /// The method as the client named it.
+        target: String,
+        /// Why they do not bind.
+        detail: String,
+    },
 }
 
 /// A hub is declared wrongly; found when it is built, before any client connects.
@@ -79,6 +92,23 @@ impl HubError {
     /// An error whose text the caller sees.
     pub fn new(message: impl Into<String>) -> Self {
         Self::Message(message.into())
+    }
+
+    /// The text a caller's Completion carries when method `name` failed with this error,
+    /// as ASP.NET's `DefaultHubDispatcher` words it (`ErrorMessageHelper.BuildErrorMessage`:
+    /// the exception's type and message follow for a `HubException`, or for any exception
+    /// when `detailed`).
+    pub fn client_text(&self, name: &str, detailed: bool) -> String {
+        let generic = format!("An unexpected error occurred invoking '{name}' on the server.");
+        match self {
+            Self::Message(message) => format!("{generic} HubException: {message}"),
+            Self::Send(error) if detailed => format!("{generic} SendError: {error}"),
+            Self::Send(_) => generic,
+            Self::Arguments { .. } if detailed => self.to_string(),
+            Self::Arguments { target, .. } => {
+                format!("Failed to invoke '{target}' due to an error on the server.")
+            }
+        }
     }
 }
 

@@ -94,6 +94,17 @@ impl RecordBuffer {
     pub fn pending(&self) -> usize {
         self.buf.len()
     }
+
+    /// The largest record accepted.
+    pub fn max_record(&self) -> usize {
+        self.max_record
+    }
+
+    /// The bytes not taken yet, for a reader of another framing: after the handshake a
+    /// MessagePack connection's records follow in the same stream.
+    pub fn into_pending(self) -> Bytes {
+        self.buf.freeze()
+    }
 }
 
 #[cfg(test)]

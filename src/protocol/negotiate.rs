@@ -8,6 +8,7 @@
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::hub_protocol::TransferFormat;
 use super::token::{ConnectionId, ConnectionToken};
 
 /// The highest negotiate version this server speaks; clients asking for more get this.
@@ -49,6 +50,12 @@ impl TransportKind {
         }
     }
 
+    /// Whether the transport can carry records of `format` (`TransportProtocols.md`:
+    /// Server-Sent Events carry text only).
+    pub fn supports(self, format: TransferFormat) -> bool {
+        self.transfer_formats().contains(&format.name())
+    }
+
     /// Whether the transport keeps the connection alive by itself, so hub Pings are off
     /// (the JS client sets `inherentKeepAlive` for Long Polling).
     pub fn has_inherent_keep_alive(self) -> bool {
@@ -61,7 +68,37 @@ impl TransportKind {
 #[error("The client requested an invalid protocol version '{0}'")]
 pub struct VersionError(pub String);
 
+/// The negotiate version a client asked for is unusable, in ASP.NET's words
+/// (`HttpConnectionDispatcher.ProcessNegotiate`); sent as a 200 `{"error"}` body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NegotiateVersionError {
+    /// Not a 32-bit integer (.NET's `int.TryParse`).
+    #[error("The client requested an invalid protocol version '{0}'")]
+    Invalid(String),
+    /// Below the lowest version served (0).
+    #[error("The client requested version '{0}', but the server does not support this version.")]
+    Unsupported(i32),
+}
+
+/// Reads `negotiateVersion` as ASP.NET does: missing means 0; a 32-bit integer, optionally
+/// signed and surrounded by white space (`int.TryParse`); negative is unsupported; above
+/// ours is lowered to ours. The query name itself is matched ignoring case by the caller.
+pub fn parse_negotiate_version(raw: Option<&str>) -> Result<u32, NegotiateVersionError> {
+    let Some(raw) = raw else {
+        return Ok(0);
+    };
+    let version = raw
+        .trim()
+        .parse::<i32>()
+        .map_err(|_| NegotiateVersionError::Invalid(raw.to_owned()))?;
+    u32::try_from(version)
+        .map(|version| version.min(MAX_NEGOTIATE_VERSION))
+        .map_err(|_| NegotiateVersionError::Unsupported(version))
+}
+
 /// Reads `negotiateVersion`: missing means 0, versions above ours are lowered to ours.
+/// Kept for callers that predate [`parse_negotiate_version`], whose error texts are
+/// ASP.NET's.
 pub fn negotiate_version(raw: Option<&str>) -> Result<u32, VersionError> {
     match raw {
         None => Ok(0),
@@ -99,7 +136,9 @@ pub struct NegotiateResponse {
 
 impl NegotiateResponse {
     /// The response for a new connection. In version 0 there is no token and the client
-    /// sends the connectionId as `?id=`, so the (signed) token is given as the id.
+    /// sends the connectionId as `?id=`, so the (signed) token is given as the id; the
+    /// connection must then be known by that id too, which
+    /// [`super::token::ClusterKey::mint_connection`] arranges.
     pub fn new(version: u32, id: &ConnectionId, token: &ConnectionToken) -> Self {
         let (connection_id, connection_token) = if version == 0 {
             (token.as_str().to_owned(), None)
@@ -129,6 +168,7 @@ pub fn error_body(message: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::token::{ClusterKey, InstanceId, TokenClaims};
 
     #[test]
     fn missing_version_is_zero_and_high_versions_are_lowered() {
@@ -137,6 +177,39 @@ mod tests {
         assert_eq!(negotiate_version(Some("7")), Ok(1));
         assert!(negotiate_version(Some("x")).is_err());
         assert!(negotiate_version(Some("-1")).is_err());
+    }
+
+    #[test]
+    fn negotiate_versions_are_read_as_aspnet_reads_them() {
+        assert_eq!(parse_negotiate_version(None), Ok(0));
+        assert_eq!(parse_negotiate_version(Some(" +1 ")), Ok(1));
+        assert_eq!(parse_negotiate_version(Some("2147483647")), Ok(1));
+        assert_eq!(
+            parse_negotiate_version(Some("-1")).unwrap_err().to_string(),
+            "The client requested version '-1', but the server does not support this version."
+        );
+        for bad in ["Invalid", "", "2147483648", "1.0"] {
+            assert_eq!(
+                parse_negotiate_version(Some(bad)).unwrap_err().to_string(),
+                format!("The client requested an invalid protocol version '{bad}'")
+            );
+        }
+    }
+
+    #[test]
+    fn a_version_zero_response_names_the_connection_by_its_token() {
+        let key = ClusterKey::from_secret(b"secret");
+        let claims = TokenClaims {
+            owner: InstanceId::parse("a").unwrap(),
+            connection_id: ConnectionId::random(),
+            issued_at: 1,
+        };
+        let (id, token) = key.mint_connection(&claims, 0);
+        let body = serde_json::to_value(NegotiateResponse::new(0, &id, &token)).unwrap();
+        assert_eq!(body["connectionId"], id.as_str());
+        assert_eq!(body["negotiateVersion"], 0);
+        assert!(body.get("connectionToken").is_none());
+        assert_eq!(key.verify(id.as_str()).unwrap().connection_id, id);
     }
 
     #[test]

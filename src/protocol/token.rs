@@ -8,11 +8,18 @@
 //! <owner instance>.<connection id>.<issued, unix seconds, hex>.<HMAC, 16 bytes, base64url>
 //! ```
 //!
+//! A connection negotiated at version 0 gets `<owner>.<id>.<issued>.v0.<HMAC>` instead
+//! (the marker is signed too): a version-0 client knows only one value, `connectionId`,
+//! and sends it as `?id=`, so, as in ASP.NET, the token is also the connection's public id
+//! and [`ClusterKey::verify`] names the whole token as the connection id. Every instance
+//! that sees such a token (routing, adoption) then agrees on the id without asking.
+//!
 //! Every part is URL-safe, as the JS client does not encode `id=` (`HttpConnection.ts`
 //! `_createConnectUrl`). Without the secret a token can be neither forged nor derived from
 //! the public connection id, so an instance can reject a bad token at once instead of
 //! asking the whole cluster about it. The same key signs the marker of internal probes.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -25,6 +32,9 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// Bytes of HMAC kept in a token: 128 bits is far beyond guessing over HTTP.
 const MAC_LEN: usize = 16;
+
+/// The signed fourth part that marks a version-0 token.
+const VERSION_ZERO_MARKER: &str = "v0";
 
 /// Longest instance id accepted.
 pub const MAX_INSTANCE_ID_LEN: usize = 64;
@@ -62,6 +72,17 @@ impl InstanceId {
     }
 }
 
+/// `text` as logs may show it: everything after the version-0 marker of a token (its
+/// signature) is cut off, leaving `<owner>.<id>.<issued>.v0.…`, which identifies the
+/// connection in the log but cannot be presented as `?id=`.
+pub fn redact_for_log(text: &str) -> Cow<'_, str> {
+    let marker = format!(".{VERSION_ZERO_MARKER}.");
+    match text.find(&marker) {
+        Some(at) => Cow::Owned(format!("{}{marker}…", &text[..at])),
+        None => Cow::Borrowed(text),
+    }
+}
+
 impl fmt::Display for InstanceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -90,6 +111,12 @@ impl ConnectionId {
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The id as logs may show it: a version-0 id is the connection's token (see
+    /// [`ClusterKey::mint_connection`]), so its signature is left out.
+    pub fn for_log(&self) -> Cow<'_, str> {
+        redact_for_log(&self.0)
     }
 }
 
@@ -186,6 +213,31 @@ impl ClusterKey {
         }
     }
 
+    /// Makes the public id and the token of a connection negotiated at `negotiate_version`
+    /// (`TransportProtocols.md`: version 0 has no `connectionToken`; the client sends its
+    /// `connectionId` as `?id=`). From version 1 on, the id is `claims.connection_id` and the
+    /// token is [`ClusterKey::mint`]'s. In version 0 both are one version-0 token, and
+    /// [`ClusterKey::verify`] of it returns that token as the connection id.
+    pub fn mint_connection(
+        &self,
+        claims: &TokenClaims,
+        negotiate_version: u32,
+    ) -> (ConnectionId, ConnectionToken) {
+        if negotiate_version > 0 {
+            return (claims.connection_id.clone(), self.mint(claims));
+        }
+        let issued = format!("{:x}", claims.issued_at);
+        let parts = [
+            claims.owner.as_str(),
+            claims.connection_id.as_str(),
+            &issued,
+            VERSION_ZERO_MARKER,
+        ];
+        let tag = self.tag("stickless-token-v1", &parts);
+        let token = format!("{}.{tag}", parts.join("."));
+        (ConnectionId(token.clone()), ConnectionToken(token))
+    }
+
     /// Makes the token for a new connection.
     pub fn mint(&self, claims: &TokenClaims) -> ConnectionToken {
         let issued = format!("{:x}", claims.issued_at);
@@ -198,17 +250,16 @@ impl ClusterKey {
         ConnectionToken(format!("{}.{}.{}.{}", parts[0], parts[1], parts[2], tag))
     }
 
-    /// Checks a token presented by a client and says what it names.
+    /// Checks a token presented by a client and says what it names. For a version-0
+    /// token (see [`ClusterKey::mint_connection`]) the connection id is the token itself.
     pub fn verify(&self, token: &str) -> Result<TokenClaims, TokenError> {
-        let mut parts = token.split('.');
-        let (Some(owner), Some(id), Some(issued), Some(tag), None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
-            return Err(TokenError::Malformed);
+        let parts: Vec<&str> = token.splitn(6, '.').collect();
+        let (owner, id, issued, marker, tag) = match parts[..] {
+            [owner, id, issued, tag] => (owner, id, issued, None, tag),
+            [owner, id, issued, VERSION_ZERO_MARKER, tag] => {
+                (owner, id, issued, Some(VERSION_ZERO_MARKER), tag)
+            }
+            _ => return Err(TokenError::Malformed),
         };
         let owner = InstanceId::parse(owner).map_err(|_| TokenError::Malformed)?;
         let id_ok = !id.is_empty()
@@ -220,12 +271,21 @@ impl ClusterKey {
         if !id_ok {
             return Err(TokenError::Malformed);
         }
-        if !self.check("stickless-token-v1", &[owner.as_str(), id, issued], tag) {
+        let signed = [owner.as_str(), id, issued];
+        let signed = match marker {
+            Some(marker) => [&signed[..], &[marker]].concat(),
+            None => signed.to_vec(),
+        };
+        if !self.check("stickless-token-v1", &signed, tag) {
             return Err(TokenError::BadSignature);
         }
+        let connection_id = match marker {
+            Some(_) => ConnectionId(token.to_owned()),
+            None => ConnectionId(id.to_owned()),
+        };
         Ok(TokenClaims {
             owner,
-            connection_id: ConnectionId(id.to_owned()),
+            connection_id,
             issued_at,
         })
     }
@@ -267,6 +327,48 @@ mod tests {
         let claims = claims();
         let token = key.mint(&claims);
         assert_eq!(key.verify(token.as_str()), Ok(claims));
+    }
+
+    #[test]
+    fn a_version_zero_token_is_its_own_connection_id_everywhere() {
+        let key = ClusterKey::from_secret(b"secret");
+        let claims = claims();
+        let (id, token) = key.mint_connection(&claims, 0);
+        assert_eq!(id.as_str(), token.as_str());
+        let verified = key.verify(token.as_str()).unwrap();
+        assert_eq!(verified.connection_id, id);
+        assert_eq!(verified.owner, claims.owner);
+        assert_eq!(verified.issued_at, claims.issued_at);
+        assert!(token
+            .as_str()
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)));
+    }
+
+    #[test]
+    fn version_one_connections_keep_separate_id_and_token() {
+        let key = ClusterKey::from_secret(b"secret");
+        let claims = claims();
+        let (id, token) = key.mint_connection(&claims, 1);
+        assert_eq!(id, claims.connection_id);
+        assert_eq!(key.verify(token.as_str()), Ok(claims));
+    }
+
+    #[test]
+    fn the_version_zero_marker_cannot_be_added_or_removed() {
+        let key = ClusterKey::from_secret(b"secret");
+        let v1 = key.mint(&claims()).as_str().to_owned();
+        let (head, tag) = v1.rsplit_once('.').unwrap();
+        assert_eq!(
+            key.verify(&format!("{head}.v0.{tag}")),
+            Err(TokenError::BadSignature)
+        );
+        let (_, v0) = key.mint_connection(&claims(), 0);
+        let stripped = v0.as_str().replacen(".v0.", ".", 1);
+        assert_eq!(key.verify(&stripped), Err(TokenError::BadSignature));
+        let (_, v0) = key.mint_connection(&claims(), 0);
+        let forged = v0.as_str().replacen(".v0.", ".v1.", 1);
+        assert_eq!(key.verify(&forged), Err(TokenError::Malformed));
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! - Later polls wait for records and return everything queued, or an empty 200 after
 //!   `POLL_TIMEOUT` (under the client's 100 s limit), so the client polls again.
 //! - 204 means "the connection is over": it answers a poll when the connection closed with
-//!   nothing left to send, and the older of two overlapping polls.
+//!   nothing left to send (after which the connection is finished and every later poll
+//!   gets 404, as ASP.NET's `HttpConnectionDispatcher` disposes it), and the older of two
+//!   overlapping polls.
+//! - Bodies are the records as they are, `application/octet-stream`, text or MessagePack.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +20,7 @@ use bytes::Bytes;
 
 use super::{batch, final_batch};
 use crate::connection::{Activation, Connection};
-use crate::outbox::{closed, Closing};
+use crate::outbox::closed;
 
 fn respond(mut response: actix_web::HttpResponseBuilder, body: Bytes) -> HttpResponse {
     response
@@ -53,12 +56,15 @@ pub async fn poll(
     let response = tokio::select! {
         biased;
         reason = closed(&mut closing) => {
-            let reason = Closing {
-                record: reason.record.filter(|_| connection.claim_close_record()),
-                ..reason
-            };
-            let rest = final_batch(&mut queue, &reason);
+            let close = connection
+                .outbox()
+                .close_record(&reason)
+                .filter(|_| connection.claim_close_record());
+            let rest = final_batch(&mut queue, close.as_ref());
             if rest.is_empty() {
+                // The final poll: the connection is over, and later polls get 404 as in
+                // ASP.NET, which disposes the connection once it answered 204.
+                connection.finish();
                 respond(HttpResponse::NoContent(), rest)
             } else {
                 respond(HttpResponse::Ok(), rest)
@@ -66,7 +72,10 @@ pub async fn poll(
         }
         record = queue.recv() => match record {
             Some(first) => respond(HttpResponse::Ok(), batch(first, &mut queue)),
-            None => respond(HttpResponse::NoContent(), Bytes::new()),
+            None => {
+                connection.finish();
+                respond(HttpResponse::NoContent(), Bytes::new())
+            }
         },
         _ = newer_poll(&mut superseded) => respond(HttpResponse::NoContent(), Bytes::new()),
         _ = tokio::time::sleep(poll_timeout) => respond(HttpResponse::Ok(), Bytes::new()),

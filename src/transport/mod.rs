@@ -3,7 +3,9 @@
 //!
 //! Every transport drains the connection's outbound queue the same way: records as they
 //! come, and when the connection closes, whatever is still queued followed by the Close
-//! record, so that the client learns why (TransportProtocols.md).
+//! record, so that the client learns why (TransportProtocols.md). Records are bytes in
+//! the connection's protocol; a transport only chooses text or binary framing from the
+//! connection's transfer format, and never converts bodies to UTF-8.
 
 pub mod long_polling;
 pub mod sse;
@@ -13,7 +15,6 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use crate::connection::{Connection, ConnectionError};
-use crate::outbox::Closing;
 use crate::protocol::negotiate::TransportKind;
 
 /// Largest batch of records put into one poll response or SSE event; one record is never
@@ -42,13 +43,13 @@ pub fn batch(first: Bytes, queue: &mut mpsc::Receiver<Bytes>) -> Bytes {
 }
 
 /// What is left to send when a connection closes: the queued records, then the Close
-/// record if there is one.
-pub fn final_batch(queue: &mut mpsc::Receiver<Bytes>, closing: &Closing) -> Bytes {
+/// record if there is one (already encoded in the connection's protocol).
+pub fn final_batch(queue: &mut mpsc::Receiver<Bytes>, close_record: Option<&Bytes>) -> Bytes {
     let mut out = BytesMut::new();
     while let Ok(record) = queue.try_recv() {
         out.extend_from_slice(&record);
     }
-    if let Some(record) = &closing.record {
+    if let Some(record) = close_record {
         out.extend_from_slice(record);
     }
     out.freeze()

@@ -61,7 +61,8 @@ impl Stream {
             biased;
             reason = closed(&mut self.closing) => {
                 self.phase = Phase::Done;
-                let rest = final_batch(queue, &reason);
+                let close = self.guard.connection.outbox().close_record(&reason);
+                let rest = final_batch(queue, close.as_ref());
                 (!rest.is_empty()).then(|| sse::event(&rest))
             }
             record = queue.recv() => record.map(|first| sse::event(&batch(first, queue))),

@@ -2,8 +2,11 @@
 //! `WebSocketsServerTransport.cs`).
 //!
 //! One `select!` loop over client frames, outbound records and the close signal. Records
-//! go out as Text frames (the JSON protocol's format; a Binary frame would reach a
-//! browser client as a Blob and fail), one whole record per frame. The server closes
+//! go out one whole record per frame, as Text frames for JSON (a Binary frame would reach
+//! a browser's JSON client as a Blob and fail) and Binary frames once the handshake agreed
+//! on MessagePack (the `{}` reply included: ASP.NET switches before writing it). Both
+//! frame types are taken from the client: its handshake comes as text, MessagePack
+//! records as binary. The server closes
 //! with 1000 after a Close message or a normal end, 1011 on an unexplained error, and
 //! 1009 when a client frame is too large.
 
@@ -16,11 +19,17 @@ use futures_util::StreamExt;
 
 use crate::connection::{Activation, Connection};
 use crate::outbox::{closed, Closing};
+use crate::protocol::hub_protocol::TransferFormat;
 
-async fn send(session: &mut Session, record: Bytes) -> Result<(), ()> {
-    // Records are JSON text, so valid UTF-8; the check is cheap and keeps us honest.
-    let text = ByteString::try_from(record).map_err(|_| ())?;
-    session.text(text).await.map_err(|_| ())
+async fn send(session: &mut Session, record: Bytes, format: TransferFormat) -> Result<(), ()> {
+    match format {
+        TransferFormat::Binary => session.binary(record).await.map_err(|_| ()),
+        TransferFormat::Text => {
+            // JSON records are valid UTF-8; the check is cheap and keeps us honest.
+            let text = ByteString::try_from(record).map_err(|_| ())?;
+            session.text(text).await.map_err(|_| ())
+        }
+    }
 }
 
 /// Serves an upgraded WebSocket until either side ends it.
@@ -37,20 +46,23 @@ pub async fn serve(
         .max_continuation_size(max_frame_size);
     let mut queue = connection.outbound().await;
     let mut closing = connection.outbox().closing();
+    let outbox = connection.outbox();
     let close: Option<CloseReason> = loop {
         tokio::select! {
             reason = closed(&mut closing) => {
-                let rest = super::final_batch(&mut queue, &Closing { record: None, ..reason.clone() });
-                let mut ok = rest.is_empty() || send(&mut session, rest).await.is_ok();
-                if let (true, Some(record)) = (ok, reason.record.clone()) {
-                    ok = send(&mut session, record).await.is_ok();
+                let format = outbox.transfer_format();
+                let rest = super::final_batch(&mut queue, None);
+                let mut ok = rest.is_empty() || send(&mut session, rest, format).await.is_ok();
+                let close_record = outbox.close_record(&reason);
+                if let (true, Some(record)) = (ok, close_record.clone()) {
+                    ok = send(&mut session, record, format).await.is_ok();
                 }
-                let code = if reason.is_error && reason.record.is_none() { CloseCode::Error } else { CloseCode::Normal };
+                let code = if reason.is_error && close_record.is_none() { CloseCode::Error } else { CloseCode::Normal };
                 break ok.then_some(CloseReason { code, description: None });
             }
             record = queue.recv() => match record {
                 Some(record) => {
-                    if send(&mut session, record).await.is_err() {
+                    if send(&mut session, record, outbox.transfer_format()).await.is_err() {
                         break None;
                     }
                 }
@@ -63,7 +75,7 @@ pub async fn serve(
                     }
                 }
                 Some(Ok(AggregatedMessage::Binary(bytes))) => {
-                    // The session rejects whatever is not a JSON record.
+                    // The session rejects whatever is not a record of its protocol.
                     if connection.receive(bytes).await.is_err() {
                         continue;
                     }
@@ -79,7 +91,7 @@ pub async fn serve(
                     break Some(reason.unwrap_or(CloseReason { code: CloseCode::Normal, description: None }));
                 }
                 Some(Err(error)) => {
-                    log::debug!("connection {}: WebSocket protocol error: {error}", connection.id);
+                    log::debug!("connection {}: WebSocket protocol error: {error}", connection.id.for_log());
                     break Some(CloseReason {
                         code: CloseCode::Size,
                         description: Some(format!("{error}")),

@@ -2,16 +2,21 @@
 //!
 //! - [`single`]: one instance, in-process ([`helpers::spawn_app`]) or the real binary,
 //!   one file per area;
+//! - [`conformance`]: one instance, the wire as ASP.NET Core speaks it (MessagePack,
+//!   handshake and negotiate versions, error texts).
 //! - [`cluster`]: redis-server, `stickless` processes and nginx
 //!   ([`helpers::spawn_cluster`]); needs `redis-server` and `nginx` installed.
 //! - [`routing`]: the bus route and load-balancer re-forwarding on their own, in such a
 //!   cluster.
+//! - [`logs`]: a real cluster's logs hold no connection token and no access token.
 //!
 //! Settings and environments are built by the tests, never read from the shell.
 //! Run with `cargo test --test api`.
 
 mod cluster;
+mod conformance;
 mod helpers;
+mod logs;
 mod redis_cluster;
 mod routing;
 mod single;
