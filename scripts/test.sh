@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, one command, on a fresh Debian or Ubuntu machine with Rust:
 #   - installs what is missing (apt: redis-server, nginx, chromium, nodejs, npm,
-#     python3-venv; npm packages from package-lock.json; never a downloaded browser),
+#     python3-venv; npm packages from package-lock.json; never a downloaded browser;
+#     signalrcore, pysignalr and pytest pinned in tests/python/requirements.txt, in a venv),
 #   - builds once,
 #   - runs the Rust tests (unit + integration, real redis-server and nginx) alongside the
 #     single-instance Node suites (official @microsoft/signalr client, chat page in
 #     Chromium) and the Docker Compose suite (scripts/compose-test.sh), then the Node
-#     cluster suites,
+#     cluster suites beside the third-party Python clients,
 #   - prints each suite's output whole when it ends, then every runner's own summary lines,
 #   - exits non-zero if anything failed.
 # Works without a terminal and with CI=true. Suite logs are kept in target/test-logs/.
@@ -49,6 +50,12 @@ command -v cargo >/dev/null || die "cargo is required (https://rustup.rs)"
 
 say "npm packages (from package-lock.json)"
 npm ci --no-audit --no-fund --no-progress --loglevel=error || die "npm ci failed"
+
+say "Python packages (tests/python/requirements.txt, pinned) in target/interop-venv"
+VENV="$PWD/target/interop-venv"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV" || die "python3 -m venv failed"
+"$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt \
+  || die "pip install failed"
 
 say "build"
 cargo build --bins --example testhub --locked || die "cargo build failed"
@@ -104,22 +111,12 @@ start_suite node-single "${NODE_TEST[@]}" "${SINGLE_NODE[@]}"
 finish_suite node-single
 finish_suite rust
 
-say "Node cluster suites (official client through nginx, real redis-server)"
+say "Node cluster suites and the third-party Python clients, in parallel"
 start_suite node-cluster "${NODE_TEST[@]}" "${CLUSTER_NODE[@]}"
-finish_suite node-cluster
-
-# Interop tests with third-party Python clients (tests/python): signalrcore and pysignalr
-# from PyPI, pinned with pytest in tests/python/requirements.txt, installed into a virtual
-# environment under target/. pytest exits 5 when it collected no tests: that fails too.
-say "Python clients (signalrcore, pysignalr)"
-venv=target/interop-venv
-python_suite() {
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv" || return 1
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt || return 1
-  "$venv/bin/pytest" tests/python -p no:cacheprovider -ra
-}
-start_suite python python_suite
+# signalrcore and pysignalr (tests/python), one instance and a cluster each.
+start_suite python "$VENV/bin/pytest" tests/python -p no:cacheprovider -ra
 finish_suite python
+finish_suite node-cluster
 
 finish_suite compose
 
@@ -132,10 +129,11 @@ for name in rust node-single node-cluster python compose; do
   echo "-- $name (exit ${status[$name]})"
   case $name in
     rust) grep -E '^test result:' "$LOGS/$name.log" ;;
-    python) tail -n 1 "$LOGS/$name.log" ;;
     compose) grep -E '^compose: [0-9]+ passed, [0-9]+ failed' "$LOGS/$name.log" ;;
+    python) grep -E '^=+ .*(passed|failed|error|no tests ran).* =+$' "$LOGS/$name.log" ;;
     *) grep -E '^# (tests|pass|fail|cancelled|skipped|todo) [0-9]+$' "$LOGS/$name.log" ;;
   esac
+  # pytest exits 5 when it collected no tests: a failure too.
   [ "${status[$name]}" = 0 ] || failed=1
 done
 if [ "$failed" -ne 0 ]; then

@@ -789,4 +789,37 @@ mod tests {
         assert_eq!(drain(&mut rx_a), 1);
         assert_eq!(drain(&mut rx_b), 2);
     }
+
+    #[test]
+    fn one_message_is_encoded_once_per_protocol_whatever_the_number_of_recipients() {
+        let local = local();
+        let mut receivers = Vec::new();
+        for protocol in [
+            HubProtocol::Json,
+            HubProtocol::MessagePack,
+            HubProtocol::Json,
+            HubProtocol::MessagePack,
+        ] {
+            let (outbox, rx) = outbox(4);
+            outbox.set_protocol(protocol);
+            local.add(&ConnectionId::random(), None, outbox);
+            receivers.push((protocol, rx));
+        }
+        let message = EncodedMessage::new(HubMessage::Invocation {
+            invocation_id: None,
+            target: "Send".into(),
+            arguments: vec![Value::from("hi")],
+            stream_ids: vec![],
+        });
+        assert_eq!(
+            local.deliver(&Audience::All { except: vec![] }, &message),
+            4
+        );
+        for (protocol, rx) in &mut receivers {
+            let record = rx.try_recv().expect("a record");
+            assert_eq!(record, protocol.encode(message.message()));
+            // The very bytes of the shared encoding: not encoded again for this recipient.
+            assert_eq!(record.as_ptr(), message.record(*protocol).as_ptr());
+        }
+    }
 }

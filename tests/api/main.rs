@@ -8,7 +8,6 @@
 //!   ([`helpers::spawn_cluster`]); needs `redis-server` and `nginx` installed.
 //! - [`routing`]: the bus route and load-balancer re-forwarding on their own, in such a
 //!   cluster.
-//!
 //! - [`logs`]: a real cluster's logs hold no connection token and no access token.
 //!
 //! Settings and environments are built by the tests, never read from the shell.

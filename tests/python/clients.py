@@ -228,9 +228,11 @@ class Pysignalr:
                 self.task.cancel()
                 with contextlib.suppress(BaseException):
                     await self.task
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            # The client's own tasks (keep-alive, websockets) end with it, not after.
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         with contextlib.suppress(Exception):
             self._run(end())

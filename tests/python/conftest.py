@@ -72,6 +72,9 @@ class Single:
             RUST_LOG="warn",
             SHUTDOWN_TIMEOUT="1s",
             POLL_TIMEOUT="5s",
+            # signalrcore's stop() waits for its reader thread, which wakes on the next
+            # frame: frequent Pings keep teardown short.
+            KEEP_ALIVE_INTERVAL="1s",
         )
         self.process = subprocess.Popen(
             [binary("STICKLESS_BIN", "target/debug/stickless")],
@@ -116,6 +119,8 @@ class Cluster:
                 "SHUTDOWN_TIMEOUT=1s",
                 "--env",
                 "POLL_TIMEOUT=5s",
+                "--env",
+                "KEEP_ALIVE_INTERVAL=1s",
             ],
             env=dict(os.environ, RUST_LOG="warn"),
             stdin=subprocess.PIPE,

@@ -261,13 +261,14 @@ async fn while_redis_is_down_at_most_8192_messages_wait_and_the_rest_are_dropped
         assert_eq!(reply.status, awc::http::StatusCode::OK, "{}", reply.text());
         sent = total.min(sent + 3000);
     }
-    // The publisher may hold one message it could not publish, besides the queue.
+    // Besides the queue, the publisher may hold the one pipeline (at most 256 messages) that
+    // failed when Redis went away; it is sent first once Redis is back.
     let dropped = eventually(SETTLE_TIMEOUT, "the overflow counted", || async {
         let dropped = node_1.metric(errors).await;
-        (dropped >= 499.0).then_some(dropped)
+        (dropped >= 500.0 - 256.0).then_some(dropped)
     })
     .await;
-    assert!((499.0..=500.0).contains(&dropped), "{dropped} dropped");
+    assert!((244.0..=500.0).contains(&dropped), "{dropped} dropped");
     // The queue is not lost: once Redis is back, what waited is published.
     let published = "stickless_backplane_published_total";
     let published_before = node_1.metric(published).await;
