@@ -66,6 +66,12 @@ pub struct Settings {
     #[arg(long, env = "OUTBOUND_QUEUE_LENGTH", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(8..=1_000_000))]
     pub outbound_queue_length: u64,
 
+    /// Negotiated connections allowed to wait for their transport at once (all hubs);
+    /// past this, negotiate answers 503 and `stickless_negotiations_refused_total` counts
+    /// it. Each waits at most DISCONNECT_TIMEOUT.
+    #[arg(long, env = "MAX_PENDING_NEGOTIATIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pending_negotiations: u64,
+
     /// Origins allowed to connect from other sites (comma-separated); empty = CORS off.
     #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,

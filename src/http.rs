@@ -198,6 +198,15 @@ async fn negotiate(
                 return HttpResponse::Ok().json(negotiate::error_body(&error.to_string()))
             }
         };
+    // Each pending negotiation holds memory until its transport starts or the sweeper
+    // drops it, so a flood of negotiations that never start is capped.
+    if state.metrics.pending_negotiations() >= state.settings.max_pending_negotiations as i64 {
+        state.metrics.negotiation_refused();
+        return HttpResponse::ServiceUnavailable()
+            .insert_header((CONTENT_TYPE, "text/plain; charset=utf-8"))
+            .insert_header(("Retry-After", "1"))
+            .body("Too many pending negotiations; try again.");
+    }
     let (id, token) = state.mint(&hub);
     hub.connections.create(id.clone(), token.clone());
     state.metrics.negotiated();
@@ -386,9 +395,9 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
     }))
 }
 
-/// `GET /metrics`: Prometheus text format.
+/// `GET /metrics`: the OpenMetrics text format (Prometheus scrapes it).
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
-        .insert_header((CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8"))
+        .insert_header((CONTENT_TYPE, crate::metrics::CONTENT_TYPE))
         .body(state.metrics.render(state.buses_healthy()))
 }

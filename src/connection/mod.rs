@@ -71,6 +71,8 @@ pub struct Connection {
     state: Mutex<State>,
     polls: watch::Sender<u64>,
     close_sent: AtomicBool,
+    /// Negotiated, and no transport started yet (counted in the metrics' pending gauge).
+    pending: AtomicBool,
 }
 
 /// A transport request holding a connection; dropping it marks the connection idle.
@@ -112,6 +114,7 @@ impl Connection {
             }),
             polls: watch::channel(0).0,
             close_sent: AtomicBool::new(false),
+            pending: AtomicBool::new(true),
         }
     }
 
@@ -192,6 +195,13 @@ impl Connection {
         !self.close_sent.swap(true, Ordering::AcqRel)
     }
 
+    /// Ends the connection's pending state once: its transport started, or it is gone.
+    fn settle(&self, metrics: &Metrics) {
+        if self.pending.swap(false, Ordering::AcqRel) {
+            metrics.pending_negotiation(-1);
+        }
+    }
+
     fn idle_for(&self) -> Option<Duration> {
         let state = self.lock_state();
         (state.active == 0).then(|| state.idle_since.elapsed())
@@ -230,6 +240,7 @@ impl Connections {
             self.config.outbound_queue_length,
             self.metrics.clone(),
         ));
+        self.metrics.pending_negotiation(1);
         self.by_token
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -249,6 +260,7 @@ impl Connections {
     /// Closes a connection and forgets it at once.
     pub fn dispose(&self, connection: &Connection) {
         connection.outbox.close(Closing::silent());
+        connection.settle(&self.metrics);
         self.by_token
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -284,6 +296,7 @@ impl Connections {
         transport: TransportKind,
         user: Option<String>,
     ) {
+        connection.settle(&self.metrics);
         let inbound = connection
             .inbound_rx
             .lock()
@@ -377,6 +390,19 @@ mod tests {
             c.activate(TransportKind::WebSockets).unwrap_err(),
             ConnectionError::WrongTransport
         );
+    }
+
+    #[test]
+    fn pending_negotiations_are_counted_until_started_or_dropped() {
+        let registry = connections(Duration::from_secs(15));
+        let started = connection(&registry);
+        let dropped = connection(&registry);
+        let _waiting = connection(&registry);
+        assert_eq!(registry.metrics.pending_negotiations(), 3);
+        started.settle(&registry.metrics);
+        registry.dispose(&dropped);
+        registry.dispose(&dropped);
+        assert_eq!(registry.metrics.pending_negotiations(), 1);
     }
 
     #[test]
