@@ -108,6 +108,11 @@ struct Args {
     /// Soak: memory samples before this are warm-up and not in the slope.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     warmup: Duration,
+    /// Negotiate this many connections that never start, instead of running clients:
+    /// reports the memory each pending negotiation holds, how many the server refused
+    /// (503), and the memory left once the server dropped them.
+    #[arg(long)]
+    flood: Option<usize>,
     /// Server log files to count ERROR and WARN lines in (soak).
     #[arg(long = "log")]
     logs: Vec<PathBuf>,
@@ -590,8 +595,20 @@ async fn start_client(plan: Rc<Plan>, index: usize, slot: Rc<Slot>) -> Option<Ru
 
 /// The summed resident memory and open connections of the metrics URLs.
 async fn server_memory(plan: &Plan) -> (i64, i64) {
-    let mut rss = 0;
-    let mut connections = 0;
+    let figures = server_figures(
+        plan,
+        &[
+            "process_resident_memory_bytes ",
+            "stickless_connections_open ",
+        ],
+    )
+    .await;
+    (figures[0], figures[1])
+}
+
+/// The sums of the named metrics over the metrics URLs.
+async fn server_figures(plan: &Plan, names: &[&str]) -> Vec<i64> {
+    let mut sums = vec![0; names.len()];
     let urls = if plan.args.metrics_urls.is_empty() {
         &plan.args.urls
     } else {
@@ -610,16 +627,107 @@ async fn server_memory(plan: &Plan) -> (i64, i64) {
             continue;
         };
         for line in String::from_utf8_lossy(&body).lines() {
-            let value = |prefix: &str| line.strip_prefix(prefix)?.trim().parse::<f64>().ok();
-            if let Some(value) = value("process_resident_memory_bytes ") {
-                rss += value as i64;
-            }
-            if let Some(value) = value("stickless_connections_open ") {
-                connections += value as i64;
+            for (sum, name) in sums.iter_mut().zip(names) {
+                if let Some(value) = line
+                    .strip_prefix(name)
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                {
+                    *sum += value as i64;
+                }
             }
         }
     }
-    (rss, connections)
+    sums
+}
+
+/// Negotiates `count` connections that never start, `connect_concurrency` at a time.
+async fn run_flood(plan: Rc<Plan>, count: usize) -> Value {
+    const PENDING: &str = "stickless_pending_negotiations ";
+    let (rss_before, _) = server_memory(&plan).await;
+    let accepted = Rc::new(Cell::new(0u64));
+    let refused = Rc::new(Cell::new(0u64));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..plan.args.connect_concurrency.max(1))
+        .map(|worker| {
+            let (plan, accepted, refused) = (plan.clone(), accepted.clone(), refused.clone());
+            rt::spawn(async move {
+                let mut index = worker;
+                while index < count {
+                    let url = format!(
+                        "{}{}/negotiate?negotiateVersion=1",
+                        plan.url_of(index),
+                        plan.args.hub
+                    );
+                    match plan
+                        .client
+                        .post(url)
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16())
+                    {
+                        Ok(200) => accepted.set(accepted.get() + 1),
+                        Ok(503) => refused.set(refused.get() + 1),
+                        _ => plan
+                            .stats
+                            .connect_failures
+                            .set(plan.stats.connect_failures.get() + 1),
+                    }
+                    index += plan.args.connect_concurrency.max(1);
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        let _ = worker.await;
+    }
+    let flood_time = started.elapsed();
+    let figures = server_figures(&plan, &["process_resident_memory_bytes ", PENDING]).await;
+    let (rss_flooded, pending) = (figures[0], figures[1]);
+    // The server drops them after its disconnect timeout (15 s by default).
+    let mut left = pending;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while left > 0 && Instant::now() < deadline {
+        rt::time::sleep(Duration::from_millis(500)).await;
+        left = server_figures(&plan, &[PENDING]).await[0];
+    }
+    rt::time::sleep(Duration::from_secs(2)).await;
+    let (rss_expired, _) = server_memory(&plan).await;
+    let per_pending = (rss_flooded - rss_before) as f64 / pending.max(1) as f64;
+    let result = json!({
+        "mode": "flood",
+        "negotiations": count,
+        "accepted": accepted.get(),
+        "refused_503": refused.get(),
+        "failed": plan.stats.connect_failures.get(),
+        "per_s": count as f64 / flood_time.as_secs_f64(),
+        "pending_at_end": pending,
+        "rss_before_bytes": rss_before,
+        "rss_flooded_bytes": rss_flooded,
+        "rss_after_expiry_bytes": rss_expired,
+        "rss_per_pending_bytes": per_pending.round(),
+    });
+    print_table(&[
+        (
+            "negotiations",
+            format!(
+                "{count} in {:.1} s: {} accepted, {} refused (503), {pending} pending",
+                flood_time.as_secs_f64(),
+                accepted.get(),
+                refused.get()
+            ),
+        ),
+        (
+            "server memory",
+            format!(
+                "{} before, {} flooded ({:.0} B per pending), {} after they expired",
+                mib(rss_before),
+                mib(rss_flooded),
+                per_pending,
+                mib(rss_expired)
+            ),
+        ),
+    ]);
+    result
 }
 
 /// Waits until `done` holds or `deadline` passes, checking every 50 ms.
@@ -1011,9 +1119,10 @@ fn main() {
             client,
             args,
         });
-        let result = match plan.args.soak {
-            Some(length) => run_soak(plan.clone(), length).await,
-            None => run_once(plan.clone()).await,
+        let result = match (plan.args.flood, plan.args.soak) {
+            (Some(count), _) => run_flood(plan.clone(), count).await,
+            (None, Some(length)) => run_soak(plan.clone(), length).await,
+            (None, None) => run_once(plan.clone()).await,
         };
         println!("{result}");
     });

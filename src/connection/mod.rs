@@ -12,7 +12,7 @@ pub mod session;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -57,6 +57,18 @@ struct State {
     idle_since: Instant,
 }
 
+/// The queues and signals of a connection, made when something first needs them
+/// (usually its first transport request), so that a negotiated connection that never
+/// starts costs only its ids and a registry entry.
+#[derive(Debug)]
+struct Queues {
+    outbox: Outbox,
+    outbound: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
+    inbound_tx: mpsc::Sender<Bytes>,
+    inbound_rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
+    polls: watch::Sender<u64>,
+}
+
 /// One client's connection.
 #[derive(Debug)]
 pub struct Connection {
@@ -64,12 +76,10 @@ pub struct Connection {
     pub id: ConnectionId,
     /// The token the client presents as `?id=`.
     pub token: ConnectionToken,
-    outbox: Outbox,
-    outbound: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
-    inbound_tx: mpsc::Sender<Bytes>,
-    inbound_rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
+    queues: OnceLock<Queues>,
+    queue_length: usize,
+    metrics: Arc<Metrics>,
     state: Mutex<State>,
-    polls: watch::Sender<u64>,
     close_sent: AtomicBool,
     /// Negotiated, and no transport started yet (counted in the metrics' pending gauge).
     pending: AtomicBool,
@@ -98,21 +108,17 @@ impl Connection {
         queue_length: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let (outbox, outbound) = Outbox::new(id.clone(), queue_length, metrics);
-        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CHUNKS);
         Self {
             id,
             token,
-            outbox,
-            outbound: Arc::new(tokio::sync::Mutex::new(outbound)),
-            inbound_tx,
-            inbound_rx: Mutex::new(Some(inbound_rx)),
+            queues: OnceLock::new(),
+            queue_length,
+            metrics,
             state: Mutex::new(State {
                 transport: None,
                 active: 0,
                 idle_since: Instant::now(),
             }),
-            polls: watch::channel(0).0,
             close_sent: AtomicBool::new(false),
             pending: AtomicBool::new(true),
         }
@@ -123,9 +129,24 @@ impl Connection {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn queues(&self) -> &Queues {
+        self.queues.get_or_init(|| {
+            let (outbox, outbound) =
+                Outbox::new(self.id.clone(), self.queue_length, self.metrics.clone());
+            let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CHUNKS);
+            Queues {
+                outbox,
+                outbound: Arc::new(tokio::sync::Mutex::new(outbound)),
+                inbound_tx,
+                inbound_rx: Mutex::new(Some(inbound_rx)),
+                polls: watch::channel(0).0,
+            }
+        })
+    }
+
     /// The outbound queue and close signal.
     pub fn outbox(&self) -> &Outbox {
-        &self.outbox
+        &self.queues().outbox
     }
 
     /// The transport the connection is bound to, once one started.
@@ -144,7 +165,7 @@ impl Connection {
         // collects what is left, the Close message last (ASP.NET hands over the remaining
         // data, then answers 204).
         let draining = kind == TransportKind::LongPolling && state.transport == Some(kind);
-        if self.outbox.is_closing() && !draining {
+        if self.outbox().is_closing() && !draining {
             return Err(ConnectionError::Gone);
         }
         let first = match state.transport {
@@ -166,27 +187,28 @@ impl Connection {
 
     /// Hands bytes from the client to the session, waiting while its inbound queue is full.
     pub async fn receive(&self, bytes: Bytes) -> Result<(), ConnectionError> {
-        let mut closing = self.outbox.closing();
+        let mut closing = self.outbox().closing();
         tokio::select! {
-            sent = self.inbound_tx.send(bytes) => sent.map_err(|_| ConnectionError::Gone),
+            sent = self.queues().inbound_tx.send(bytes) => sent.map_err(|_| ConnectionError::Gone),
             _ = closed(&mut closing) => Err(ConnectionError::Gone),
         }
     }
 
     /// The outbound queue's receiving end, for the one transport request that drains it.
     pub async fn outbound(&self) -> OwnedMutexGuard<mpsc::Receiver<Bytes>> {
-        self.outbound.clone().lock_owned().await
+        self.queues().outbound.clone().lock_owned().await
     }
 
     /// Starts a new long poll: returns its number and a receiver that changes when a newer
     /// poll starts, which ends this one (ASP.NET `HttpConnectionContext.CancelPreviousPoll`).
     pub fn begin_poll(&self) -> (u64, watch::Receiver<u64>) {
         let mut number = 0;
-        self.polls.send_modify(|current| {
+        let polls = &self.queues().polls;
+        polls.send_modify(|current| {
             *current += 1;
             number = *current;
         });
-        (number, self.polls.subscribe())
+        (number, polls.subscribe())
     }
 
     /// True the first time it is called: the Close record is sent once, even when a
@@ -259,7 +281,7 @@ impl Connections {
 
     /// Closes a connection and forgets it at once.
     pub fn dispose(&self, connection: &Connection) {
-        connection.outbox.close(Closing::silent());
+        connection.outbox().close(Closing::silent());
         connection.settle(&self.metrics);
         self.by_token
             .write()
@@ -285,7 +307,7 @@ impl Connections {
             .cloned()
             .collect();
         for connection in all {
-            connection.outbox.close(closing.clone());
+            connection.outbox().close(closing.clone());
         }
     }
 
@@ -298,6 +320,7 @@ impl Connections {
     ) {
         connection.settle(&self.metrics);
         let inbound = connection
+            .queues()
             .inbound_rx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
