@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # Build stage: the release binary, with dependencies cached in their own layer.
 FROM rust:1-slim-bookworm AS build
+# make builds jemalloc, the server's allocator.
+RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src/bin \

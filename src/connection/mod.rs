@@ -83,6 +83,8 @@ pub struct Connection {
     close_sent: AtomicBool,
     /// Negotiated, and no transport started yet (counted in the metrics' pending gauge).
     pending: AtomicBool,
+    /// Closed before its queues were made: they never will be needed.
+    closed_early: AtomicBool,
 }
 
 /// A transport request holding a connection; dropping it marks the connection idle.
@@ -121,6 +123,7 @@ impl Connection {
             }),
             close_sent: AtomicBool::new(false),
             pending: AtomicBool::new(true),
+            closed_early: AtomicBool::new(false),
         }
     }
 
@@ -129,18 +132,34 @@ impl Connection {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Asks the connection to close, without making queues for one that never had them
+    /// (a negotiation that expired costs nothing more to drop).
+    fn close(&self, closing: Closing) {
+        if self.queues.get().is_none() {
+            self.closed_early.store(true, Ordering::Release);
+        }
+        // Queues made meanwhile are closed here; later ones are made closed.
+        if let Some(queues) = self.queues.get() {
+            queues.outbox.close(closing);
+        }
+    }
+
     fn queues(&self) -> &Queues {
         self.queues.get_or_init(|| {
             let (outbox, outbound) =
                 Outbox::new(self.id.clone(), self.queue_length, self.metrics.clone());
             let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CHUNKS);
-            Queues {
+            let queues = Queues {
                 outbox,
                 outbound: Arc::new(tokio::sync::Mutex::new(outbound)),
                 inbound_tx,
                 inbound_rx: Mutex::new(Some(inbound_rx)),
                 polls: watch::channel(0).0,
+            };
+            if self.closed_early.load(Ordering::Acquire) {
+                queues.outbox.close(Closing::silent());
             }
+            queues
         })
     }
 
@@ -281,7 +300,7 @@ impl Connections {
 
     /// Closes a connection and forgets it at once.
     pub fn dispose(&self, connection: &Connection) {
-        connection.outbox().close(Closing::silent());
+        connection.close(Closing::silent());
         connection.settle(&self.metrics);
         self.by_token
             .write()
@@ -307,7 +326,7 @@ impl Connections {
             .cloned()
             .collect();
         for connection in all {
-            connection.outbox().close(closing.clone());
+            connection.close(closing.clone());
         }
     }
 
@@ -426,6 +445,11 @@ mod tests {
         registry.dispose(&dropped);
         registry.dispose(&dropped);
         assert_eq!(registry.metrics.pending_negotiations(), 1);
+        assert!(dropped.queues.get().is_none(), "dropping made queues");
+        assert_eq!(
+            dropped.activate(TransportKind::WebSockets).unwrap_err(),
+            ConnectionError::Gone
+        );
     }
 
     #[test]
