@@ -87,6 +87,10 @@ struct Args {
     /// Clients that also send (the first S).
     #[arg(long, default_value_t = 4)]
     senders: usize,
+    /// Senders connect over WebSockets whatever --transport says, so that a slow POST
+    /// round trip does not cap the offered load when measuring SSE or Long Polling fan-out.
+    #[arg(long)]
+    ws_senders: bool,
     /// Messages per second per sender.
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
@@ -259,6 +263,9 @@ struct Plan {
 
 impl Plan {
     fn transport_of(&self, slot: usize) -> Transport {
+        if self.args.ws_senders && slot < self.args.senders {
+            return Transport::Ws;
+        }
         match self.args.transport {
             Transport::Mixed => [Transport::Ws, Transport::Sse, Transport::Lp][slot % 3],
             one => one,
