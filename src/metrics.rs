@@ -106,6 +106,25 @@ fn index(kind: TransportKind) -> usize {
     }
 }
 
+/// A labelled family that is declared (`# HELP`, `# TYPE`) even before its first series,
+/// as the hand-written exposition did: readers can tell "nothing counted yet" from "no
+/// such metric".
+#[derive(Debug, Clone, Default)]
+struct Declared(Family<Labels, Count>);
+
+impl EncodeMetric for Declared {
+    fn encode(
+        &self,
+        encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        self.0.metric_type()
+    }
+}
+
 /// Registers a plain counter; the client appends `_total` to `name` when it renders.
 fn counter(registry: &mut Registry, name: &str, help: &str) -> Count {
     let counter = Count::default();
@@ -153,7 +172,7 @@ impl Default for Metrics {
         r.register(
             "stickless_forwarded_requests",
             "Misrouted client requests forwarded, by request kind, mode and outcome",
-            forwarded.clone(),
+            Declared(forwarded.clone()),
         );
         let attempts = Histogram::new(ATTEMPT_BUCKETS);
         r.register(
@@ -165,7 +184,7 @@ impl Default for Metrics {
         r.register(
             "stickless_routing_rejections",
             "Requests answered 404 at once, without forwarding, by reason",
-            rejections.clone(),
+            Declared(rejections.clone()),
         );
         let backplane_up = Gauge::default();
         r.register(
@@ -495,6 +514,7 @@ mod tests {
         metrics.connection_opened(TransportKind::ServerSentEvents);
         metrics.rejected(Rejection::Gone);
         let text = metrics.render(false);
+        assert!(text.contains("# TYPE stickless_forwarded_requests counter\n"));
         for line in [
             "stickless_connections{transport=\"ServerSentEvents\"} 1\n",
             "stickless_connections{transport=\"WebSockets\"} 0\n",
