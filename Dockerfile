@@ -42,6 +42,8 @@ USER 10001
 
 # Build stage: the release binary, with dependencies cached in their own layer.
 FROM ${RUST_IMAGE} AS build
+# make builds jemalloc, the server's allocator.
+RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src/bin \

@@ -93,6 +93,12 @@ pub struct Settings {
     #[arg(long, env = "CLIENT_RESULT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub client_result_timeout: Duration,
 
+    /// Negotiated connections allowed to wait for their transport at once (all hubs);
+    /// past this, negotiate answers 503 and `stickless_negotiations_refused_total` counts
+    /// it. Each waits at most DISCONNECT_TIMEOUT.
+    #[arg(long, env = "MAX_PENDING_NEGOTIATIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pending_negotiations: u64,
+
     /// Origins allowed to connect from other sites (comma-separated); empty = CORS off.
     #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,

@@ -275,12 +275,21 @@ async fn negotiate(
         // The client reads errors only from a 200 with `{"error"}`.
         Err(error) => return HttpResponse::Ok().json(negotiate::error_body(&error.to_string())),
     };
-    // In version 0 the connection id is the token, as in ASP.NET, where a version-0
-    // client (signalrcore) knows its connection only by the id it negotiated.
     let offered = hub.connections.host().hub();
     if offered.requires_user() && (hub.user_id)(&req).is_none() {
         return ApiError::Unauthorized.error_response();
     }
+    // Each pending negotiation holds memory until its transport starts or the sweeper
+    // drops it, so a flood of negotiations that never start is capped.
+    if state.metrics.pending_negotiations() >= state.settings.max_pending_negotiations as i64 {
+        state.metrics.negotiation_refused();
+        return HttpResponse::ServiceUnavailable()
+            .insert_header((CONTENT_TYPE, "text/plain; charset=utf-8"))
+            .insert_header(("Retry-After", "1"))
+            .body("Too many pending negotiations; try again.");
+    }
+    // In version 0 the connection id is the token, as in ASP.NET, where a version-0
+    // client (signalrcore) knows its connection only by the id it negotiated.
     let (id, token) = state.mint(&hub, version);
     hub.connections.create(id.clone(), token.clone());
     state.metrics.negotiated();
@@ -483,10 +492,10 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
     }))
 }
 
-/// `GET /metrics`: Prometheus text format.
+/// `GET /metrics`: the OpenMetrics text format (Prometheus scrapes it).
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
-        .insert_header((CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8"))
+        .insert_header((CONTENT_TYPE, crate::metrics::CONTENT_TYPE))
         .body(
             state
                 .metrics

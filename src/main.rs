@@ -9,6 +9,14 @@ use anyhow::Context;
 use clap::Parser;
 use stickless::{demo, App, Settings};
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Command line: the settings, plus the container health check.
 #[derive(Parser)]
 #[command(

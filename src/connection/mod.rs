@@ -12,7 +12,7 @@ pub mod session;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -58,6 +58,18 @@ struct State {
     idle_since: Instant,
 }
 
+/// The queues and signals of a connection, made when something first needs them
+/// (usually its first transport request), so that a negotiated connection that never
+/// starts costs only its ids and a registry entry.
+#[derive(Debug)]
+struct Queues {
+    outbox: Outbox,
+    outbound: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
+    inbound_tx: mpsc::Sender<Bytes>,
+    inbound_rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
+    polls: watch::Sender<u64>,
+}
+
 /// One client's connection.
 #[derive(Debug)]
 pub struct Connection {
@@ -65,14 +77,16 @@ pub struct Connection {
     pub id: ConnectionId,
     /// The token the client presents as `?id=`.
     pub token: ConnectionToken,
-    outbox: Outbox,
-    outbound: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
-    inbound_tx: mpsc::Sender<Bytes>,
-    inbound_rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
+    queues: OnceLock<Queues>,
+    queue_length: usize,
+    metrics: Arc<Metrics>,
     state: Mutex<State>,
-    polls: watch::Sender<u64>,
     close_sent: AtomicBool,
     finished: AtomicBool,
+    /// Negotiated, and no transport started yet (counted in the metrics' pending gauge).
+    pending: AtomicBool,
+    /// Closed before its queues were made: they never will be needed.
+    closed_early: AtomicBool,
 }
 
 /// A transport request holding a connection; dropping it marks the connection idle.
@@ -98,23 +112,21 @@ impl Connection {
         queue_length: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let (outbox, outbound) = Outbox::new(id.clone(), queue_length, metrics);
-        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CHUNKS);
         Self {
             id,
             token,
-            outbox,
-            outbound: Arc::new(tokio::sync::Mutex::new(outbound)),
-            inbound_tx,
-            inbound_rx: Mutex::new(Some(inbound_rx)),
+            queues: OnceLock::new(),
+            queue_length,
+            metrics,
             state: Mutex::new(State {
                 transport: None,
                 active: 0,
                 idle_since: Instant::now(),
             }),
-            polls: watch::channel(0).0,
             close_sent: AtomicBool::new(false),
             finished: AtomicBool::new(false),
+            pending: AtomicBool::new(true),
+            closed_early: AtomicBool::new(false),
         }
     }
 
@@ -123,9 +135,40 @@ impl Connection {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Asks the connection to close, without making queues for one that never had them
+    /// (a negotiation that expired costs nothing more to drop).
+    fn close(&self, closing: Closing) {
+        if self.queues.get().is_none() {
+            self.closed_early.store(true, Ordering::Release);
+        }
+        // Queues made meanwhile are closed here; later ones are made closed.
+        if let Some(queues) = self.queues.get() {
+            queues.outbox.close(closing);
+        }
+    }
+
+    fn queues(&self) -> &Queues {
+        self.queues.get_or_init(|| {
+            let (outbox, outbound) =
+                Outbox::new(self.id.clone(), self.queue_length, self.metrics.clone());
+            let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CHUNKS);
+            let queues = Queues {
+                outbox,
+                outbound: Arc::new(tokio::sync::Mutex::new(outbound)),
+                inbound_tx,
+                inbound_rx: Mutex::new(Some(inbound_rx)),
+                polls: watch::channel(0).0,
+            };
+            if self.closed_early.load(Ordering::Acquire) {
+                queues.outbox.close(Closing::silent());
+            }
+            queues
+        })
+    }
+
     /// The outbound queue and close signal.
     pub fn outbox(&self) -> &Outbox {
-        &self.outbox
+        &self.queues().outbox
     }
 
     /// The transport the connection is bound to, once one started.
@@ -146,7 +189,7 @@ impl Connection {
         let draining = kind == TransportKind::LongPolling
             && state.transport == Some(kind)
             && !self.finished.load(Ordering::Acquire);
-        if self.outbox.is_closing() && !draining {
+        if self.outbox().is_closing() && !draining {
             return Err(ConnectionError::Gone);
         }
         let first = match state.transport {
@@ -168,27 +211,28 @@ impl Connection {
 
     /// Hands bytes from the client to the session, waiting while its inbound queue is full.
     pub async fn receive(&self, bytes: Bytes) -> Result<(), ConnectionError> {
-        let mut closing = self.outbox.closing();
+        let mut closing = self.outbox().closing();
         tokio::select! {
-            sent = self.inbound_tx.send(bytes) => sent.map_err(|_| ConnectionError::Gone),
+            sent = self.queues().inbound_tx.send(bytes) => sent.map_err(|_| ConnectionError::Gone),
             _ = closed(&mut closing) => Err(ConnectionError::Gone),
         }
     }
 
     /// The outbound queue's receiving end, for the one transport request that drains it.
     pub async fn outbound(&self) -> OwnedMutexGuard<mpsc::Receiver<Bytes>> {
-        self.outbound.clone().lock_owned().await
+        self.queues().outbound.clone().lock_owned().await
     }
 
     /// Starts a new long poll: returns its number and a receiver that changes when a newer
     /// poll starts, which ends this one (ASP.NET `HttpConnectionContext.CancelPreviousPoll`).
     pub fn begin_poll(&self) -> (u64, watch::Receiver<u64>) {
         let mut number = 0;
-        self.polls.send_modify(|current| {
+        let polls = &self.queues().polls;
+        polls.send_modify(|current| {
             *current += 1;
             number = *current;
         });
-        (number, self.polls.subscribe())
+        (number, polls.subscribe())
     }
 
     /// True the first time it is called: the Close record is sent once, even when a
@@ -201,6 +245,13 @@ impl Connection {
     /// now on it is gone (404), even before the sweeper forgets it.
     pub fn finish(&self) {
         self.finished.store(true, Ordering::Release);
+    }
+
+    /// Ends the connection's pending state once: its transport started, or it is gone.
+    fn settle(&self, metrics: &Metrics) {
+        if self.pending.swap(false, Ordering::AcqRel) {
+            metrics.pending_negotiation(-1);
+        }
     }
 
     fn idle_for(&self) -> Option<Duration> {
@@ -241,6 +292,7 @@ impl Connections {
             self.config.outbound_queue_length,
             self.metrics.clone(),
         ));
+        self.metrics.pending_negotiation(1);
         self.by_token
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -259,7 +311,8 @@ impl Connections {
 
     /// Closes a connection and forgets it at once.
     pub fn dispose(&self, connection: &Connection) {
-        connection.outbox.close(Closing::silent());
+        connection.close(Closing::silent());
+        connection.settle(&self.metrics);
         self.by_token
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -284,7 +337,7 @@ impl Connections {
             .cloned()
             .collect();
         for connection in all {
-            connection.outbox.close(closing.clone());
+            connection.close(closing.clone());
         }
     }
 
@@ -296,7 +349,9 @@ impl Connections {
         user: Option<String>,
         request: RequestHead,
     ) {
+        connection.settle(&self.metrics);
         let inbound = connection
+            .queues()
             .inbound_rx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -389,6 +444,24 @@ mod tests {
         assert_eq!(
             c.activate(TransportKind::WebSockets).unwrap_err(),
             ConnectionError::WrongTransport
+        );
+    }
+
+    #[test]
+    fn pending_negotiations_are_counted_until_started_or_dropped() {
+        let registry = connections(Duration::from_secs(15));
+        let started = connection(&registry);
+        let dropped = connection(&registry);
+        let _waiting = connection(&registry);
+        assert_eq!(registry.metrics.pending_negotiations(), 3);
+        started.settle(&registry.metrics);
+        registry.dispose(&dropped);
+        registry.dispose(&dropped);
+        assert_eq!(registry.metrics.pending_negotiations(), 1);
+        assert!(dropped.queues.get().is_none(), "dropping made queues");
+        assert_eq!(
+            dropped.activate(TransportKind::WebSockets).unwrap_err(),
+            ConnectionError::Gone
         );
     }
 

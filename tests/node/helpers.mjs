@@ -699,7 +699,8 @@ export async function metric(bases, name, labels = {}) {
   let total = 0;
   for (const base of Array.isArray(bases) ? bases : [bases]) {
     const { series, families } = await scrape(base);
-    let found = families.has(name);
+    // OpenMetrics declares a counter's family without its `_total` suffix.
+    let found = families.has(name) || families.has(name.replace(/_total$/, ""));
     for (const [key, value] of series) {
       if (key.replace(/\{.*$/, "") !== name) continue;
       found = true;
