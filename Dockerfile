@@ -48,7 +48,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src/bin \
  && echo 'fn main() {}' > src/main.rs \
- && echo 'fn main() {}' > src/bin/stickless-cluster.rs \
+ && mkdir -p src/bin/stickless-cluster && echo 'fn main() {}' > src/bin/stickless-cluster/main.rs \
  && touch src/lib.rs \
  && cargo build --release --locked --bin stickless \
  && rm -rf src

@@ -85,7 +85,6 @@
 //!   recent messages, in Redis or in process: state for chat-like hubs.
 //! - [`protocol`]: the SignalR wire format, pure and unit-tested.
 //! - [`demo`]: the demo's hubs — the module a template user replaces.
-//! - [`devcluster`]: redis-server, N instances and nginx on loopback, for tests and demos.
 
 pub(crate) mod app;
 pub(crate) mod bus;
@@ -93,7 +92,6 @@ pub(crate) mod clients;
 pub mod config;
 pub(crate) mod connection;
 pub mod demo;
-pub mod devcluster;
 pub(crate) mod forwarding;
 pub(crate) mod http;
 pub(crate) mod hub;

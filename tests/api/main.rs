@@ -14,7 +14,12 @@
 //! Run with `cargo test --test api`.
 
 mod cluster;
+// The cluster launcher's code, shared with the `stickless-cluster` binary: it is dev
+// tooling, so it stays out of the library.
 mod conformance;
+#[path = "../../src/bin/stickless-cluster/devcluster.rs"]
+#[allow(dead_code)]
+mod devcluster;
 mod helpers;
 mod logs;
 mod redis_cluster;

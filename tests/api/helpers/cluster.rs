@@ -1,11 +1,11 @@
 //! A real cluster: redis-server, N `stickless` processes and nginx with the repo's own
-//! nginx.conf, started by the project's launcher (`stickless::devcluster`), which gives
+//! nginx.conf, started by the project's launcher (`src/bin/stickless-cluster/devcluster.rs`, compiled into this test binary), which gives
 //! each child a cleared environment and explicit settings.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use stickless::devcluster::{Cluster, ClusterOptions};
+use crate::devcluster::{Cluster, ClusterOptions};
 
 use super::app::static_dir;
 use super::http::Api;
