@@ -223,9 +223,13 @@ pub fn render_nginx_conf(
         .map(|port| format!("        server 127.0.0.1:{port};\n"))
         .collect();
     // A proxy_pass variable whose value names an `upstream` group uses that group (round
-    // robin, keep-alive) instead of the resolver.
+    // robin, keep-alive) instead of the resolver. The `zone` shares one rotation among all
+    // nginx workers (`worker_processes auto`): without it each worker rotates on its own,
+    // and a client whose requests all reach one worker in a multiple of N (an SSE client's
+    // negotiate, handshake and first invocation, with its event stream on another worker)
+    // negotiates on the same instance every time.
     let group = format!(
-        "\n    upstream stickless {{\n{servers}        keepalive 32;\n    }}\n    map $host $stickless_upstream {{\n        default stickless;\n    }}\n"
+        "\n    upstream stickless {{\n        zone stickless 64k;\n{servers}        keepalive 32;\n    }}\n    map $host $stickless_upstream {{\n        default stickless;\n    }}\n"
     );
     let conf = format!("{head}{BEGIN}{group}    {END}{tail}");
     if !conf.contains("listen 8080;") {
@@ -431,7 +435,7 @@ mod tests {
         let conf = render_nginx_conf(&template, 9000, &[9001, 9002], Path::new("/tmp/x")).unwrap();
         assert!(conf.contains("listen 127.0.0.1:9000;"));
         assert!(conf.contains(
-            "upstream stickless {\n        server 127.0.0.1:9001;\n        server 127.0.0.1:9002;\n        keepalive 32;\n    }"
+            "upstream stickless {\n        zone stickless 64k;\n        server 127.0.0.1:9001;\n        server 127.0.0.1:9002;\n        keepalive 32;\n    }"
         ));
         assert!(conf.contains("default stickless;"));
         // Docker's DNS is not there outside a container.

@@ -279,7 +279,9 @@ async fn presence_announces_joins_and_leaves_to_the_others() {
 async fn counter_takes_at_most_1000_items_and_10000_ms_between_them() {
     let app = spawn_app().await;
     let mut ws = WsClient::connect(&app).await;
-    let limits = "Counter takes at most 1000 items and 10000 ms between them.";
+    // A HubError::new text reaches the caller as ASP.NET words a HubException's.
+    let limits = "An unexpected error occurred invoking 'Counter' on the server. \
+                  HubException: Counter takes at most 1000 items and 10000 ms between them.";
 
     for (id, arguments) in [
         ("over-count", json!([1001, 0])),

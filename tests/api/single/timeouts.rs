@@ -51,7 +51,12 @@ async fn a_websocket_client_silent_after_its_first_ping_is_closed_after_the_clie
 
 #[actix_web::test]
 async fn a_websocket_client_that_never_pings_is_not_timed_out() {
-    let app = spawn_app_with(|s| s.client_timeout = Duration::from_secs(1)).await;
+    // Detailed errors name the cause, so the control's Close is shown to be the timeout's.
+    let app = spawn_app_with(|s| {
+        s.client_timeout = Duration::from_secs(1);
+        s.enable_detailed_errors = true;
+    })
+    .await;
     let mut silent = WsClient::connect(&app).await;
     // The control, connected after the silent one: it pings once, then is timed out.
     let mut control = WsClient::connect(&app).await;
@@ -59,7 +64,11 @@ async fn a_websocket_client_that_never_pings_is_not_timed_out() {
     let close = control
         .recv("the control's Close message", &|r| is_type(r, 7))
         .await;
-    assert!(close_error(&close).contains("timeout"), "{close}");
+    assert_eq!(
+        close_error(&close),
+        "Connection closed with an error. \
+         TimeoutException: The client sent nothing for 1s (client timeout)."
+    );
 
     // The silent client has been silent longer than the control, and is still served.
     assert_eq!(
