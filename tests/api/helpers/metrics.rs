@@ -67,8 +67,13 @@ pub fn rejections(reason: &str) -> String {
 pub fn families(text: &str) -> Vec<String> {
     text.lines()
         .filter_map(|line| line.strip_prefix("# TYPE "))
-        .filter_map(|rest| rest.split(' ').next())
-        .map(str::to_owned)
+        .filter_map(|rest| rest.split_once(' '))
+        .flat_map(|(name, kind)| {
+            // OpenMetrics names a counter's family without the `_total` its samples carry
+            // (`# TYPE x counter`, then `x_total 3`): the family answers to both names.
+            let total = (kind.trim() == "counter").then(|| format!("{name}_total"));
+            std::iter::once(name.to_owned()).chain(total)
+        })
         .collect()
 }
 
