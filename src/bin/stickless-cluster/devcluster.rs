@@ -227,9 +227,13 @@ pub fn render_nginx_conf(
     // nginx workers (`worker_processes auto`): without it each worker rotates on its own,
     // and a client whose requests all reach one worker in a multiple of N (an SSE client's
     // negotiate, handshake and first invocation, with its event stream on another worker)
-    // negotiates on the same instance every time.
+    // negotiates on the same instance every time. `keepalive_timeout` stays below the
+    // instances' own keep-alive (actix-web closes an idle connection after 5 s): otherwise
+    // nginx reuses a connection the instance is closing, counts the error against that
+    // instance and stops sending it anything for `fail_timeout` (10 s), which funnels a
+    // loaded cluster's clients onto a few instances.
     let group = format!(
-        "\n    upstream stickless {{\n        zone stickless 64k;\n{servers}        keepalive 32;\n    }}\n    map $host $stickless_upstream {{\n        default stickless;\n    }}\n"
+        "\n    upstream stickless {{\n        zone stickless 64k;\n{servers}        keepalive 32;\n        keepalive_timeout 4s;\n    }}\n    map $host $stickless_upstream {{\n        default stickless;\n    }}\n"
     );
     let conf = format!("{head}{BEGIN}{group}    {END}{tail}");
     if !conf.contains("listen 8080;") {
@@ -435,7 +439,7 @@ mod tests {
         let conf = render_nginx_conf(&template, 9000, &[9001, 9002], Path::new("/tmp/x")).unwrap();
         assert!(conf.contains("listen 127.0.0.1:9000;"));
         assert!(conf.contains(
-            "upstream stickless {\n        zone stickless 64k;\n        server 127.0.0.1:9001;\n        server 127.0.0.1:9002;\n        keepalive 32;\n    }"
+            "upstream stickless {\n        zone stickless 64k;\n        server 127.0.0.1:9001;\n        server 127.0.0.1:9002;\n        keepalive 32;\n        keepalive_timeout 4s;\n    }"
         ));
         assert!(conf.contains("default stickless;"));
         // Docker's DNS is not there outside a container.
