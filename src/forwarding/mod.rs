@@ -579,6 +579,18 @@ fn from_client(item: Option<Result<AggregatedMessage, actix_ws::ProtocolError>>)
     }
 }
 
+/// A relayed client's frames, whole (continuations joined), none larger than the owner
+/// would take itself.
+fn client_frames(
+    messages: actix_ws::MessageStream,
+    max_frame_size: usize,
+) -> actix_ws::AggregatedMessageStream {
+    messages
+        .max_frame_size(max_frame_size)
+        .aggregate_continuations()
+        .max_continuation_size(max_frame_size)
+}
+
 /// Carries a client's WebSocket to the owner over the bus, frames both ways, until either
 /// side closes. Frames already waiting on one side travel together.
 async fn relay_websocket(
@@ -587,10 +599,7 @@ async fn relay_websocket(
     mut exchange: Exchange,
     max_frame_size: usize,
 ) {
-    let mut messages = messages
-        .max_frame_size(max_frame_size)
-        .aggregate_continuations()
-        .max_continuation_size(max_frame_size);
+    let mut messages = client_frames(messages, max_frame_size);
     loop {
         tokio::select! {
             first = messages.next() => {
@@ -661,10 +670,7 @@ async fn relay(
     mut upstream: actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>,
     max_frame_size: usize,
 ) {
-    let mut messages = messages
-        .max_frame_size(max_frame_size)
-        .aggregate_continuations()
-        .max_continuation_size(max_frame_size);
+    let mut messages = client_frames(messages, max_frame_size);
     loop {
         tokio::select! {
             from_client = messages.next() => {

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use stickless::{demo, App, Hub, HubBuilder, HubContext, HubError, InstanceId};
 
-use crate::helpers::app::test_settings;
+use crate::helpers::app::{start, test_settings};
 use crate::helpers::{eventually, is_call, within, Api, HubClient, LpClient, TestApp, WsClient};
 
 /// Masters in the test cluster.
@@ -348,24 +348,16 @@ async fn spawn_instance(redis: &RedisCluster, name: &str) -> TestApp {
     settings.redis_cluster_urls = redis.urls();
     settings.cluster_secret = Some(SECRET.into());
     settings.instance_id = Some(InstanceId::parse(name).expect("an instance id"));
-    let application = App::new(settings)
-        .hub("/chat", test_hub())
-        .user_id(demo::user_id)
-        .build()
-        .await
-        .expect("the application builds");
-    let port = application.port();
-    let handle = application.handle();
-    actix_web::rt::spawn(application.run_until_stopped());
-    let api = Api::new(format!("http://127.0.0.1:{port}"));
-    wait_for_status(&api, "ok").await;
-    assert_eq!(api.healthz().await["backplane"], "redis-cluster");
-    TestApp {
-        port,
-        handle,
-        instance: name.to_owned(),
-        api,
-    }
+    let app = start(
+        App::new(settings)
+            .hub("/chat", test_hub())
+            .user_id(demo::user_id),
+    )
+    .await;
+    assert_eq!(app.instance, name);
+    wait_for_status(&app.api, "ok").await;
+    assert_eq!(app.api.healthz().await["backplane"], "redis-cluster");
+    app
 }
 
 /// Waits until `/healthz` of `api` reports `status`.

@@ -61,10 +61,12 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = test_settings();
     configure(&mut settings);
-    let application = stickless::demo::app(settings)
-        .build()
-        .await
-        .expect("the application builds");
+    start(stickless::demo::app(settings)).await
+}
+
+/// Builds `app`, runs it in the background, and names it by what `/healthz` says.
+pub async fn start(app: stickless::App) -> TestApp {
+    let application = app.build().await.expect("the application builds");
     let port = application.port();
     let handle = application.handle();
     actix_web::rt::spawn(application.run_until_stopped());
