@@ -25,7 +25,13 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use stickless::devcluster::{Cluster, ClusterOptions};
+// The cluster launcher's code, shared with the `stickless-cluster` binary (dev tooling,
+// not part of the library).
+#[path = "../src/bin/stickless-cluster/devcluster.rs"]
+#[allow(dead_code)]
+mod devcluster;
+
+use devcluster::{Cluster, ClusterOptions};
 
 const RS: char = '\u{1e}';
 /// Invocations in flight on the benchmarked WebSocket.
@@ -146,8 +152,7 @@ fn metric_sum(cluster: &Cluster, prefix: &str) -> f64 {
                 .parse()
                 .expect("address");
             let (_, body) =
-                stickless::devcluster::http_get(address, "/metrics", Duration::from_secs(3))
-                    .expect("metrics");
+                devcluster::http_get(address, "/metrics", Duration::from_secs(3)).expect("metrics");
             body.lines()
                 .filter(|line| line.starts_with(prefix))
                 .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, one command, on a fresh Debian or Ubuntu machine with Rust:
 #   - installs what is missing (apt: redis-server, nginx, chromium, nodejs, npm,
-#     python3-venv; npm packages from package-lock.json; never a downloaded browser),
+#     python3-venv; npm packages from package-lock.json; never a downloaded browser;
+#     signalrcore, pysignalr and pytest pinned in tests/python/requirements.txt, in a venv),
 #   - builds once,
 #   - runs the Rust tests (unit + integration, real redis-server and nginx) alongside the
 #     single-instance Node suites (official @microsoft/signalr client, chat page in
-#     Chromium), then the Node cluster suites,
+#     Chromium) and the Docker Compose suite (scripts/compose-test.sh), then the Node
+#     cluster suites beside the third-party Python clients,
 #   - prints each suite's output whole when it ends, then every runner's own summary lines,
 #   - exits non-zero if anything failed.
 # Works without a terminal and with CI=true. Suite logs are kept in target/test-logs/.
@@ -49,8 +51,14 @@ command -v cargo >/dev/null || die "cargo is required (https://rustup.rs)"
 say "npm packages (from package-lock.json)"
 npm ci --no-audit --no-fund --no-progress --loglevel=error || die "npm ci failed"
 
+say "Python packages (tests/python/requirements.txt, pinned) in target/interop-venv"
+VENV="$PWD/target/interop-venv"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV" || die "python3 -m venv failed"
+"$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt \
+  || die "pip install failed"
+
 say "build"
-cargo build --bins --locked || die "cargo build failed"
+cargo build --bins --example testhub --locked || die "cargo build failed"
 cargo test --locked --no-run || die "building the Rust tests failed"
 
 # ---------------------------------------------------------------------------------------
@@ -84,50 +92,52 @@ finish_suite() {
   cat "$LOGS/$name.log"
 }
 
-say "Rust tests and single-instance Node suites, in parallel"
+say "Rust tests, single-instance Node suites and the Docker Compose suite, in parallel"
+# The compose suite (scripts/compose-test.sh) spends its first minutes fetching Debian
+# packages and building images, so it runs beside the others. It needs root (dockerd);
+# STICKLESS_SKIP_COMPOSE=1 leaves out everything but its validation step.
+start_suite compose as_root env STICKLESS_SKIP_COMPOSE="${STICKLESS_SKIP_COMPOSE:-}" \
+  STICKLESS_BIN="$STICKLESS_BIN" ./scripts/compose-test.sh
 start_suite rust cargo test --locked -- --test-threads="${TEST_THREADS:-2}"
-start_suite node-single "${NODE_TEST[@]}" \
-  tests/node/single.test.mjs tests/node/official-client.test.mjs tests/node/browser.test.mjs \
-  tests/node/stateful.test.mjs
+# Single-instance suites: one instance each. Every other tests/node/*.test.mjs starts
+# clusters, and runs after them, so that a new test file cannot be left out.
+SINGLE_NODE=(tests/node/single.test.mjs tests/node/official-client.test.mjs tests/node/browser.test.mjs
+  tests/node/testhub.test.mjs tests/node/stateful.test.mjs)
+CLUSTER_NODE=()
+for file in tests/node/*.test.mjs; do
+  case " ${SINGLE_NODE[*]} " in *" $file "*) ;; *) CLUSTER_NODE+=("$file") ;; esac
+done
+start_suite node-single "${NODE_TEST[@]}" "${SINGLE_NODE[@]}"
 finish_suite node-single
 finish_suite rust
 
-say "Node cluster suites (official client through nginx, real redis-server)"
-start_suite node-cluster "${NODE_TEST[@]}" tests/node/cluster.test.mjs tests/node/cluster-routing.test.mjs \
-  tests/node/msgpack.test.mjs tests/node/stateful-cluster.test.mjs
+say "Node cluster suites and the third-party Python clients, in parallel"
+start_suite node-cluster "${NODE_TEST[@]}" "${CLUSTER_NODE[@]}"
+# signalrcore and pysignalr (tests/python), one instance and a cluster each.
+start_suite python "$VENV/bin/pytest" tests/python -p no:cacheprovider -ra
+finish_suite python
 finish_suite node-cluster
 
-# Interop with third-party Python clients (tests/python): signalrcore and pysignalr from
-# PyPI, pinned with pytest in tests/python/requirements.txt, in a virtual environment under
-# target/. pytest exits 5 when it collected no tests: that fails the run too.
-python_suite() {
-  local venv=target/interop-venv
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv" || return 1
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt || return 1
-  "$venv/bin/pytest" tests/python -p no:cacheprovider -ra
-}
-say "interop tests with third-party Python clients (signalrcore, pysignalr)"
-start_suite python python_suite
-finish_suite python
-
-# --- hook: the lead adds the Docker Compose suite (scripts/compose-test.sh) here ---------
+finish_suite compose
 
 # ---------------------------------------------------------------------------------------
 # Summary: each runner's own closing lines
 # ---------------------------------------------------------------------------------------
 say "summary"
 failed=0
-for name in rust node-single node-cluster python; do
+for name in rust node-single node-cluster python compose; do
   echo "-- $name (exit ${status[$name]})"
   case $name in
     rust) grep -E '^test result:' "$LOGS/$name.log" ;;
+    compose) grep -E '^compose: [0-9]+ passed, [0-9]+ failed' "$LOGS/$name.log" ;;
     python) grep -E '^=+ .*(passed|failed|error|no tests ran).* =+$' "$LOGS/$name.log" ;;
     *) grep -E '^# (tests|pass|fail|cancelled|skipped|todo) [0-9]+$' "$LOGS/$name.log" ;;
   esac
+  # pytest exits 5 when it collected no tests: a failure too.
   [ "${status[$name]}" = 0 ] || failed=1
 done
+# The run ends with the runners' own summary lines above; the verdict goes to stderr.
 if [ "$failed" -ne 0 ]; then
-  echo "FAILED: see the logs above (and $LOGS/)"
+  echo "FAILED: see the logs above (and $LOGS/)" >&2
   exit 1
 fi
-echo "all suites passed"

@@ -24,7 +24,8 @@ use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use actix_web::HttpRequest;
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::{web, HttpRequest};
 use rand::RngCore;
 
 use crate::bus;
@@ -34,7 +35,7 @@ use crate::config::Settings;
 use crate::connection::{Connections, SessionConfig};
 use crate::forwarding;
 use crate::forwarding::relay::Relay;
-use crate::http::{max_body_size, AppState, HubEndpoint};
+use crate::http::{max_body_size, AppState, HubEndpoint, ResponseHeadersFn, RoutesFn};
 use crate::hub::host::HubHost;
 use crate::hub::{HubBuilder, UserIdProvider};
 use crate::metrics::Metrics;
@@ -47,6 +48,8 @@ pub struct App {
     settings: Settings,
     hubs: Vec<(String, HubBuilder)>,
     user_id: UserIdProvider,
+    routes: Option<RoutesFn>,
+    response_headers: Option<ResponseHeadersFn>,
 }
 
 impl App {
@@ -56,7 +59,30 @@ impl App {
             settings,
             hubs: Vec::new(),
             user_id: Arc::new(|_: &HttpRequest| None),
+            routes: None,
+            response_headers: None,
         }
+    }
+
+    /// Adds the application's own HTTP routes beside the hubs (e.g. a token endpoint),
+    /// as actix-web's `App::configure` does. They take precedence over the chat page's
+    /// static files, not over the hubs' paths.
+    pub fn routes(
+        mut self,
+        routes: impl Fn(&mut web::ServiceConfig) + Send + Sync + 'static,
+    ) -> Self {
+        self.routes = Some(Arc::new(routes));
+        self
+    }
+
+    /// Adds headers to every response, chosen from its request (e.g. `Set-Cookie` on
+    /// negotiate responses), as an ASP.NET middleware can.
+    pub fn response_headers(
+        mut self,
+        headers: impl Fn(&HttpRequest) -> Vec<(HeaderName, HeaderValue)> + Send + Sync + 'static,
+    ) -> Self {
+        self.response_headers = Some(Arc::new(headers));
+        self
     }
 
     /// Mounts `hub` at `path` (e.g. `/chat`): clients connect to `{path}` after
@@ -126,6 +152,7 @@ impl App {
             }
             let host = Arc::new(
                 HubHost::new(hub, bus, instance.clone())
+                    .with_client_result_timeout(settings.client_result_timeout)
                     .with_detailed_errors(settings.enable_detailed_errors),
             );
             tokio::spawn(host.clone().drain(events, discovery, frames));
@@ -164,6 +191,8 @@ impl App {
             relay,
             metrics,
             stopping: AtomicBool::new(false),
+            routes: self.routes,
+            response_headers: self.response_headers,
         };
         Application::start(state, ClusterKey::from_secret(&secret))
     }

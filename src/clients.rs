@@ -7,18 +7,32 @@
 //! instance ignores its own messages). The message is encoded once per protocol, whatever
 //! the audience: each recipient gets the record of its connection's protocol from one
 //! shared [`EncodedMessage`], and the bus carries the JSON record.
+//!
+//! One client can also be asked for a result ([`SingleClient::invoke`], ASP.NET's client
+//! results): the invocation carries an id, the client answers with a Completion, and
+//! [`ClientResults`] matches the answer to the waiting method — across instances when the
+//! client is held elsewhere (the owner relays its Completion back over the bus).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
+use tokio::sync::oneshot;
 
-use crate::bus::{Audience, Bus, Envelope, GroupCommand, Topic};
+use crate::bus::{Audience, Bus, ClientInvocation, ClientReply, Envelope, GroupCommand, Topic};
 use crate::outbox::{Outbox, Pushed};
 use crate::protocol::hub_protocol::{EncodedMessage, HubProtocol};
-use crate::protocol::message::HubMessage;
-use crate::protocol::token::ConnectionId;
+use crate::protocol::message::{HubMessage, Outcome};
+use crate::protocol::token::{ConnectionId, InstanceId};
+
+/// How long a hub method waits for a client's result by default (`CLIENT_RESULT_TIMEOUT`).
+/// ASP.NET waits forever unless the method passes a cancellation token; a server with
+/// many instances wants a bound, so that a lost answer never pins a method for good.
+pub const DEFAULT_CLIENT_RESULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A message could not be sent.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +40,205 @@ pub enum SendError {
     /// The arguments do not serialize to JSON.
     #[error("arguments could not be serialized: {0}")]
     Arguments(#[from] serde_json::Error),
+}
+
+/// A client asked for a result did not give one. The texts follow ASP.NET's.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// No instance holds the connection.
+    #[error("Connection '{0}' does not exist.")]
+    NotConnected(ConnectionId),
+    /// The connection ended before it answered.
+    #[error("Connection '{0}' disconnected.")]
+    Disconnected(ConnectionId),
+    /// The client answered with an error, e.g. `Client didn't provide a result.` when it
+    /// has no handler for the method.
+    #[error("{0}")]
+    Client(String),
+    /// No answer came within the timeout (`CLIENT_RESULT_TIMEOUT`).
+    #[error("Connection '{connection}' did not answer '{method}' within {}s.", timeout.as_secs())]
+    TimedOut {
+        /// The connection asked.
+        connection: ConnectionId,
+        /// The client method.
+        method: String,
+        /// The time it had.
+        timeout: Duration,
+    },
+    /// The answer is not of the type the method expects.
+    #[error("the result of '{method}' is not of the expected type: {error}")]
+    WrongType {
+        /// The client method.
+        method: String,
+        /// Why it did not deserialize.
+        error: serde_json::Error,
+    },
+    /// The arguments do not serialize.
+    #[error(transparent)]
+    Send(#[from] SendError),
+}
+
+/// Who waits for an answer.
+#[derive(Debug)]
+enum Waiter {
+    /// A method on this instance.
+    Here(oneshot::Sender<Outcome>),
+    /// A method on another instance: the answer is relayed there.
+    Elsewhere(InstanceId),
+}
+
+/// A client's result waited for: by whom, from which connection.
+#[derive(Debug)]
+struct Pending {
+    connection: ConnectionId,
+    waiter: Waiter,
+}
+
+/// What to do with a client's Completion.
+#[derive(Debug, PartialEq)]
+pub enum Answered {
+    /// It was no result anybody waits for (unknown ids are ignored, as ASP.NET does).
+    Unknown,
+    /// A method on this instance has it.
+    Delivered,
+    /// It belongs to a method on another instance: publish this.
+    Relay(ClientReply),
+}
+
+/// The client results this instance waits for, or relays, by invocation id.
+#[derive(Debug)]
+pub struct ClientResults {
+    instance: InstanceId,
+    timeout: Duration,
+    next: AtomicU64,
+    pending: Mutex<HashMap<String, Pending>>,
+}
+
+impl ClientResults {
+    /// No results waited for yet; methods wait at most `timeout`.
+    pub fn new(instance: InstanceId, timeout: Duration) -> Self {
+        Self {
+            instance,
+            timeout,
+            next: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
+        // Entries are inserted and removed whole; a poisoned map is still consistent.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new invocation id, unique in the cluster (it names this instance).
+    fn next_id(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{n}.{}", self.instance)
+    }
+
+    /// Waits here for `connection`'s answer to `id`.
+    fn expect(&self, connection: &ConnectionId, id: &str) -> oneshot::Receiver<Outcome> {
+        let (tx, rx) = oneshot::channel();
+        let pending = Pending {
+            connection: connection.clone(),
+            waiter: Waiter::Here(tx),
+        };
+        self.lock().insert(id.to_owned(), pending);
+        rx
+    }
+
+    fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    /// Relays `connection`'s answer to `id` to the instance `reply_to`.
+    pub fn relay(&self, connection: &ConnectionId, id: &str, reply_to: InstanceId) {
+        let pending = Pending {
+            connection: connection.clone(),
+            waiter: Waiter::Elsewhere(reply_to),
+        };
+        self.lock().insert(id.to_owned(), pending);
+    }
+
+    /// A Completion from `connection`: hands it to the method waiting here, or says where
+    /// to relay it. Only the connection asked can answer (ASP.NET checks this too).
+    pub fn complete(&self, connection: &ConnectionId, id: &str, outcome: Outcome) -> Answered {
+        let mut pending = self.lock();
+        match pending.get(id) {
+            Some(entry) if &entry.connection == connection => {}
+            _ => return Answered::Unknown,
+        }
+        let Some(entry) = pending.remove(id) else {
+            return Answered::Unknown;
+        };
+        drop(pending);
+        self.settle(entry.waiter, id, outcome)
+    }
+
+    fn settle(&self, waiter: Waiter, id: &str, outcome: Outcome) -> Answered {
+        match waiter {
+            Waiter::Here(tx) => {
+                let _ = tx.send(outcome); // The method may have timed out meanwhile.
+                Answered::Delivered
+            }
+            Waiter::Elsewhere(to) => Answered::Relay(ClientReply {
+                to,
+                invocation_id: id.to_owned(),
+                outcome,
+            }),
+        }
+    }
+
+    /// An answer relayed from the instance holding the client.
+    pub fn answer(&self, reply: ClientReply) {
+        let waiter = self.lock().remove(&reply.invocation_id);
+        if let Some(Pending {
+            waiter: Waiter::Here(tx),
+            ..
+        }) = waiter
+        {
+            let _ = tx.send(reply.outcome);
+        }
+    }
+
+    /// A connection ended: every answer it still owed fails with "disconnected"; the
+    /// replies to relay to other instances are returned.
+    pub fn disconnected(&self, connection: &ConnectionId) -> Vec<ClientReply> {
+        let owed: Vec<(String, Pending)> = {
+            let mut pending = self.lock();
+            let ids: Vec<String> = pending
+                .iter()
+                .filter(|(_, entry)| &entry.connection == connection)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| pending.remove(&id).map(|entry| (id, entry)))
+                .collect()
+        };
+        // A method here sees its waiter dropped: `Disconnected`. One elsewhere gets the
+        // same text as a client's error (the bus carries outcomes, not error kinds).
+        let error = InvokeError::Disconnected(connection.clone()).to_string();
+        owed.into_iter()
+            .filter_map(|(id, entry)| match entry.waiter {
+                Waiter::Here(_) => None,
+                Waiter::Elsewhere(to) => Some(ClientReply {
+                    to,
+                    invocation_id: id,
+                    outcome: Outcome::Error(error.clone()),
+                }),
+            })
+            .collect()
+    }
+
+    /// Results waited for or relayed.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether none are.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[derive(Debug)]
@@ -240,13 +453,24 @@ fn remove_from(
 pub struct Clients {
     local: Arc<LocalClients>,
     bus: Arc<dyn Bus>,
+    results: Arc<ClientResults>,
     caller: ConnectionId,
 }
 
 impl Clients {
     /// The clients API for hub code running on behalf of `caller`.
-    pub fn new(local: Arc<LocalClients>, bus: Arc<dyn Bus>, caller: ConnectionId) -> Self {
-        Self { local, bus, caller }
+    pub fn new(
+        local: Arc<LocalClients>,
+        bus: Arc<dyn Bus>,
+        results: Arc<ClientResults>,
+        caller: ConnectionId,
+    ) -> Self {
+        Self {
+            local,
+            bus,
+            results,
+            caller,
+        }
     }
 
     fn target(&self, audience: Audience) -> Target<'_> {
@@ -268,16 +492,20 @@ impl Clients {
         })
     }
 
-    /// The caller only.
-    pub fn caller(&self) -> Target<'_> {
-        self.target(Audience::Connection(self.caller.clone()))
+    /// The caller only; it can also be asked for a result.
+    pub fn caller(&self) -> SingleClient<'_> {
+        SingleClient {
+            clients: self,
+            connection: self.caller.clone(),
+        }
     }
 
-    /// One connection, on whatever instance.
-    pub fn client(&self, connection_id: &str) -> Target<'_> {
-        self.target(Audience::Connection(ConnectionId::from_untrusted(
-            connection_id,
-        )))
+    /// One connection, on whatever instance; it can also be asked for a result.
+    pub fn client(&self, connection_id: &str) -> SingleClient<'_> {
+        SingleClient {
+            clients: self,
+            connection: ConnectionId::from_untrusted(connection_id),
+        }
     }
 
     /// A group's members, on every instance.
@@ -316,21 +544,120 @@ pub struct Target<'a> {
     audience: Audience,
 }
 
+/// The arguments of a client method: a tuple such as `(text,)` or `(a, b)` for several;
+/// `()` for none; any other value is the one argument.
+fn arguments_of(args: impl Serialize) -> Result<Vec<Value>, SendError> {
+    Ok(match serde_json::to_value(args)? {
+        Value::Array(items) => items,
+        Value::Null => Vec::new(),
+        one => vec![one],
+    })
+}
+
+/// The Invocation of a client method (HubProtocol.md, "Invocation"): with an id it asks
+/// for a result.
+fn invocation(invocation_id: Option<String>, method: &str, arguments: Vec<Value>) -> HubMessage {
+    HubMessage::Invocation {
+        invocation_id,
+        target: method.to_owned(),
+        arguments,
+        stream_ids: Vec::new(),
+    }
+}
+
+/// One connection, chosen with [`Clients::caller`] or [`Clients::client`].
+pub struct SingleClient<'a> {
+    clients: &'a Clients,
+    connection: ConnectionId,
+}
+
+impl SingleClient<'_> {
+    /// Calls `method` on the client with `args` (see [`Target::send`]).
+    pub async fn send(self, method: &str, args: impl Serialize) -> Result<(), SendError> {
+        self.clients
+            .target(Audience::Connection(self.connection))
+            .send(method, args)
+            .await
+    }
+
+    /// Calls `method` on the client and waits for its result (ASP.NET's client results,
+    /// `Clients.Client(id).InvokeAsync<T>`), wherever the client is connected: the
+    /// instance holding it relays its answer back over the bus. Waits at most
+    /// `CLIENT_RESULT_TIMEOUT` (30 s by default).
+    ///
+    /// ```no_run
+    /// # async fn demo(ctx: stickless::HubContext, id: &str) -> Result<(), stickless::HubError> {
+    /// let answer: String = ctx.clients().client(id).invoke("GetName", ()).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn invoke<T: DeserializeOwned>(
+        self,
+        method: &str,
+        args: impl Serialize,
+    ) -> Result<T, InvokeError> {
+        let Clients {
+            local,
+            bus,
+            results,
+            ..
+        } = self.clients;
+        let connection = self.connection;
+        let arguments = arguments_of(args)?;
+        let id = results.next_id();
+        // Waiting starts before the client is asked: its answer can come at once.
+        let answer = results.expect(&connection, &id);
+        if local.contains(&connection) {
+            let message = EncodedMessage::new(invocation(Some(id.clone()), method, arguments));
+            if local.deliver(&Audience::Connection(connection.clone()), &message) == 0 {
+                results.forget(&id);
+                return Err(InvokeError::Disconnected(connection));
+            }
+        } else if bus.is_shared() {
+            if bus.is_heard(Topic::Connection(connection.clone())).await == Some(false) {
+                results.forget(&id);
+                return Err(InvokeError::NotConnected(connection));
+            }
+            let asked = ClientInvocation {
+                connection: connection.clone(),
+                invocation_id: id.clone(),
+                reply_to: results.instance.clone(),
+                target: method.to_owned(),
+                arguments,
+            };
+            bus.publish(Envelope::Invoke(asked)).await;
+        } else {
+            results.forget(&id);
+            return Err(InvokeError::NotConnected(connection));
+        }
+        let outcome = match tokio::time::timeout(results.timeout, answer).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => return Err(InvokeError::Disconnected(connection)),
+            Err(_) => {
+                results.forget(&id);
+                return Err(InvokeError::TimedOut {
+                    connection,
+                    method: method.to_owned(),
+                    timeout: results.timeout,
+                });
+            }
+        };
+        let value = match outcome {
+            Outcome::Void => Value::Null,
+            Outcome::Result(value) => value,
+            Outcome::Error(error) => return Err(InvokeError::Client(error)),
+        };
+        serde_json::from_value(value).map_err(|error| InvokeError::WrongType {
+            method: method.to_owned(),
+            error,
+        })
+    }
+}
+
 impl Target<'_> {
     /// Calls `method` on every recipient with `args`: a tuple such as `(text,)` or
     /// `(a, b)` for several arguments; any other value is sent as the one argument.
     pub async fn send(self, method: &str, args: impl Serialize) -> Result<(), SendError> {
-        let arguments = match serde_json::to_value(args)? {
-            Value::Array(items) => items,
-            Value::Null => Vec::new(),
-            one => vec![one],
-        };
-        let message = EncodedMessage::new(HubMessage::Invocation {
-            invocation_id: None,
-            target: method.to_owned(),
-            arguments,
-            stream_ids: Vec::new(),
-        });
+        let message = EncodedMessage::new(invocation(None, method, arguments_of(args)?));
         let Clients { local, bus, .. } = self.clients;
         local.deliver(&self.audience, &message);
         if let Audience::Connection(id) = &self.audience {

@@ -79,6 +79,26 @@ pub struct Settings {
     #[arg(long, env = "OUTBOUND_QUEUE_LENGTH", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(8..=1_000_000))]
     pub outbound_queue_length: u64,
 
+    /// Items buffered per client-to-server stream before the server stops reading from
+    /// that connection until the hub method takes one (ASP.NET's StreamBufferCapacity).
+    #[arg(long, env = "STREAM_BUFFER_CAPACITY", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub stream_buffer_capacity: u64,
+
+    /// Client-to-server streams one connection may have open at once; an invocation that
+    /// would open more is refused with an error.
+    #[arg(long, env = "MAX_CLIENT_STREAMS", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub max_client_streams: u64,
+
+    /// Longest a hub method waits for a client's result (`invoke`); ASP.NET waits forever.
+    #[arg(long, env = "CLIENT_RESULT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub client_result_timeout: Duration,
+
+    /// Negotiated connections allowed to wait for their transport at once (all hubs);
+    /// past this, negotiate answers 503 and `stickless_negotiations_refused_total` counts
+    /// it. Each waits at most DISCONNECT_TIMEOUT.
+    #[arg(long, env = "MAX_PENDING_NEGOTIATIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pending_negotiations: u64,
+
     /// Origins allowed to connect from other sites (comma-separated); empty = CORS off.
     #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
@@ -131,6 +151,23 @@ pub struct Settings {
     /// Log filter (env_logger syntax).
     #[arg(long = "log", env = "RUST_LOG", default_value = "info")]
     pub log_filter: String,
+}
+
+/// The documented defaults, and nothing else: no environment variable and no command-line
+/// argument is read, so a test or an embedding application gets the same settings whatever
+/// the shell exports. Change what you need with struct update syntax:
+/// `Settings { listen_addr: "127.0.0.1:0".parse()?, ..Settings::default() }`.
+impl Default for Settings {
+    fn default() -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        // The defaults stay where `--help` shows them (the `#[arg]` attributes); only
+        // the environment lookup is switched off.
+        let command = Self::command().mut_args(|arg| arg.env(None::<&'static str>));
+        let matches = command
+            .try_get_matches_from(["stickless"])
+            .expect("the defaults parse");
+        Self::from_arg_matches(&matches).expect("the defaults are settings")
+    }
 }
 
 /// A combination of settings that cannot work.
@@ -190,11 +227,6 @@ impl Settings {
             return Err(ConfigError::KeepAlive);
         }
         Ok(())
-    }
-
-    /// Settings as in a test: defaults, a free loopback port, no environment read.
-    pub fn for_tests() -> Self {
-        Self::parse_from(["stickless", "--listen-addr", "127.0.0.1:0"])
     }
 
     /// The HMAC key: the configured secret, or a random one for a lone instance.
@@ -315,8 +347,10 @@ mod tests {
 
     #[test]
     fn a_cluster_needs_a_shared_secret() {
-        let mut settings = Settings::for_tests();
-        settings.redis_url = Some("redis://127.0.0.1".into());
+        let mut settings = Settings {
+            redis_url: Some("redis://127.0.0.1".into()),
+            ..Settings::default()
+        };
         assert!(matches!(
             settings.validate(),
             Err(ConfigError::SecretRequired("REDIS_URL"))
@@ -355,11 +389,29 @@ mod tests {
 
     #[test]
     fn the_defaults_are_valid() {
-        let settings = Settings::for_tests();
+        let settings = Settings::default();
         assert!(settings.validate().is_ok());
+        assert_eq!(settings.listen_addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(settings.instance_id, None);
+        assert_eq!(settings.static_dir, PathBuf::from("static"));
+        assert_eq!(settings.redis_url, None);
+        assert_eq!(settings.load_balancer_url, None);
+        assert_eq!(settings.cluster_secret, None);
         assert_eq!(settings.max_forward_attempts, ForwardBudget::Auto);
         assert_eq!(settings.routes, Routes::ALL);
+        assert_eq!(settings.advertise_url, None);
+        assert!(settings.adopt_websockets);
         assert_eq!(settings.max_message_size, 32 * 1024);
+        assert_eq!(settings.outbound_queue_length, 1024);
+        assert!(settings.cors_origins.is_empty());
+        assert_eq!(settings.keep_alive_interval, Duration::from_secs(15));
+        assert_eq!(settings.client_timeout, Duration::from_secs(30));
+        assert_eq!(settings.handshake_timeout, Duration::from_secs(15));
+        assert_eq!(settings.disconnect_timeout, Duration::from_secs(15));
+        assert_eq!(settings.poll_timeout, Duration::from_secs(90));
+        assert_eq!(settings.shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(settings.workers, None);
+        assert_eq!(settings.log_filter, "info");
         assert!(!settings.instance_id().as_str().is_empty());
     }
 }

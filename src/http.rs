@@ -19,13 +19,26 @@ use crate::connection::{Connection, ConnectionError, Connections};
 use crate::forwarding::relay::Relay;
 use crate::forwarding::Forwarder;
 use crate::handover::{self, Puller, HANDOVER_FLAG};
-use crate::hub::UserIdProvider;
-use crate::metrics::Metrics;
-use crate::metrics::Rejection;
-use crate::protocol::negotiate::{self, NegotiateResponse};
+use crate::hub::{RequestHead, UserIdProvider};
+use crate::metrics::{Metrics, Rejection};
+use crate::protocol::negotiate::{self, NegotiateResponse, TransportKind};
 use crate::protocol::token::{ClusterKey, ConnectionId, ConnectionToken, InstanceId, TokenClaims};
 use crate::routing::{RequestKind, Route, Router, PROBE_HEADER};
 use crate::transport::{long_polling, receive_post, sse, websocket};
+
+/// Registers an application's own routes.
+pub type RoutesFn = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
+
+/// The headers an application adds to the response to a request.
+pub type ResponseHeadersFn = Arc<
+    dyn Fn(
+            &HttpRequest,
+        ) -> Vec<(
+            actix_web::http::header::HeaderName,
+            actix_web::http::header::HeaderValue,
+        )> + Send
+        + Sync,
+>;
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -43,6 +56,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set when shutdown starts: no new connections, and the load balancer is told.
     pub stopping: AtomicBool,
+    /// The application's own routes, beside the hubs ([`crate::App::routes`]).
+    pub routes: Option<RoutesFn>,
+    /// Headers the application adds to responses ([`crate::App::response_headers`]).
+    pub response_headers: Option<ResponseHeadersFn>,
 }
 
 /// One mounted hub, as its routes see it.
@@ -95,13 +112,20 @@ pub enum ApiError {
     /// The request body broke off.
     #[error("Reading the request body failed: {0}")]
     Body(String),
+    /// The hub admits only connections with a user, and the request has none.
+    #[error("Unauthorized")]
+    Unauthorized,
+    /// The hub does not offer this transport.
+    #[error("{} transport is not supported by this hub", .0.name())]
+    TransportNotAllowed(TransportKind),
 }
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             Self::MissingId | Self::Body(_) => StatusCode::BAD_REQUEST,
-            Self::UnknownConnection => StatusCode::NOT_FOUND,
+            Self::UnknownConnection | Self::TransportNotAllowed(_) => StatusCode::NOT_FOUND,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Connection(
                 ConnectionError::WrongTransport | ConnectionError::DeleteNotLongPolling,
             ) => StatusCode::BAD_REQUEST,
@@ -126,6 +150,13 @@ fn now_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// The connection token (`id`); an empty one counts as none, as in ASP.NET
+/// (`StringValues.IsNullOrEmpty`): 400 "Connection ID required", or, for a WebSocket, a
+/// client that skipped negotiation.
+fn connection_token(req: &HttpRequest) -> Option<String> {
+    query_param(req, "id").filter(|id| !id.is_empty())
 }
 
 /// A query parameter, by name ignoring case as ASP.NET does.
@@ -245,6 +276,19 @@ async fn negotiate(
         // The client reads errors only from a 200 with `{"error"}`.
         Err(error) => return HttpResponse::Ok().json(negotiate::error_body(&error.to_string())),
     };
+    let offered = hub.connections.host().hub();
+    if offered.requires_user() && (hub.user_id)(&req).is_none() {
+        return ApiError::Unauthorized.error_response();
+    }
+    // Each pending negotiation holds memory until its transport starts or the sweeper
+    // drops it, so a flood of negotiations that never start is capped.
+    if state.metrics.pending_negotiations() >= state.settings.max_pending_negotiations as i64 {
+        state.metrics.negotiation_refused();
+        return HttpResponse::ServiceUnavailable()
+            .insert_header((CONTENT_TYPE, "text/plain; charset=utf-8"))
+            .insert_header(("Retry-After", "1"))
+            .body("Too many pending negotiations; try again.");
+    }
     // In version 0 the connection id is the token, as in ASP.NET, where a version-0
     // client (signalrcore) knows its connection only by the id it negotiated.
     // Stateful reconnect is granted only when asked for and allowed, and only from
@@ -262,7 +306,13 @@ async fn negotiate(
     };
     hub.connections.create(id.clone(), token.clone());
     state.metrics.negotiated();
-    let response = NegotiateResponse::new(version, &id, &token);
+    let mut response = NegotiateResponse::new(version, &id, &token);
+    // Only the transports the hub offers (a client then never tries another).
+    response.available_transports.retain(|offer| {
+        TransportKind::ALL
+            .iter()
+            .any(|kind| kind.name() == offer.transport && offered.allows(*kind))
+    });
     HttpResponse::Ok().json(if stateful {
         response.with_stateful_reconnect()
     } else {
@@ -333,6 +383,14 @@ async fn serve(
     let Some(transport) = kind.transport() else {
         return Err(ApiError::MethodNotAllowed.into());
     };
+    let user = (hub.user_id)(req);
+    let offered = hub.connections.host().hub();
+    if offered.requires_user() && user.is_none() {
+        return Err(ApiError::Unauthorized.into());
+    }
+    if !offered.allows(transport) {
+        return Err(ApiError::TransportNotAllowed(transport).into());
+    }
     // For WebSockets the upgrade is checked first, so a bad upgrade binds nothing.
     let upgraded = match kind {
         RequestKind::WebSocket => Some(actix_ws::handle(req, payload)?),
@@ -341,7 +399,7 @@ async fn serve(
     let activation = connection.activate(transport).map_err(ApiError::from)?;
     if activation.first {
         hub.connections
-            .start(&connection, transport, (hub.user_id)(req));
+            .start(&connection, transport, user, RequestHead::of(req));
     }
     Ok(match upgraded {
         Some((response, session, messages)) => {
@@ -369,7 +427,7 @@ async fn hub_get(
 ) -> Result<HttpResponse, actix_web::Error> {
     let kind =
         RequestKind::classify(req.method(), req.headers()).ok_or(ApiError::MethodNotAllowed)?;
-    let Some(token) = query_param(&req, "id") else {
+    let Some(token) = connection_token(&req) else {
         if kind != RequestKind::WebSocket {
             return Err(ApiError::MissingId.into());
         }
@@ -394,13 +452,17 @@ async fn hub_get(
         Route::Pull(claims) => {
             // Receive for the connection before asking for it, so that nothing published
             // while the session moves is missed (`Outbox::complete_move`).
+            // The hub sees the request the session resumed with here (ASP.NET keeps the
+            // first one, which stayed on the instance the session left).
             let user = (hub.user_id)(&req);
+            let request = Arc::new(RequestHead::of(&req));
             let connection = hub
                 .connections
                 .begin_move(
                     claims.connection_id,
                     ConnectionToken::from_trusted(token.clone()),
                     user,
+                    request.clone(),
                 )
                 .await;
             let puller = Puller {
@@ -423,7 +485,11 @@ async fn hub_get(
                 return served;
             }
             let resumed = match moved {
-                Some(moved) => hub.connections.complete_move(&connection, moved).await,
+                Some(moved) => {
+                    hub.connections
+                        .complete_move(&connection, moved, request)
+                        .await
+                }
                 None => false,
             };
             if !resumed {
@@ -452,7 +518,7 @@ async fn hub_post(
     hub: web::Data<HubEndpoint>,
     forwarder: web::Data<Forwarder>,
 ) -> Result<HttpResponse, ApiError> {
-    let token = query_param(&req, "id").ok_or(ApiError::MissingId)?;
+    let token = connection_token(&req).ok_or(ApiError::MissingId)?;
     if query_param(&req, HANDOVER_FLAG).is_some() && state.is_probe(&req) {
         // Another instance pulls a stateful session its client resumed there.
         return Ok(match hub.connections.hand_over(&token).await {
@@ -487,7 +553,7 @@ async fn hub_delete(
     hub: web::Data<HubEndpoint>,
     forwarder: web::Data<Forwarder>,
 ) -> Result<HttpResponse, ApiError> {
-    let token = query_param(&req, "id").ok_or(ApiError::MissingId)?;
+    let token = connection_token(&req).ok_or(ApiError::MissingId)?;
     match state.route(&req, &hub, &token, RequestKind::Delete) {
         Route::Local(connection) => {
             if connection.transport()
@@ -528,10 +594,10 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
     }))
 }
 
-/// `GET /metrics`: Prometheus text format.
+/// `GET /metrics`: the OpenMetrics text format (Prometheus scrapes it).
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
-        .insert_header((CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8"))
+        .insert_header((CONTENT_TYPE, crate::metrics::CONTENT_TYPE))
         .body(
             state
                 .metrics

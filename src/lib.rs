@@ -76,15 +76,18 @@
 //!   counters) to the instance its client's new WebSocket reached.
 //! - `transport`: WebSockets, Server-Sent Events and Long Polling.
 //! - `connection`: connections, their registry and their sessions.
-//! - `hub`: [`Hub`], [`HubBuilder`], [`HubContext`], [`State`], [`HubError`]; `hub::host`
-//!   turns invocations into Completions, streams and errors, and drains the hub's bus.
-//! - `clients` ([`Clients`], [`Groups`]): who receives a message.
+//! - `hub`: [`Hub`], [`HubBuilder`], [`HubContext`], [`State`], [`HubError`], and
+//!   [`ClientStream`] (client-to-server streams, `hub::stream`); `hub::host` turns
+//!   invocations into Completions, streams and errors, and drains the hub's bus.
+//! - `clients` ([`Clients`], [`Groups`], [`SingleClient`]): who receives a message, and the
+//!   client results a method waits for ([`SingleClient::invoke`]).
 //! - `bus`: carries messages between instances; owns its addressing types; peer
 //!   discovery (advertised URLs) is its own component.
 //! - `outbox`, `metrics`: the outbound queue, the counters.
+//! - [`presence`]: who is online cluster-wide (coalesced join/leave/rename batches) and
+//!   recent messages, in Redis or in process: state for chat-like hubs.
 //! - [`protocol`]: the SignalR wire format, pure and unit-tested.
 //! - [`demo`]: the demo's hubs — the module a template user replaces.
-//! - [`devcluster`]: redis-server, N instances and nginx on loopback, for tests and demos.
 
 pub(crate) mod app;
 pub(crate) mod bus;
@@ -92,24 +95,24 @@ pub(crate) mod clients;
 pub mod config;
 pub(crate) mod connection;
 pub mod demo;
-pub mod devcluster;
 pub(crate) mod forwarding;
 pub(crate) mod handover;
 pub(crate) mod http;
 pub(crate) mod hub;
 pub(crate) mod metrics;
 pub(crate) mod outbox;
+pub mod presence;
 pub mod protocol;
 pub(crate) mod routing;
 pub mod startup;
 pub(crate) mod transport;
 
 pub use app::App;
-pub use clients::{Clients, Groups, SendError, Target};
+pub use clients::{Clients, Groups, InvokeError, SendError, SingleClient, Target};
 pub use config::Settings;
 pub use hub::{
-    BuildError, HookHandler, Hub, HubBuilder, HubContext, HubError, MethodHandler, State,
-    StreamHandler,
+    BuildError, ClientStream, HookHandler, Hub, HubBuilder, HubContext, HubError, MethodHandler,
+    RequestHead, State, StreamError, StreamHandler,
 };
 pub use protocol::negotiate::TransportKind;
 pub use protocol::token::{ConnectionId, InstanceId};

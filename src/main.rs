@@ -9,6 +9,14 @@ use anyhow::Context;
 use clap::Parser;
 use stickless::{demo, App, Settings};
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Command line: the settings, plus the container health check.
 #[derive(Parser)]
 #[command(
@@ -90,8 +98,9 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let listen = settings.listen_addr;
     // The application is chosen here: mount your own hubs (see the README).
+    let chat = demo::chat::hub(&settings);
     let app = App::new(settings)
-        .hub("/chat", demo::chat::hub())
+        .hub("/chat", chat)
         .hub("/notifications", demo::notifications::hub())
         .user_id(demo::user_id)
         .build()

@@ -543,7 +543,7 @@ mod tests {
         let connections = Connections::new(
             Arc::new(host),
             metrics,
-            SessionConfig::from_settings(&Settings::for_tests()),
+            SessionConfig::from_settings(&Settings::default()),
         );
         let peers =
             peers.unwrap_or_else(|| Arc::new(Peers::new(InstanceId::parse("me").unwrap(), None)));

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use actix_cors::Cors;
-use actix_web::dev::{Server, ServerHandle};
+use actix_web::dev::{Server, ServerHandle, Service};
 use actix_web::middleware::{Condition, DefaultHeaders, Logger};
 use actix_web::{http, web, HttpServer};
 
@@ -139,6 +139,20 @@ impl Application {
                     cors(&settings.cors_origins),
                 ))
                 .wrap(DefaultHeaders::new().add((INSTANCE_HEADER, app_state.instance.as_str())))
+                .wrap_fn({
+                    let hook = app_state.response_headers.clone();
+                    move |req, srv| {
+                        let added = hook.as_ref().map(|hook| hook(req.request()));
+                        let response = srv.call(req);
+                        async move {
+                            let mut response = response.await?;
+                            for (name, value) in added.into_iter().flatten() {
+                                response.headers_mut().append(name, value);
+                            }
+                            Ok(response)
+                        }
+                    }
+                })
                 .wrap(
                     // `%r` would log the connection token and the access token.
                     Logger::new("%a \"%{request}xi\" %s %b %Dms")
@@ -146,6 +160,9 @@ impl Application {
                         .log_target("stickless::access"),
                 )
                 .configure(routes(&app_state.hubs));
+            if let Some(own) = &app_state.routes {
+                app = app.configure(|cfg| own(cfg));
+            }
             if settings.static_dir.join("index.html").is_file() {
                 app = app.service(
                     actix_files::Files::new("/", &settings.static_dir).index_file("index.html"),

@@ -32,6 +32,7 @@ use futures_util::stream::BoxStream;
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
+use crate::protocol::message::Outcome;
 use crate::protocol::token::{ConnectionId, InstanceId};
 
 /// The recipients of one message.
@@ -96,8 +97,125 @@ pub struct Announcement {
     pub reply: bool,
 }
 
+/// A hub method on one instance asks a client held by another for a result (client
+/// results): carried on the connection's topic, so it reaches the instance that holds it,
+/// as ASP.NET's Redis backplane sends it on the connection's channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientInvocation {
+    /// The client asked.
+    pub connection: ConnectionId,
+    /// The id the client answers with, unique in the cluster.
+    pub invocation_id: String,
+    /// The instance waiting for the answer.
+    pub reply_to: InstanceId,
+    /// The client method.
+    pub target: String,
+    /// Its arguments.
+    pub arguments: Vec<serde_json::Value>,
+}
+
+/// A client's answer to a [`ClientInvocation`], for the instance that asked: carried on
+/// that instance's return topic (ASP.NET's `internal:return:{server}`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientReply {
+    /// The instance that asked.
+    pub to: InstanceId,
+    /// The invocation answered.
+    pub invocation_id: String,
+    /// The client's Completion (or the owner's error when the client went away).
+    pub outcome: Outcome,
+}
+
+/// A [`ClientInvocation`] as the Redis buses carry it (the connection and the sender are
+/// carried around it).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct WireCall {
+    pub invocation_id: String,
+    pub target: String,
+    pub arguments: Vec<serde_json::Value>,
+}
+
+impl WireCall {
+    pub fn of(invocation: &ClientInvocation) -> Self {
+        Self {
+            invocation_id: invocation.invocation_id.clone(),
+            target: invocation.target.clone(),
+            arguments: invocation.arguments.clone(),
+        }
+    }
+
+    pub fn into_invocation(
+        self,
+        connection: ConnectionId,
+        reply_to: InstanceId,
+    ) -> ClientInvocation {
+        ClientInvocation {
+            connection,
+            invocation_id: self.invocation_id,
+            reply_to,
+            target: self.target,
+            arguments: self.arguments,
+        }
+    }
+}
+
+/// A [`ClientReply`] as the Redis buses carry it (its addressee is its channel's).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct WireReply {
+    pub invocation_id: String,
+    pub outcome: WireOutcome,
+}
+
+impl WireReply {
+    pub fn of(reply: &ClientReply) -> Self {
+        Self {
+            invocation_id: reply.invocation_id.clone(),
+            outcome: WireOutcome::from(&reply.outcome),
+        }
+    }
+
+    pub fn into_reply(self, to: InstanceId) -> ClientReply {
+        ClientReply {
+            to,
+            invocation_id: self.invocation_id,
+            outcome: self.outcome.into(),
+        }
+    }
+}
+
+/// An [`Outcome`] as the Redis buses carry it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) enum WireOutcome {
+    Void,
+    Result(serde_json::Value),
+    Error(String),
+}
+
+impl From<&Outcome> for WireOutcome {
+    fn from(outcome: &Outcome) -> Self {
+        match outcome {
+            Outcome::Void => Self::Void,
+            Outcome::Result(value) => Self::Result(value.clone()),
+            Outcome::Error(error) => Self::Error(error.clone()),
+        }
+    }
+}
+
+impl From<WireOutcome> for Outcome {
+    fn from(outcome: WireOutcome) -> Self {
+        match outcome {
+            WireOutcome::Void => Self::Void,
+            WireOutcome::Result(value) => Self::Result(value),
+            WireOutcome::Error(error) => Self::Error(error),
+        }
+    }
+}
+
 /// What one instance publishes and the others receive.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Envelope {
     /// A framed hub record for an audience.
     Message {
@@ -110,6 +228,10 @@ pub enum Envelope {
     Group(GroupCommand),
     /// An instance's heartbeat (and direct URL).
     Announcement(Announcement),
+    /// A client asked for a result, for the instance holding it.
+    Invoke(ClientInvocation),
+    /// A client's result, for the instance that asked.
+    Reply(ClientReply),
     /// Opaque bytes for one instance only, carried on its [`Topic::Instance`] topic; the
     /// bus neither reads nor reorders them (one sender's frames to one instance arrive in
     /// the order they were published).
@@ -122,7 +244,7 @@ pub enum Envelope {
 }
 
 /// What the stream of a bus yields.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Another instance published this (a bus never hands an instance its own messages:
     /// it delivered them locally already).
@@ -163,6 +285,14 @@ pub trait Bus: Send + Sync {
 
     /// Stops messages for these topics reaching this instance.
     fn unsubscribe(&self, topics: Vec<Topic>) -> BoxFuture<'_, ()>;
+
+    /// Whether some instance listens for `topic` right now. `Some(false)`: nobody holds
+    /// what it names, so a client-result call fails at once, as ASP.NET's Redis backplane
+    /// does from PUBLISH's receiver count. `None`: the bus cannot tell (then the call
+    /// waits for its timeout).
+    fn is_heard(&self, _topic: Topic) -> BoxFuture<'_, Option<bool>> {
+        Box::pin(async { None })
+    }
 }
 
 /// The bus of a single instance: there is nobody else to tell.

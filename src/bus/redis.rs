@@ -10,6 +10,7 @@
 //! | `{p}:user:<userId>` | messages to a user's connections |
 //! | `{p}:internal:groups` | join/leave requests for connections on other instances |
 //! | `{p}:internal:instances` | instances' heartbeats, with their `ADVERTISE_URL` if any (first hub only) |
+//! | `{p}:internal:return:<instanceId>` | clients' results for the instance that asked (client invocations travel on the connection's channel) |
 //! | `{p}:instance:<instanceId>` | frames for one instance only (relayed requests and their answers), raw bytes |
 //!
 //! An instance subscribes to `all`, the internal channels, and the connection, group and
@@ -19,7 +20,8 @@
 //! whose payloads are the sender's bytes as they are: only one instance reads them, never
 //! the sender); an instance ignores its own
 //! messages, since it already delivered them locally. One publisher task sends everything
-//! in order, which keeps the order of one sender's messages.
+//! in order, which keeps the order of one sender's messages; under load it sends what
+//! queued meanwhile as one pipeline (one round trip) rather than a round trip each.
 //!
 //! If Redis goes away, local delivery goes on, both tasks reconnect with capped
 //! exponential backoff, every topic is subscribed again, and [`Bus::is_healthy`] is false
@@ -38,7 +40,10 @@ use redis::aio::PubSubSink;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::{Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, Topic};
+use super::{
+    Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, Topic, WireCall,
+    WireReply,
+};
 use crate::metrics::Metrics;
 use crate::protocol::token::{ConnectionId, InstanceId};
 
@@ -85,6 +90,18 @@ enum Wire {
         url: Option<String>,
         reply: bool,
     },
+    /// A client asked for a result (on the connection's channel).
+    Invoke {
+        origin: String,
+        #[serde(flatten)]
+        call: WireCall,
+    },
+    /// A client's result (on the return channel of the instance that asked).
+    Reply {
+        origin: String,
+        #[serde(flatten)]
+        reply: WireReply,
+    },
 }
 
 /// Channel names of one hub.
@@ -102,6 +119,9 @@ impl Channels {
     }
     fn instances(&self) -> String {
         format!("{}:internal:instances", self.prefix)
+    }
+    fn returns(&self, instance: &InstanceId) -> String {
+        format!("{}:internal:return:{instance}", self.prefix)
     }
     fn topic(&self, topic: &Topic) -> String {
         match topic {
@@ -160,6 +180,9 @@ struct Shared {
     /// This instance's own channel, whose payloads are raw bytes.
     own_channel: String,
     publish_tx: mpsc::Sender<(String, Bytes)>,
+    /// A connection for queries (`PUBSUB NUMSUB`), opened on first use and again after
+    /// an error.
+    queries: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
     metrics: Arc<Metrics>,
 }
 
@@ -195,6 +218,7 @@ impl RedisBus {
             sink: Mutex::new(None),
             wanted: Mutex::new(HashSet::new()),
             publish_tx,
+            queries: tokio::sync::Mutex::new(None),
             metrics,
         });
         let bus = Self { shared };
@@ -283,6 +307,7 @@ impl RedisBus {
                         shared.channels.all(),
                         shared.channels.groups(),
                         shared.channels.instances(),
+                        shared.channels.returns(&shared.instance),
                     ];
                     if let Ok(wanted) = shared.wanted.lock() {
                         channels.extend(wanted.iter().cloned());
@@ -356,6 +381,8 @@ impl RedisBus {
             Wire::Message { origin, .. }
             | Wire::Group { origin, .. }
             | Wire::Hello { origin, .. }
+            | Wire::Invoke { origin, .. }
+            | Wire::Reply { origin, .. }
                 if origin == shared.instance.as_str() =>
             {
                 return None
@@ -389,6 +416,19 @@ impl RedisBus {
                     reply,
                 })
             }
+            Wire::Invoke { origin, call } => {
+                shared.metrics.backplane_received();
+                let Some(Audience::Connection(connection)) =
+                    shared.channels.audience(message.get_channel_name(), vec![])
+                else {
+                    return None;
+                };
+                Envelope::Invoke(call.into_invocation(connection, InstanceId::parse(&origin).ok()?))
+            }
+            Wire::Reply { reply, .. } => {
+                shared.metrics.backplane_received();
+                Envelope::Reply(reply.into_reply(shared.instance.clone()))
+            }
         };
         Some(Event::Received(envelope))
     }
@@ -396,6 +436,10 @@ impl RedisBus {
     async fn publisher(self, mut queue: mpsc::Receiver<(String, Bytes)>) {
         let shared = &self.shared;
         let mut backoff = MIN_BACKOFF;
+        // A batch whose pipeline failed is sent again, first, once Redis is back, so a
+        // message sent while Redis is down waits like the ones queued behind it (at least
+        // once: a pipeline cut off half-way may publish its first messages twice).
+        let mut batch: Vec<(String, Bytes)> = Vec::with_capacity(PUBLISH_BATCH);
         loop {
             let mut connection = match shared.client.get_multiplexed_async_connection().await {
                 Ok(connection) => connection,
@@ -409,8 +453,10 @@ impl RedisBus {
             };
             shared.publishing.store(true, Ordering::Relaxed);
             backoff = MIN_BACKOFF;
-            let mut batch = Vec::with_capacity(PUBLISH_BATCH);
-            while queue.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+            loop {
+                if batch.is_empty() && queue.recv_many(&mut batch, PUBLISH_BATCH).await == 0 {
+                    return;
+                }
                 // Whatever is queued goes in one pipeline: one round trip to Redis for
                 // many messages, still published in queue order (Redis runs a
                 // connection's commands in order).
@@ -427,17 +473,15 @@ impl RedisBus {
                     Ok(result) => result.map_err(|e| e.to_string()),
                     Err(_) => Err("timed out".to_owned()),
                 };
-                for _ in &batch {
-                    shared.metrics.backplane_published(result.is_ok());
-                }
-                batch.clear();
                 if let Err(error) = result {
                     log::warn!("bus: publishing failed ({error}); reconnecting");
                     break;
                 }
+                shared.metrics.backplane_batch(batch.len() as u64, true);
+                batch.clear();
             }
             shared.publishing.store(false, Ordering::Relaxed);
-            if queue.is_closed() && queue.is_empty() {
+            if batch.is_empty() && queue.is_closed() && queue.is_empty() {
                 return;
             }
         }
@@ -484,6 +528,18 @@ impl Bus for RedisBus {
                 };
                 (channels.instances(), wire)
             }
+            Envelope::Invoke(invocation) => {
+                let channel = channels.topic(&Topic::Connection(invocation.connection.clone()));
+                let call = WireCall::of(&invocation);
+                (channel, Wire::Invoke { origin, call })
+            }
+            Envelope::Reply(reply) => {
+                let wire = Wire::Reply {
+                    origin,
+                    reply: WireReply::of(&reply),
+                };
+                (channels.returns(&reply.to), wire)
+            }
             Envelope::ToInstance { to, payload } => {
                 self.enqueue_bytes(channels.topic(&Topic::Instance(to)), payload);
                 return Box::pin(async {});
@@ -495,6 +551,31 @@ impl Bus for RedisBus {
 
     fn subscribe(&self, topics: Vec<Topic>) -> BoxFuture<'_, ()> {
         Box::pin(self.change_subscriptions(topics, true))
+    }
+
+    fn is_heard(&self, topic: Topic) -> BoxFuture<'_, Option<bool>> {
+        let channel = self.shared.channels.topic(&topic);
+        Box::pin(async move {
+            let mut slot = self.shared.queries.lock().await;
+            if slot.is_none() {
+                let connecting = self.shared.client.get_multiplexed_async_connection();
+                *slot = tokio::time::timeout(REDIS_TIMEOUT, connecting)
+                    .await
+                    .ok()?
+                    .ok();
+            }
+            let connection = slot.as_mut()?;
+            let mut command = redis::cmd("PUBSUB");
+            command.arg("NUMSUB").arg(&channel);
+            let asked = command.query_async::<(String, u64)>(connection);
+            match tokio::time::timeout(REDIS_TIMEOUT, asked).await {
+                Ok(Ok((_, listeners))) => Some(listeners > 0),
+                _ => {
+                    *slot = None; // Broken or slow: open a new one next time.
+                    None
+                }
+            }
+        })
     }
 
     fn unsubscribe(&self, topics: Vec<Topic>) -> BoxFuture<'_, ()> {

@@ -13,9 +13,10 @@
 //! |---|---|
 //! | `{{p}:all}` | messages to every connection (`All`, `Others`) |
 //! | `{{p}:all}:instances` | instances announcing their `ADVERTISE_URL` |
-//! | `{{p}:connection:<id>}` | messages to one connection, and group joins/leaves for it |
+//! | `{{p}:connection:<id>}` | messages to one connection, group joins/leaves and client-result invocations for it |
 //! | `{{p}:group:<name>}` | messages to a group's members |
 //! | `{{p}:user:<id>}` | messages to a user's connections |
+//! | `{{p}:return:<instanceId>}` | clients' results for the instance that asked |
 //!
 //! `all` sits on one fixed tag rather than being published once per shard: every instance
 //! subscribes to it anyway, so one shard carries it at the cost of one publish, and
@@ -52,7 +53,10 @@ use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, PushInfo, PushKi
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use super::{Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, Topic};
+use super::{
+    Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, Topic, WireCall,
+    WireReply,
+};
 use crate::metrics::Metrics;
 use crate::protocol::token::{ConnectionId, InstanceId};
 
@@ -95,6 +99,20 @@ enum Header {
     },
     /// Opaque bytes (the payload's remainder) for one instance, on its own channel.
     ToInstance { origin: String, to: String },
+    /// A client asked for a result (on the connection's channel).
+    Invoke {
+        origin: String,
+        connection: String,
+        #[serde(flatten)]
+        call: WireCall,
+    },
+    /// A client's result (on the return channel of the instance that asked).
+    Reply {
+        origin: String,
+        to: String,
+        #[serde(flatten)]
+        reply: WireReply,
+    },
 }
 
 /// An [`Audience`] as it travels: the channel alone does not say `except`.
@@ -159,6 +177,11 @@ impl Channels {
         format!("{{{}:all}}:instances", self.namespace)
     }
 
+    /// An instance's return channel, for clients' results (on a shard of its own).
+    fn returns(&self, instance: &InstanceId) -> String {
+        format!("{{{}:return:{instance}}}", self.namespace)
+    }
+
     fn topic(&self, topic: &Topic) -> String {
         match topic {
             Topic::Connection(id) => format!("{{{}:connection:{id}}}", self.namespace),
@@ -180,6 +203,10 @@ impl Channels {
             Envelope::Group(command) => self.topic(&Topic::Connection(command.connection.clone())),
             Envelope::Announcement(_) => self.instances(),
             Envelope::ToInstance { to, .. } => self.topic(&Topic::Instance(to.clone())),
+            Envelope::Invoke(invocation) => {
+                self.topic(&Topic::Connection(invocation.connection.clone()))
+            }
+            Envelope::Reply(reply) => self.returns(&reply.to),
         }
     }
 }
@@ -219,6 +246,22 @@ fn encode(origin: &InstanceId, envelope: &Envelope) -> Result<Vec<u8>, serde_jso
             },
             Some(payload),
         ),
+        Envelope::Invoke(invocation) => (
+            Header::Invoke {
+                origin,
+                connection: invocation.connection.to_string(),
+                call: WireCall::of(invocation),
+            },
+            None,
+        ),
+        Envelope::Reply(reply) => (
+            Header::Reply {
+                origin,
+                to: reply.to.to_string(),
+                reply: WireReply::of(reply),
+            },
+            None,
+        ),
     };
     let mut payload = serde_json::to_vec(&header)?;
     payload.push(b'\n');
@@ -255,7 +298,9 @@ fn decode(me: &InstanceId, payload: &[u8]) -> Result<Option<Envelope>, DecodeErr
         Header::Message { origin, .. }
         | Header::Group { origin, .. }
         | Header::Hello { origin, .. }
-        | Header::ToInstance { origin, .. } => origin,
+        | Header::ToInstance { origin, .. }
+        | Header::Invoke { origin, .. }
+        | Header::Reply { origin, .. } => origin,
     };
     if origin == me.as_str() {
         return Ok(None);
@@ -286,6 +331,17 @@ fn decode(me: &InstanceId, payload: &[u8]) -> Result<Option<Envelope>, DecodeErr
             to: InstanceId::parse(&to).map_err(|_| DecodeError::Origin)?,
             payload: Bytes::copy_from_slice(record),
         },
+        Header::Invoke {
+            origin,
+            connection,
+            call,
+        } => Envelope::Invoke(call.into_invocation(
+            ConnectionId::from_untrusted(&connection),
+            InstanceId::parse(&origin).map_err(|_| DecodeError::Origin)?,
+        )),
+        Header::Reply { to, reply, .. } => Envelope::Reply(
+            reply.into_reply(InstanceId::parse(&to).map_err(|_| DecodeError::Origin)?),
+        ),
     }))
 }
 
@@ -541,7 +597,11 @@ impl RedisClusterBus {
         let channels = Channels {
             namespace: namespace.to_owned(),
         };
-        let fixed = [channels.all(), channels.instances()];
+        let fixed = [
+            channels.all(),
+            channels.instances(),
+            channels.returns(&instance),
+        ];
         let shared = Arc::new(Shared {
             channels,
             instance,
@@ -826,6 +886,7 @@ impl Bus for RedisClusterBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::{ClientInvocation, ClientReply};
 
     fn channels() -> Channels {
         Channels {
@@ -885,6 +946,22 @@ mod tests {
                 instance: other.clone(),
                 url: Some("http://10.0.0.2:8080".into()),
                 reply: true,
+            }),
+            Envelope::ToInstance {
+                to: me.clone(),
+                payload: Bytes::from_static(b"\x01frames\n\x00"),
+            },
+            Envelope::Invoke(ClientInvocation {
+                connection: ConnectionId::from_untrusted("c"),
+                invocation_id: "7.node-2".into(),
+                reply_to: other.clone(),
+                target: "Ask".into(),
+                arguments: vec![serde_json::json!("q"), serde_json::json!({"a": [1]})],
+            }),
+            Envelope::Reply(ClientReply {
+                to: me.clone(),
+                invocation_id: "7.node-1".into(),
+                outcome: crate::protocol::message::Outcome::Error("no".into()),
             }),
         ];
         for envelope in envelopes {

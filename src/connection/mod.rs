@@ -12,13 +12,14 @@ pub mod session;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch, OwnedMutexGuard};
 
 use crate::hub::host::{Caller, HubHost};
+use crate::hub::RequestHead;
 use crate::metrics::Metrics;
 use crate::outbox::ReplayState;
 use crate::outbox::{closed, Closing, Outbox};
@@ -60,6 +61,20 @@ struct State {
     idle_since: Instant,
 }
 
+/// The queues and signals of a connection, made when something first needs them
+/// (usually its first transport request), so that a negotiated connection that never
+/// starts costs only its ids and a registry entry.
+#[derive(Debug)]
+struct Queues {
+    outbox: Outbox,
+    outbound: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
+    inbound_tx: mpsc::Sender<Bytes>,
+    inbound_rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
+    polls: watch::Sender<u64>,
+    /// The WebSocket generation of a stateful connection (see [`Connection::drop_socket`]).
+    socket: watch::Sender<u64>,
+}
+
 /// One client's connection.
 #[derive(Debug)]
 pub struct Connection {
@@ -67,13 +82,10 @@ pub struct Connection {
     pub id: ConnectionId,
     /// The token the client presents as `?id=`.
     pub token: ConnectionToken,
-    outbox: Outbox,
-    outbound: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
-    inbound_tx: mpsc::Sender<Bytes>,
-    inbound_rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
+    queues: OnceLock<Queues>,
+    queue_length: usize,
+    metrics: Arc<Metrics>,
     state: Mutex<State>,
-    polls: watch::Sender<u64>,
-    socket: watch::Sender<u64>,
     /// The client's messages as counted for stateful reconnect (`None` without it); here,
     /// not in the session, so that a session that moves takes it along.
     sequence: Mutex<Option<InboundSequence>>,
@@ -83,6 +95,10 @@ pub struct Connection {
     user: Mutex<Option<String>>,
     close_sent: AtomicBool,
     finished: AtomicBool,
+    /// Negotiated, and no transport started yet (counted in the metrics' pending gauge).
+    pending: AtomicBool,
+    /// Closed before its queues were made: they never will be needed.
+    closed_early: AtomicBool,
 }
 
 /// A transport request holding a connection; dropping it marks the connection idle.
@@ -108,27 +124,24 @@ impl Connection {
         queue_length: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let (outbox, outbound) = Outbox::new(id.clone(), queue_length, metrics);
-        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CHUNKS);
         Self {
             id,
             token,
-            outbox,
-            outbound: Arc::new(tokio::sync::Mutex::new(outbound)),
-            inbound_tx,
-            inbound_rx: Mutex::new(Some(inbound_rx)),
+            queues: OnceLock::new(),
+            queue_length,
+            metrics,
             state: Mutex::new(State {
                 transport: None,
                 active: 0,
                 idle_since: Instant::now(),
             }),
-            polls: watch::channel(0).0,
-            socket: watch::channel(0).0,
             sequence: Mutex::new(None),
             moved: AtomicBool::new(false),
             user: Mutex::new(None),
             close_sent: AtomicBool::new(false),
             finished: AtomicBool::new(false),
+            pending: AtomicBool::new(true),
+            closed_early: AtomicBool::new(false),
         }
     }
 
@@ -137,9 +150,41 @@ impl Connection {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Asks the connection to close, without making queues for one that never had them
+    /// (a negotiation that expired costs nothing more to drop).
+    fn close(&self, closing: Closing) {
+        if self.queues.get().is_none() {
+            self.closed_early.store(true, Ordering::Release);
+        }
+        // Queues made meanwhile are closed here; later ones are made closed.
+        if let Some(queues) = self.queues.get() {
+            queues.outbox.close(closing);
+        }
+    }
+
+    fn queues(&self) -> &Queues {
+        self.queues.get_or_init(|| {
+            let (outbox, outbound) =
+                Outbox::new(self.id.clone(), self.queue_length, self.metrics.clone());
+            let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CHUNKS);
+            let queues = Queues {
+                outbox,
+                outbound: Arc::new(tokio::sync::Mutex::new(outbound)),
+                inbound_tx,
+                inbound_rx: Mutex::new(Some(inbound_rx)),
+                polls: watch::channel(0).0,
+                socket: watch::channel(0).0,
+            };
+            if self.closed_early.load(Ordering::Acquire) {
+                queues.outbox.close(Closing::silent());
+            }
+            queues
+        })
+    }
+
     /// The outbound queue and close signal.
     pub fn outbox(&self) -> &Outbox {
-        &self.outbox
+        &self.queues().outbox
     }
 
     /// The transport the connection is bound to, once one started.
@@ -160,7 +205,7 @@ impl Connection {
         let draining = kind == TransportKind::LongPolling
             && state.transport == Some(kind)
             && !self.finished.load(Ordering::Acquire);
-        if self.outbox.is_closing() && !draining {
+        if self.outbox().is_closing() && !draining {
             return Err(ConnectionError::Gone);
         }
         let first = match state.transport {
@@ -173,8 +218,8 @@ impl Connection {
             // A stateful-reconnect client comes back on a new WebSocket with the same token
             // (signalr-protocol.md trap 19); the new socket takes over from any old one
             // that has not noticed it is dead yet.
-            Some(TransportKind::WebSockets) if self.outbox.is_stateful() => {
-                self.socket.send_modify(|generation| *generation += 1);
+            Some(TransportKind::WebSockets) if self.outbox().is_stateful() => {
+                self.drop_socket();
                 false
             }
             Some(_) => return Err(ConnectionError::AlreadyActive),
@@ -185,6 +230,14 @@ impl Connection {
             connection: self.clone(),
             first,
         })
+    }
+
+    /// Whether the connection speaks stateful reconnect (never true before its queues
+    /// exist: a connection turns stateful when its WebSocket handshake asks for it).
+    pub fn is_stateful(&self) -> bool {
+        self.queues
+            .get()
+            .is_some_and(|queues| queues.outbox.is_stateful())
     }
 
     /// The inbound sequence of a stateful connection, for the session to update.
@@ -201,38 +254,41 @@ impl Connection {
     /// or [`Connection::drop_socket`] is called, which ends the current socket without a
     /// close frame.
     pub fn socket_generation(&self) -> watch::Receiver<u64> {
-        self.socket.subscribe()
+        self.queues().socket.subscribe()
     }
 
     /// Ends a stateful connection's WebSocket without a close frame, so that its client
     /// resumes with the same token, on whichever instance the load balancer picks.
     pub fn drop_socket(&self) {
-        self.socket.send_modify(|generation| *generation += 1);
+        self.queues()
+            .socket
+            .send_modify(|generation| *generation += 1);
     }
 
     /// Hands bytes from the client to the session, waiting while its inbound queue is full.
     pub async fn receive(&self, bytes: Bytes) -> Result<(), ConnectionError> {
-        let mut closing = self.outbox.closing();
+        let mut closing = self.outbox().closing();
         tokio::select! {
-            sent = self.inbound_tx.send(bytes) => sent.map_err(|_| ConnectionError::Gone),
+            sent = self.queues().inbound_tx.send(bytes) => sent.map_err(|_| ConnectionError::Gone),
             _ = closed(&mut closing) => Err(ConnectionError::Gone),
         }
     }
 
     /// The outbound queue's receiving end, for the one transport request that drains it.
     pub async fn outbound(&self) -> OwnedMutexGuard<mpsc::Receiver<Bytes>> {
-        self.outbound.clone().lock_owned().await
+        self.queues().outbound.clone().lock_owned().await
     }
 
     /// Starts a new long poll: returns its number and a receiver that changes when a newer
     /// poll starts, which ends this one (ASP.NET `HttpConnectionContext.CancelPreviousPoll`).
     pub fn begin_poll(&self) -> (u64, watch::Receiver<u64>) {
         let mut number = 0;
-        self.polls.send_modify(|current| {
+        let polls = &self.queues().polls;
+        polls.send_modify(|current| {
             *current += 1;
             number = *current;
         });
-        (number, self.polls.subscribe())
+        (number, polls.subscribe())
     }
 
     /// True the first time it is called: the Close record is sent once, even when a
@@ -245,6 +301,13 @@ impl Connection {
     /// now on it is gone (404), even before the sweeper forgets it.
     pub fn finish(&self) {
         self.finished.store(true, Ordering::Release);
+    }
+
+    /// Ends the connection's pending state once: its transport started, or it is gone.
+    fn settle(&self, metrics: &Metrics) {
+        if self.pending.swap(false, Ordering::AcqRel) {
+            metrics.pending_negotiation(-1);
+        }
     }
 
     fn idle_for(&self) -> Option<Duration> {
@@ -324,6 +387,7 @@ impl Connections {
             self.config.outbound_queue_length,
             self.metrics.clone(),
         ));
+        self.metrics.pending_negotiation(1);
         self.by_token
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -342,7 +406,8 @@ impl Connections {
 
     /// Closes a connection and forgets it at once.
     pub fn dispose(&self, connection: &Connection) {
-        connection.outbox.close(Closing::silent());
+        connection.close(Closing::silent());
+        connection.settle(&self.metrics);
         self.by_token
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -372,11 +437,11 @@ impl Connections {
             .collect();
         let mut stateful = 0;
         for connection in all {
-            if connection.outbox.is_stateful() {
+            if connection.is_stateful() {
                 stateful += 1;
                 connection.drop_socket();
             } else {
-                connection.outbox.close(closing.clone());
+                connection.close(closing.clone());
             }
         }
         stateful
@@ -388,8 +453,11 @@ impl Connections {
         connection: &Arc<Connection>,
         transport: TransportKind,
         user: Option<String>,
+        request: RequestHead,
     ) {
+        connection.settle(&self.metrics);
         let inbound = connection
+            .queues()
             .inbound_rx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -402,6 +470,7 @@ impl Connections {
             connection_id: connection.id.clone(),
             user,
             transport,
+            request: Arc::new(request),
         };
         tokio::spawn(session::run(
             self.clone(),
@@ -418,7 +487,7 @@ impl Connections {
     pub async fn hand_over(&self, token: &str) -> Option<Moved> {
         let connection = self.get(token)?;
         let unstarted = connection.transport().is_none();
-        if !(unstarted || connection.outbox.is_stateful())
+        if !(unstarted || connection.outbox().is_stateful())
             || connection.moved.swap(true, Ordering::AcqRel)
         {
             return None;
@@ -433,10 +502,10 @@ impl Connections {
             .unwrap_or_else(|e| e.into_inner())
             .remove(token);
         let groups = self.host.detach(&connection.id).await;
-        let replay = connection.outbox.export_replay()?;
+        let replay = connection.outbox().export_replay()?;
         let sequence = connection.sequence().unwrap_or_default();
         connection.drop_socket();
-        connection.outbox.close(Closing::silent());
+        connection.outbox().close(Closing::silent());
         self.metrics.session_moved_out();
         let user = connection
             .user
@@ -446,7 +515,7 @@ impl Connections {
         Some(Moved {
             user,
             groups,
-            protocol: connection.outbox.protocol(),
+            protocol: connection.outbox().protocol(),
             replay,
             processed: sequence.processed(),
             acked: sequence.acked(),
@@ -462,16 +531,18 @@ impl Connections {
         id: ConnectionId,
         token: ConnectionToken,
         user: Option<String>,
+        request: Arc<RequestHead>,
     ) -> Arc<Connection> {
         let connection = self.create(id, token);
-        connection.outbox.stage();
+        connection.outbox().stage();
         *connection.user.lock().unwrap_or_else(|e| e.into_inner()) = user.clone();
         let caller = Caller {
             connection_id: connection.id.clone(),
             user,
             transport: TransportKind::WebSockets,
+            request,
         };
-        self.host.attach(&caller, connection.outbox.clone()).await;
+        self.host.attach(&caller, connection.outbox().clone()).await;
         connection
     }
 
@@ -481,15 +552,17 @@ impl Connections {
         self: &Arc<Self>,
         connection: &Arc<Connection>,
         moved: Moved,
+        request: Arc<RequestHead>,
     ) -> bool {
-        connection.outbox.set_protocol(moved.protocol);
-        if !connection.outbox.complete_move(moved.replay) {
+        connection.outbox().set_protocol(moved.protocol);
+        if !connection.outbox().complete_move(moved.replay) {
             return false;
         }
         *connection.sequence() = Some(InboundSequence::resume(moved.processed, moved.acked));
         self.host.rejoin(&connection.id, &moved.groups).await;
         connection.lock_state().transport = Some(TransportKind::WebSockets);
         let inbound = connection
+            .queues()
             .inbound_rx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -501,6 +574,7 @@ impl Connections {
             connection_id: connection.id.clone(),
             user: moved.user,
             transport: TransportKind::WebSockets,
+            request,
         };
         self.metrics.session_moved_in();
         tokio::spawn(session::run_moved(
@@ -567,7 +641,7 @@ mod tests {
             Arc::new(InProcess),
             InstanceId::parse("i").unwrap(),
         );
-        let mut config = SessionConfig::from_settings(&Settings::for_tests());
+        let mut config = SessionConfig::from_settings(&Settings::default());
         config.disconnect_timeout = disconnect_timeout;
         Arc::new(Connections::new(Arc::new(host), metrics, config))
     }
@@ -589,6 +663,24 @@ mod tests {
         assert_eq!(
             c.activate(TransportKind::WebSockets).unwrap_err(),
             ConnectionError::WrongTransport
+        );
+    }
+
+    #[test]
+    fn pending_negotiations_are_counted_until_started_or_dropped() {
+        let registry = connections(Duration::from_secs(15));
+        let started = connection(&registry);
+        let dropped = connection(&registry);
+        let _waiting = connection(&registry);
+        assert_eq!(registry.metrics.pending_negotiations(), 3);
+        started.settle(&registry.metrics);
+        registry.dispose(&dropped);
+        registry.dispose(&dropped);
+        assert_eq!(registry.metrics.pending_negotiations(), 1);
+        assert!(dropped.queues.get().is_none(), "dropping made queues");
+        assert_eq!(
+            dropped.activate(TransportKind::WebSockets).unwrap_err(),
+            ConnectionError::Gone
         );
     }
 

@@ -7,7 +7,12 @@
 //! - waits for the handshake (`HANDSHAKE_TIMEOUT`) and answers it;
 //! - runs invocations **one at a time, in order**, as ASP.NET does by default
 //!   (`MaximumParallelInvocationsPerClient = 1`), so one sender's messages keep their
-//!   order; streams run in their own tasks so that they do not block the connection;
+//!   order; streams run in their own tasks so that they do not block the connection, and
+//!   so do invocations that take client streams (their items come after them);
+//! - feeds client streams (`streamIds`) with their StreamItems and Completions, each
+//!   through a bounded buffer: while one is full the session stops reading, so the
+//!   client's transport feels the backpressure ([`crate::hub::stream`]);
+//! - hands the other Completions to the host: they answer client-result invocations;
 //! - answers each invocation that has an id with exactly one Completion, and never
 //!   answers one without (HubProtocol.md, "Invocations");
 //! - sends a Ping when nothing was queued for `KEEP_ALIVE_INTERVAL`, and closes a client
@@ -34,6 +39,7 @@ use tokio::task::JoinHandle;
 use super::{Connection, Connections};
 use crate::config::Settings;
 use crate::hub::host::{Caller, Invoked};
+use crate::hub::stream::{Fed, Feed, Feeding, Uploads};
 use crate::hub::HubContext;
 use crate::metrics::Metrics;
 use crate::outbox::{closed, now_millis, Closing, Outbox, Pushed};
@@ -68,6 +74,11 @@ pub struct SessionConfig {
     pub allow_stateful_reconnect: bool,
     /// Bytes of unacknowledged records kept per stateful connection.
     pub stateful_buffer_size: usize,
+    /// Items buffered per client stream before the session stops reading
+    /// (`STREAM_BUFFER_CAPACITY`, ASP.NET's `StreamBufferCapacity`).
+    pub stream_buffer_capacity: usize,
+    /// Client streams open at once on one connection (`MAX_CLIENT_STREAMS`).
+    pub max_client_streams: usize,
 }
 
 impl SessionConfig {
@@ -82,6 +93,8 @@ impl SessionConfig {
             outbound_queue_length: settings.outbound_queue_length as usize,
             allow_stateful_reconnect: settings.allow_stateful_reconnect,
             stateful_buffer_size: settings.stateful_reconnect_buffer_size as usize,
+            stream_buffer_capacity: settings.stream_buffer_capacity as usize,
+            max_client_streams: settings.max_client_streams as usize,
         }
     }
 }
@@ -190,6 +203,7 @@ async fn converse(
     closing: &mut tokio::sync::watch::Receiver<Option<Closing>>,
 ) {
     let outbox = connection.outbox();
+    let config = &connections.config;
     let mut session = Session {
         connections,
         connection,
@@ -197,6 +211,8 @@ async fn converse(
         metrics: &connections.metrics,
         context: connections.host.context(caller),
         streams: HashMap::new(),
+        uploading: Vec::new(),
+        uploads: Uploads::new(config.stream_buffer_capacity, config.max_client_streams),
         pending: VecDeque::new(),
         pinged: false,
         last_received: Instant::now(),
@@ -206,6 +222,9 @@ async fn converse(
     session.run(&mut inbound, &mut reader, closing).await;
     for (_, stream) in session.streams.drain() {
         stream.task.abort();
+    }
+    for task in session.uploading.drain(..) {
+        task.abort();
     }
     if connection.has_moved() {
         connections.host.detach(&caller.connection_id).await;
@@ -258,6 +277,9 @@ struct Session<'a> {
     metrics: &'a Metrics,
     context: HubContext,
     streams: HashMap<String, RunningStream>,
+    /// Non-streaming invocations that take client streams, running in their own tasks.
+    uploading: Vec<JoinHandle<()>>,
+    uploads: Uploads,
     pending: VecDeque<HubMessage>,
     pinged: bool,
     last_received: Instant,
@@ -292,10 +314,17 @@ impl Session<'_> {
                     .pop_front()
                     .and_then(|message| self.start(message));
             }
-            let reading = self.pending.len() < MAX_PENDING_INVOCATIONS;
+            let blocked = self.uploads.is_blocked();
+            let reading = self.pending.len() < MAX_PENDING_INVOCATIONS && !blocked;
             tokio::select! {
                 _ = async { running.as_mut().expect("guarded by is_some").await }, if running.is_some() => {
                     running = None;
+                }
+                _ = self.uploads.flush(), if blocked => {
+                    // Room again: the rest of what was read goes on.
+                    if let Next::Stop = self.take_messages(reader) {
+                        return;
+                    }
                 }
                 chunk = inbound.recv(), if reading => {
                     let Some(chunk) = chunk else { return };
@@ -339,6 +368,9 @@ impl Session<'_> {
 
     fn take_messages(&mut self, reader: &mut MessageReader) -> Next {
         loop {
+            if self.uploads.is_blocked() {
+                return Next::Continue; // The rest waits for room in a client stream.
+            }
             let message = match reader.next_message() {
                 Ok(Some(message)) => message,
                 Ok(None) => return Next::Continue,
@@ -351,6 +383,27 @@ impl Session<'_> {
                 if is_sequenced(&message) && !sequence.accept() {
                     continue;
                 }
+            }
+            if let Some((stream_ids, invocation_id, target)) = takes_streams(&message) {
+                // Its streams open now, before their items arrive.
+                match self.uploads.open(stream_ids) {
+                    Ok(feeds) => self.start_uploading(message, feeds),
+                    Err(error) => {
+                        log::debug!(
+                            "connection {}: {target} refused: {error}",
+                            self.context.connection_id.for_log()
+                        );
+                        if let Some(id) = invocation_id {
+                            self.send(&HubMessage::Completion {
+                                invocation_id: id.to_owned(),
+                                outcome: Outcome::Error(format!(
+                                    "Failed to invoke '{target}': {error}."
+                                )),
+                            });
+                        }
+                    }
+                }
+                continue;
             }
             match message {
                 HubMessage::Invocation { .. } | HubMessage::StreamInvocation { .. } => {
@@ -382,9 +435,34 @@ impl Session<'_> {
                         return self.fail(format!("InvalidOperationException: {error}"));
                     }
                 }
-                // Client-to-server stream items and completions (client results) belong to
-                // features this server does not offer.
-                HubMessage::StreamItem { .. } | HubMessage::Completion { .. } => {}
+                HubMessage::StreamItem {
+                    invocation_id,
+                    item,
+                } => {
+                    if let Feeding::Blocked = self.uploads.feed(&invocation_id, Fed::Item(item)) {
+                        return Next::Continue;
+                    }
+                }
+                HubMessage::Completion {
+                    invocation_id,
+                    outcome,
+                } if self.uploads.is_open(&invocation_id) => {
+                    let error = match outcome {
+                        Outcome::Error(error) => Some(error),
+                        Outcome::Void | Outcome::Result(_) => None,
+                    };
+                    if let Feeding::Blocked = self.uploads.feed(&invocation_id, Fed::End(error)) {
+                        return Next::Continue;
+                    }
+                }
+                HubMessage::Completion {
+                    invocation_id,
+                    outcome,
+                } => self.connections.host.client_completed(
+                    &self.context.connection_id,
+                    &invocation_id,
+                    outcome,
+                ),
             }
         }
     }
@@ -404,6 +482,7 @@ impl Session<'_> {
                 .encode(&HubMessage::Ack { sequence_id });
             self.outbox.push_unsequenced(ack);
         }
+        self.uploading.retain(|task| !task.is_finished());
         if self.context.transport.has_inherent_keep_alive() {
             return Next::Continue;
         }
@@ -423,6 +502,22 @@ impl Session<'_> {
     /// Starts one invocation: the host dispatches it; a unary method's future is
     /// returned to be driven in order, a stream runs in its own task.
     fn start(&mut self, message: HubMessage) -> Option<BoxFuture<'static, ()>> {
+        self.dispatch(message, Vec::new())
+    }
+
+    /// Starts an invocation that takes client streams in a task of its own: it runs
+    /// while its items arrive, never blocking the invocations queued behind it.
+    fn start_uploading(&mut self, message: HubMessage, feeds: Vec<Feed>) {
+        if let Some(running) = self.dispatch(message, feeds) {
+            self.uploading.push(tokio::spawn(running));
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        message: HubMessage,
+        feeds: Vec<Feed>,
+    ) -> Option<BoxFuture<'static, ()>> {
         if let HubMessage::StreamInvocation { invocation_id, .. } = &message {
             // ASP.NET refuses a second stream under the id of one still running
             // (`DefaultHubDispatcher`, `ActiveRequestCancellationSources.TryAdd`).
@@ -440,7 +535,7 @@ impl Session<'_> {
                 return None;
             }
         }
-        match self.connections.host.invoke(&self.context, message) {
+        match self.connections.host.invoke(&self.context, message, feeds) {
             Invoked::Done(reply) => {
                 if let Some(reply) = reply {
                     self.send(&reply);
@@ -478,6 +573,26 @@ impl Session<'_> {
             }
         }
     }
+}
+
+/// The stream ids, invocation id and target of an invocation that takes client streams.
+fn takes_streams(message: &HubMessage) -> Option<(&[String], Option<&str>, &str)> {
+    let (stream_ids, invocation_id, target) = match message {
+        HubMessage::Invocation {
+            stream_ids,
+            invocation_id,
+            target,
+            ..
+        } => (stream_ids, invocation_id.as_deref(), target),
+        HubMessage::StreamInvocation {
+            stream_ids,
+            invocation_id,
+            target,
+            ..
+        } => (stream_ids, Some(invocation_id.as_str()), target),
+        _ => return None,
+    };
+    (!stream_ids.is_empty()).then_some((stream_ids.as_slice(), invocation_id, target.as_str()))
 }
 
 /// Sends a stream's messages until it ends (its Completion is the last), the connection

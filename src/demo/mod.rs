@@ -16,8 +16,9 @@ use crate::{App, Settings};
 /// at `/notifications`, users named by their bearer token — for tests that start it in
 /// process.
 pub fn app(settings: Settings) -> App {
+    let chat = chat::hub(&settings);
     App::new(settings)
-        .hub("/chat", chat::hub())
+        .hub("/chat", chat)
         .hub("/notifications", notifications::hub())
         .user_id(user_id)
 }

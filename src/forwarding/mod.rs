@@ -579,6 +579,18 @@ fn from_client(item: Option<Result<AggregatedMessage, actix_ws::ProtocolError>>)
     }
 }
 
+/// A relayed client's frames, whole (continuations joined), none larger than the owner
+/// would take itself.
+fn client_frames(
+    messages: actix_ws::MessageStream,
+    max_frame_size: usize,
+) -> actix_ws::AggregatedMessageStream {
+    messages
+        .max_frame_size(max_frame_size)
+        .aggregate_continuations()
+        .max_continuation_size(max_frame_size)
+}
+
 /// Carries a client's WebSocket to the owner over the bus, frames both ways, until either
 /// side closes. Frames already waiting on one side travel together.
 async fn relay_websocket(
@@ -587,10 +599,7 @@ async fn relay_websocket(
     mut exchange: Exchange,
     max_frame_size: usize,
 ) {
-    let mut messages = messages
-        .max_frame_size(max_frame_size)
-        .aggregate_continuations()
-        .max_continuation_size(max_frame_size);
+    let mut messages = client_frames(messages, max_frame_size);
     loop {
         tokio::select! {
             first = messages.next() => {
@@ -661,10 +670,7 @@ async fn relay(
     mut upstream: actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>,
     max_frame_size: usize,
 ) {
-    let mut messages = messages
-        .max_frame_size(max_frame_size)
-        .aggregate_continuations()
-        .max_continuation_size(max_frame_size);
+    let mut messages = client_frames(messages, max_frame_size);
     loop {
         tokio::select! {
             from_client = messages.next() => {
@@ -679,7 +685,9 @@ async fn relay(
                         return;
                     }
                     Some(Err(error)) => {
-                        let reason = CloseReason { code: CloseCode::Protocol, description: Some(error.to_string()) };
+                        // As on a socket served directly (transport::websocket): a frame
+                        // this side cannot take is 1009, not a bare protocol error.
+                        let reason = CloseReason { code: CloseCode::Size, description: Some(error.to_string()) };
                         let _ = upstream.send(Message::Close(Some(reason.clone()))).await;
                         let _ = session.close(Some(reason)).await;
                         return;

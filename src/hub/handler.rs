@@ -23,6 +23,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::stream::{self, Feed};
 use super::{HubContext, HubError, LifecycleFn, Method, StreamFn, UnaryFn};
 use crate::clients::SendError;
 
@@ -110,23 +111,19 @@ pub trait HookHandler<Marker>: Send + Sync + 'static {
     fn bind(self, states: &States) -> Binding<LifecycleFn>;
 }
 
-/// Binds an invocation's arguments to `A`. Zero arguments bind to `()`; otherwise the
-/// array binds to a tuple (or a `Vec`), so a wrong count is an error, as in ASP.NET.
+/// Binds an invocation's arguments and client streams to `A` ([`stream::bind`]): zero
+/// of both bind to `()`; otherwise a tuple (or a `Vec`) whose [`super::ClientStream`]
+/// elements take the streams, so a wrong count is an error, as in ASP.NET.
 pub(super) fn bind_arguments<A: DeserializeOwned>(
     target: &str,
     args: Vec<Value>,
+    streams: Vec<Feed>,
 ) -> Result<A, HubError> {
-    let count = args.len();
-    let bound = if count == 0 {
-        serde_json::from_value(Value::Null)
-            .or_else(|_| serde_json::from_value(Value::Array(vec![])))
-    } else {
-        serde_json::from_value(Value::Array(args))
-    };
-    bound.map_err(|error| HubError::Arguments {
+    let (count, stream_count) = (args.len(), streams.len());
+    stream::bind(args, streams).map_err(|error| HubError::Arguments {
         target: target.to_owned(),
         detail: format!(
-            "Invocation provides {count} argument(s) that do not match the method: {error}"
+            "Invocation provides {count} argument(s) and {stream_count} stream(s) that do not match the method: {error}"
         ),
     })
 }
@@ -141,16 +138,24 @@ where
     Fut: Future<Output = Result<R, HubError>> + Send + 'static,
 {
     let target = target.to_owned();
-    let call: UnaryFn = Arc::new(move |ctx, args| match bind_arguments::<A>(&target, args) {
-        Ok(args) => call(ctx, args)
-            .map(|result| {
-                result.and_then(|value| {
-                    serde_json::to_value(value).map_err(|e| HubError::Send(SendError::Arguments(e)))
-                })
-            })
-            .boxed(),
-        Err(error) => futures_util::future::ready(Err(error)).boxed(),
-    });
+    // A method returning `()` is void: its Completion has no `result`. Any other return
+    // type has one, `null` included (an `Option` that is `None`), as in ASP.NET.
+    let void = TypeId::of::<R>() == TypeId::of::<()>();
+    let call: UnaryFn =
+        Arc::new(
+            move |ctx, args, streams| match bind_arguments::<A>(&target, args, streams) {
+                Ok(args) => call(ctx, args)
+                    .map(move |result| {
+                        result.and_then(|value| {
+                            let value = serde_json::to_value(value)
+                                .map_err(|e| HubError::Send(SendError::Arguments(e)))?;
+                            Ok((!void).then_some(value))
+                        })
+                    })
+                    .boxed(),
+                Err(error) => futures_util::future::ready(Err(error)).boxed(),
+            },
+        );
     Method::Unary(call)
 }
 
@@ -164,8 +169,8 @@ where
     St: Stream<Item = T> + Send + 'static,
 {
     let target = target.to_owned();
-    let call: StreamFn = Arc::new(move |ctx, args| {
-        let args = bind_arguments::<A>(&target, args)?;
+    let call: StreamFn = Arc::new(move |ctx, args, streams| {
+        let args = bind_arguments::<A>(&target, args, streams)?;
         let items = call(ctx, args)?;
         Ok(items
             .map(|item| serde_json::to_value(item).unwrap_or(Value::Null))
@@ -265,15 +270,18 @@ mod tests {
 
     #[test]
     fn arguments_bind_to_tuples_and_unit() {
-        let one: (String,) = bind_arguments("m", vec![Value::from("x")]).unwrap();
+        let one: (String,) = bind_arguments("m", vec![Value::from("x")], vec![]).unwrap();
         assert_eq!(one.0, "x");
-        let () = bind_arguments("m", vec![]).unwrap();
-        let error = bind_arguments::<(String,)>("Send", vec![])
+        let () = bind_arguments("m", vec![], vec![]).unwrap();
+        let error = bind_arguments::<(String,)>("Send", vec![], vec![])
             .unwrap_err()
             .to_string();
         assert!(error.contains("Failed to invoke 'Send'"), "{error}");
-        assert!(bind_arguments::<(String,)>("m", vec![Value::from(1)]).is_err());
+        assert!(bind_arguments::<(String,)>("m", vec![Value::from(1)], vec![]).is_err());
         let two = vec![Value::from("a"), Value::from("b")];
-        assert!(bind_arguments::<(String,)>("m", two).is_err());
+        assert!(bind_arguments::<(String,)>("m", two, vec![]).is_err());
+        let list: Vec<u32> =
+            bind_arguments("m", vec![Value::from(1), Value::from(2)], vec![]).unwrap();
+        assert_eq!(list, [1, 2]);
     }
 }

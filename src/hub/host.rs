@@ -1,19 +1,25 @@
 //! The hub host: one per hub and instance. It owns dispatch — an invocation becomes a
 //! Completion, a stream or an error there, with ASP.NET's texts — the hub's local
-//! clients, and the draining of the hub's bus. Sessions only move messages between
-//! their transport and the host, so dispatch is tested here without a connection.
+//! clients, the client results its methods wait for, and the draining of the hub's bus.
+//! Sessions only move messages between their transport and the host, so dispatch is
+//! tested here without a connection.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
-use serde_json::Value;
 
-use super::{Hub, HubContext, Method};
+use super::stream::Feed;
+use super::{Hub, HubContext, Method, RequestHead};
 use crate::bus::peers::Peers;
-use crate::bus::{Bus, Envelope, Event, Events, GroupCommand, InstanceHandler};
-use crate::clients::{Clients, LocalClients};
+use crate::bus::{
+    Audience, Bus, ClientReply, Envelope, Event, Events, GroupCommand, InstanceHandler,
+};
+use crate::clients::{
+    Answered, ClientResults, Clients, InvokeError, LocalClients, DEFAULT_CLIENT_RESULT_TIMEOUT,
+};
 use crate::outbox::Outbox;
 use crate::protocol::hub_protocol::{EncodedMessage, HubProtocol};
 use crate::protocol::message::{HubMessage, Outcome};
@@ -29,6 +35,8 @@ pub struct Caller {
     pub user: Option<String>,
     /// Its transport.
     pub transport: TransportKind,
+    /// The request that started its transport.
+    pub request: Arc<RequestHead>,
 }
 
 /// What an invocation became.
@@ -54,6 +62,7 @@ pub struct HubHost {
     hub: Hub,
     local: Arc<LocalClients>,
     bus: Arc<dyn Bus>,
+    results: Arc<ClientResults>,
     instance: InstanceId,
     detailed_errors: bool,
 }
@@ -72,9 +81,19 @@ impl HubHost {
             hub,
             local: Arc::new(LocalClients::default()),
             bus,
+            results: Arc::new(ClientResults::new(
+                instance.clone(),
+                DEFAULT_CLIENT_RESULT_TIMEOUT,
+            )),
             instance,
             detailed_errors: false,
         }
+    }
+
+    /// Makes methods wait at most `timeout` for a client's result (`CLIENT_RESULT_TIMEOUT`).
+    pub fn with_client_result_timeout(mut self, timeout: Duration) -> Self {
+        self.results = Arc::new(ClientResults::new(self.instance.clone(), timeout));
+        self
     }
 
     /// Sends callers the detail of errors (ASP.NET's `EnableDetailedErrors`), not only
@@ -89,6 +108,11 @@ impl HubHost {
         self.detailed_errors
     }
 
+    /// The hub it hosts.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
     /// The hub's bus, for health.
     pub fn bus(&self) -> &Arc<dyn Bus> {
         &self.bus
@@ -101,17 +125,21 @@ impl HubHost {
             user: caller.user.clone(),
             transport: caller.transport,
             instance: self.instance.clone(),
+            request: caller.request.clone(),
             clients: Clients::new(
                 self.local.clone(),
                 self.bus.clone(),
+                self.results.clone(),
                 caller.connection_id.clone(),
             ),
         }
     }
 
     /// Turns an Invocation or StreamInvocation from the caller of `context` into what to
-    /// run and send. Other messages are not invocations: `Done(None)`.
-    pub fn invoke(&self, context: &HubContext, message: HubMessage) -> Invoked {
+    /// run and send. Other messages are not invocations: `Done(None)`. `streams` are the
+    /// client streams the session opened for the invocation's `streamIds`, in order; a
+    /// method that does not take them drops them, which ends their feeding.
+    pub fn invoke(&self, context: &HubContext, message: HubMessage, streams: Vec<Feed>) -> Invoked {
         let (invocation_id, target, arguments, stream_ids, streaming) = match message {
             HubMessage::Invocation {
                 invocation_id,
@@ -134,11 +162,8 @@ impl HubHost {
                     .map(|id| completion(id, Outcome::Error(text))),
             )
         };
-        if !stream_ids.is_empty() {
-            return error(format!(
-                "Failed to invoke '{target}': client-to-server streaming is not supported by this server."
-            ));
-        }
+        // The session opened one stream per id; the ids themselves are its business.
+        debug_assert_eq!(stream_ids.len(), streams.len());
         // The texts are ASP.NET's (`DefaultHubDispatcher`), which clients show as they are.
         let method = match (self.hub.method(&target), streaming) {
             (None, _) => return error(format!("Unknown hub method '{target}'")),
@@ -158,7 +183,7 @@ impl HubHost {
         let detailed = self.detailed_errors;
         match method {
             Method::Unary(call) => {
-                let running = call(context.clone(), arguments);
+                let running = call(context.clone(), arguments, streams);
                 let connection_id = context.connection_id.clone();
                 Invoked::Unary(
                     async move {
@@ -173,8 +198,8 @@ impl HubHost {
                             return None;
                         };
                         let outcome = match result {
-                            Ok(Value::Null) => Outcome::Void,
-                            Ok(value) => Outcome::Result(value),
+                            Ok(None) => Outcome::Void,
+                            Ok(Some(value)) => Outcome::Result(value),
                             Err(error) => Outcome::Error(error.client_text(&name, detailed)),
                         };
                         Some(completion(invocation_id, outcome))
@@ -184,7 +209,7 @@ impl HubHost {
             }
             Method::Stream(call) => {
                 let invocation_id = invocation_id.unwrap_or_default();
-                match call(context.clone(), arguments) {
+                match call(context.clone(), arguments, streams) {
                     Ok(items) => {
                         let id = invocation_id.clone();
                         let done = completion(invocation_id.clone(), Outcome::Void);
@@ -212,10 +237,7 @@ impl HubHost {
     /// Makes a connection reachable (here and through the bus), then runs the hub's
     /// connect hook.
     pub async fn connect(&self, caller: &Caller, outbox: Outbox) {
-        let topics = self
-            .local
-            .add(&caller.connection_id, caller.user.as_deref(), outbox);
-        self.bus.subscribe(topics).await;
+        self.attach(caller, outbox).await;
         if let Some(hook) = &self.hub.on_connected {
             hook(self.context(caller)).await;
         }
@@ -246,13 +268,74 @@ impl HubHost {
         groups
     }
 
-    /// Runs the hub's disconnect hook, then forgets the connection.
+    /// Runs the hub's disconnect hook, then forgets the connection; the results it still
+    /// owed fail, here and on the instances that asked.
     pub async fn disconnect(&self, caller: &Caller) {
         if let Some(hook) = &self.hub.on_disconnected {
             hook(self.context(caller)).await;
         }
         let topics = self.local.remove(&caller.connection_id);
         self.bus.unsubscribe(topics).await;
+        for reply in self.results.disconnected(&caller.connection_id) {
+            self.bus.publish(Envelope::Reply(reply)).await;
+        }
+    }
+
+    /// A Completion from a client that is not the end of one of its streams: the answer
+    /// to a client-result invocation, for a method here or on the instance that asked.
+    /// Completions nobody waits for are ignored, as ASP.NET does.
+    pub fn client_completed(
+        &self,
+        connection: &ConnectionId,
+        invocation_id: &str,
+        outcome: Outcome,
+    ) {
+        match self.results.complete(connection, invocation_id, outcome) {
+            Answered::Relay(reply) => {
+                let bus = self.bus.clone();
+                tokio::spawn(async move { bus.publish(Envelope::Reply(reply)).await });
+            }
+            Answered::Delivered => {}
+            Answered::Unknown => log::debug!(
+                "connection {connection}: ignoring a Completion for unknown invocation {invocation_id}"
+            ),
+        }
+    }
+
+    /// Asks a client held here for a result on behalf of a method on another instance,
+    /// whose answer is relayed back there.
+    async fn asked_from_elsewhere(&self, asked: crate::bus::ClientInvocation) {
+        let crate::bus::ClientInvocation {
+            connection,
+            invocation_id,
+            reply_to,
+            target,
+            arguments,
+        } = asked;
+        if !self.local.contains(&connection) {
+            return; // Only the instance holding the connection answers.
+        }
+        self.results
+            .relay(&connection, &invocation_id, reply_to.clone());
+        let message = EncodedMessage::new(HubMessage::Invocation {
+            invocation_id: Some(invocation_id.clone()),
+            target,
+            arguments,
+            stream_ids: Vec::new(),
+        });
+        if self
+            .local
+            .deliver(&Audience::Connection(connection.clone()), &message)
+            == 0
+        {
+            let gone = InvokeError::Disconnected(connection.clone()).to_string();
+            if let Answered::Relay(reply) =
+                self.results
+                    .complete(&connection, &invocation_id, Outcome::Error(gone))
+            {
+                self.bus.publish(Envelope::Reply(reply)).await;
+            }
+        }
     }
 
     /// Drains the hub's bus: delivers what other instances sent to local recipients,
@@ -289,6 +372,10 @@ impl HubHost {
                         .change_group(&*self.bus, &connection, &group, join)
                         .await;
                 }
+                Event::Received(Envelope::Invoke(asked)) => {
+                    self.asked_from_elsewhere(asked).await;
+                }
+                Event::Received(Envelope::Reply(reply)) => self.answered(reply),
                 Event::Received(Envelope::Announcement(announcement)) => {
                     if let Some(peers) = &peers {
                         peers.receive(announcement, &*self.bus).await;
@@ -309,11 +396,21 @@ impl HubHost {
     }
 }
 
+impl HubHost {
+    /// A client's answer relayed from the instance holding it.
+    fn answered(&self, reply: ClientReply) {
+        self.results.answer(reply);
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
     use crate::bus::InProcess;
-    use crate::hub::HubError;
+    use crate::hub::stream::{Fed, Feeding, Uploads};
+    use crate::hub::{ClientStream, HubError};
 
     fn host() -> HubHost {
         let hub = Hub::builder("test")
@@ -329,9 +426,23 @@ mod tests {
             .stream("Count", |_ctx: HubContext, (n,): (u32,)| {
                 Ok(futures_util::stream::iter(0..n))
             })
+            .method(
+                "Sum",
+                |_ctx: HubContext, (base, mut items): (u32, ClientStream<u32>)| async move {
+                    let mut sum = base;
+                    while let Some(item) = items.next().await {
+                        sum += item?;
+                    }
+                    Ok::<_, HubError>(sum)
+                },
+            )
+            .method("Ask", |ctx: HubContext, (id,): (String,)| async move {
+                Ok::<u32, HubError>(ctx.clients().client(&id).invoke("Question", (1,)).await?)
+            })
             .build()
             .unwrap();
         HubHost::new(hub, Arc::new(InProcess), InstanceId::parse("i").unwrap())
+            .with_client_result_timeout(Duration::from_secs(60))
     }
 
     fn context(host: &HubHost) -> HubContext {
@@ -339,6 +450,7 @@ mod tests {
             connection_id: ConnectionId::random(),
             user: None,
             transport: TransportKind::WebSockets,
+            request: Default::default(),
         })
     }
 
@@ -363,7 +475,7 @@ mod tests {
     /// Runs an invocation to the end; returns what the client would receive.
     async fn run(message: HubMessage) -> Vec<HubMessage> {
         let host = host();
-        match host.invoke(&context(&host), message) {
+        match host.invoke(&context(&host), message, vec![]) {
             Invoked::Done(reply) => reply.into_iter().collect(),
             Invoked::Unary(running) => running.await.into_iter().collect(),
             Invoked::Stream { messages, .. } => messages.collect().await,
@@ -447,21 +559,206 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn client_to_server_streams_are_refused() {
+    /// Invokes `target` with `arguments` and one client stream, `s1`, as the session does.
+    fn upload(host: &HubHost, target: &str, arguments: Vec<Value>) -> (Uploads, Invoked) {
+        let mut uploads = Uploads::new(2, 4);
+        let feeds = uploads.open(&["s1".into()]).unwrap();
         let message = HubMessage::Invocation {
             invocation_id: Some("1".into()),
-            target: "Echo".into(),
-            arguments: vec![],
-            stream_ids: vec!["7".into()],
+            target: target.into(),
+            arguments,
+            stream_ids: vec!["s1".into()],
         };
+        let running = host.invoke(&context(host), message, feeds);
+        (uploads, running)
+    }
+
+    /// The error text of a Completion.
+    fn error_text(reply: Option<HubMessage>) -> String {
+        match reply {
+            Some(HubMessage::Completion {
+                outcome: Outcome::Error(text),
+                ..
+            }) => text,
+            other => panic!("not an error completion: {other:?}"),
+        }
+    }
+
+    /// Feeds stream `s1` as the session does, waiting for room when its buffer is full.
+    async fn feed(uploads: &mut Uploads, fed: Vec<Fed>) {
+        for fed in fed {
+            if uploads.feed("s1", fed) == Feeding::Blocked {
+                uploads.flush().await;
+            }
+        }
+    }
+
+    async fn unary(invoked: Invoked) -> Option<HubMessage> {
+        match invoked {
+            Invoked::Unary(running) => running.await,
+            Invoked::Done(reply) => reply,
+            Invoked::Stream { .. } => panic!("not unary"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_stream_feeds_its_method_until_the_client_completes_it() {
+        let host = host();
+        let (mut uploads, running) = upload(&host, "Sum", vec![Value::from(100)]);
+        // More items than the buffer holds: the feeder waits for room.
+        let mut fed: Vec<Fed> = (1..=5).map(|n| Fed::Item(Value::from(n))).collect();
+        fed.push(Fed::End(None));
+        let ((), reply) = tokio::join!(feed(&mut uploads, fed), unary(running));
         assert_eq!(
-            run(message).await,
-            error(
-                "1",
-                "Failed to invoke 'Echo': client-to-server streaming is not supported by this server."
-            )
+            reply,
+            Some(completion("1".into(), Outcome::Result(Value::from(115))))
         );
+    }
+
+    #[tokio::test]
+    async fn a_client_stream_error_fails_the_method_with_the_clients_text() {
+        let host = host().with_detailed_errors(true);
+        let (mut uploads, running) = upload(&host, "Sum", vec![Value::from(0)]);
+        feed(&mut uploads, vec![Fed::End(Some("oops".into()))]).await;
+        let text = error_text(unary(running).await);
+        assert_eq!(
+            text,
+            "An unexpected error occurred invoking 'Sum' on the server. Exception: oops"
+        );
+    }
+
+    #[tokio::test]
+    async fn streams_a_method_does_not_take_fail_the_invocation() {
+        let host = host().with_detailed_errors(true);
+        let (mut uploads, running) = upload(&host, "Echo", vec![Value::from("x")]);
+        let text = error_text(unary(running).await);
+        assert!(text.contains("1 stream(s)"), "{text}");
+        // The method dropped the stream: its items are no longer taken.
+        assert_eq!(uploads.feed("s1", Fed::Item(Value::from(1))), Feeding::Done);
+        assert!(!uploads.is_open("s1"));
+    }
+
+    /// Connects a client to `host`; returns its id and what it receives.
+    async fn connected(host: &HubHost) -> (Caller, tokio::sync::mpsc::Receiver<bytes::Bytes>) {
+        let caller = Caller {
+            connection_id: ConnectionId::random(),
+            user: None,
+            transport: TransportKind::WebSockets,
+            request: Default::default(),
+        };
+        let (outbox, rx) = crate::outbox::tests::outbox(8);
+        host.connect(&caller, outbox).await;
+        (caller, rx)
+    }
+
+    /// The invocation id of the next client-result Invocation the client receives.
+    async fn asked(rx: &mut tokio::sync::mpsc::Receiver<bytes::Bytes>) -> String {
+        let record = rx.recv().await.expect("an invocation");
+        let text = std::str::from_utf8(&record[..record.len() - 1]).unwrap();
+        match HubMessage::parse(text).unwrap() {
+            Some(HubMessage::Invocation {
+                invocation_id: Some(id),
+                target,
+                ..
+            }) if target == "Question" => id,
+            other => panic!("not a client-result invocation: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_method_gets_a_clients_result_or_its_error() {
+        let host = host();
+        let (target, mut rx) = connected(&host).await;
+        let ask = || {
+            host.invoke(
+                &context(&host),
+                call(
+                    "Ask",
+                    Some("1"),
+                    vec![Value::from(target.connection_id.to_string())],
+                ),
+                vec![],
+            )
+        };
+        let answering = async {
+            let id = asked(&mut rx).await;
+            // Another connection cannot answer for it.
+            host.client_completed(
+                &ConnectionId::random(),
+                &id,
+                Outcome::Result(Value::from(9)),
+            );
+            host.client_completed(&target.connection_id, &id, Outcome::Result(Value::from(42)));
+        };
+        let ((), reply) = tokio::join!(answering, unary(ask()));
+        assert_eq!(
+            reply,
+            Some(completion("1".into(), Outcome::Result(Value::from(42))))
+        );
+        let refusing = async {
+            let id = asked(&mut rx).await;
+            let text = "Client didn't provide a result.".to_owned();
+            host.client_completed(&target.connection_id, &id, Outcome::Error(text));
+        };
+        let ((), reply) = tokio::join!(refusing, unary(ask()));
+        // A client's error reaches the caller as ASP.NET words a HubException, even
+        // without detailed errors.
+        assert_eq!(
+            error_text(reply),
+            "An unexpected error occurred invoking 'Ask' on the server. HubException: Client didn't provide a result."
+        );
+        assert!(host.results.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_or_never_was_fails_the_call_clearly() {
+        let host = host().with_detailed_errors(true);
+        let (target, mut rx) = connected(&host).await;
+        let id = target.connection_id.to_string();
+        let leaving = async {
+            asked(&mut rx).await;
+            host.disconnect(&target).await;
+        };
+        let ask = host.invoke(
+            &context(&host),
+            call("Ask", Some("1"), vec![Value::from(id.clone())]),
+            vec![],
+        );
+        let ((), reply) = tokio::join!(leaving, unary(ask));
+        let text = error_text(reply);
+        assert!(
+            text.ends_with(&format!("InvokeError: Connection '{id}' disconnected.")),
+            "{text}"
+        );
+        let reply = unary(host.invoke(
+            &context(&host),
+            call("Ask", Some("2"), vec![Value::from(id.clone())]),
+            vec![],
+        ))
+        .await;
+        let text = error_text(reply);
+        assert!(
+            text.ends_with(&format!("InvokeError: Connection '{id}' does not exist.")),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_answers_times_out() {
+        let host = host()
+            .with_detailed_errors(true)
+            .with_client_result_timeout(Duration::from_millis(50));
+        let (target, _rx) = connected(&host).await;
+        let id = target.connection_id.to_string();
+        let reply = unary(host.invoke(
+            &context(&host),
+            call("Ask", Some("1"), vec![Value::from(id.clone())]),
+            vec![],
+        ))
+        .await;
+        let text = error_text(reply);
+        assert!(text.contains("did not answer 'Question'"), "{text}");
+        assert!(host.results.is_empty(), "the timed-out call is forgotten");
     }
 
     #[tokio::test]

@@ -25,21 +25,25 @@
 
 mod handler;
 pub mod host;
+pub(crate) mod stream;
 
 use handler::{Bound, States};
 pub use handler::{HookHandler, MethodHandler, State, StreamHandler};
+pub use stream::{ClientStream, StreamError};
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use actix_web::http::header::HeaderMap;
 use actix_web::HttpRequest;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use serde_json::Value;
 
-use crate::clients::{Clients, Groups, SendError};
+use crate::clients::{Clients, Groups, InvokeError, SendError};
 use crate::protocol::negotiate::TransportKind;
 use crate::protocol::token::{ConnectionId, InstanceId};
+use stream::Feed;
 
 /// An error a hub method returns. The caller's Completion carries ASP.NET's text for it:
 /// "An unexpected error occurred invoking 'M' on the server.", followed by
@@ -63,6 +67,21 @@ pub enum HubError {
         /// Why they do not bind.
         detail: String,
     },
+    /// Any other failure, named by its kind, like an exception's type in ASP.NET
+    /// (`InvalidOperationException`); callers see it only with detailed errors.
+    #[error("{kind}: {message}")]
+    Exception {
+        /// The kind, shown before the message.
+        kind: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A client stream the method reads failed.
+    #[error("{0}")]
+    Stream(#[from] StreamError),
+    /// A client asked for a result did not give one.
+    #[error("{0}")]
+    Invoke(#[from] InvokeError),
 }
 
 /// A hub is declared wrongly; found when it is built, before any client connects.
@@ -94,6 +113,15 @@ impl HubError {
         Self::Message(message.into())
     }
 
+    /// A failure of some kind whose detail callers see only with detailed errors
+    /// (`ENABLE_DETAILED_ERRORS`), as an exception other than `HubException` in ASP.NET.
+    pub fn exception(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Exception {
+            kind: kind.into(),
+            message: message.into(),
+        }
+    }
+
     /// The text a caller's Completion carries when method `name` failed with this error,
     /// as ASP.NET's `DefaultHubDispatcher` words it (`ErrorMessageHelper.BuildErrorMessage`:
     /// the exception's type and message follow for a `HubException`, or for any exception
@@ -108,6 +136,16 @@ impl HubError {
             Self::Arguments { target, .. } => {
                 format!("Failed to invoke '{target}' due to an error on the server.")
             }
+            // ASP.NET raises a client's error as a `HubException` with the client's text.
+            Self::Invoke(InvokeError::Client(text)) => format!("{generic} HubException: {text}"),
+            Self::Invoke(error) if detailed => format!("{generic} InvokeError: {error}"),
+            // ASP.NET hands the method a client stream's error as a plain `Exception`.
+            Self::Stream(StreamError::Client(text)) if detailed => {
+                format!("{generic} Exception: {text}")
+            }
+            Self::Stream(error) if detailed => format!("{generic} StreamError: {error}"),
+            Self::Exception { .. } if detailed => format!("{generic} {self}"),
+            Self::Invoke(_) | Self::Stream(_) | Self::Exception { .. } => generic,
         }
     }
 }
@@ -123,7 +161,54 @@ pub struct HubContext {
     pub transport: TransportKind,
     /// The instance serving the caller.
     pub instance: InstanceId,
+    /// The HTTP request that started the caller's transport.
+    pub request: Arc<RequestHead>,
     clients: Clients,
+}
+
+/// What the hub keeps of the HTTP request that started a connection's transport (the
+/// WebSocket upgrade, the event stream, the first poll) — ASP.NET's
+/// `Context.GetHttpContext()` for hub code: its headers, cookies and query.
+#[derive(Debug, Clone, Default)]
+pub struct RequestHead {
+    headers: HeaderMap,
+    query: String,
+}
+
+impl RequestHead {
+    /// Keeps the headers and query of `req`.
+    pub fn of(req: &HttpRequest) -> Self {
+        Self {
+            headers: req.headers().clone(),
+            query: req.query_string().to_owned(),
+        }
+    }
+
+    /// A header's value, if present and text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+
+    /// A cookie's value, from the `Cookie` headers.
+    pub fn cookie(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get_all(actix_web::http::header::COOKIE)
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|line| line.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| value)
+    }
+
+    /// A query parameter's value (percent-decoded), e.g. `numRedirects`.
+    pub fn query(&self, name: &str) -> Option<String> {
+        actix_web::web::Query::<Vec<(String, String)>>::from_query(&self.query)
+            .ok()?
+            .into_inner()
+            .into_iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value)
+    }
 }
 
 impl HubContext {
@@ -143,10 +228,14 @@ impl HubContext {
 pub type UserIdProvider = Arc<dyn Fn(&HttpRequest) -> Option<String> + Send + Sync>;
 
 type UnaryFn = Arc<
-    dyn Fn(HubContext, Vec<Value>) -> BoxFuture<'static, Result<Value, HubError>> + Send + Sync,
+    dyn Fn(HubContext, Vec<Value>, Vec<Feed>) -> BoxFuture<'static, Result<Option<Value>, HubError>>
+        + Send
+        + Sync,
 >;
 type StreamFn = Arc<
-    dyn Fn(HubContext, Vec<Value>) -> Result<BoxStream<'static, Value>, HubError> + Send + Sync,
+    dyn Fn(HubContext, Vec<Value>, Vec<Feed>) -> Result<BoxStream<'static, Value>, HubError>
+        + Send
+        + Sync,
 >;
 /// A bound connect or disconnect hook.
 #[doc(hidden)]
@@ -165,6 +254,8 @@ pub enum Method {
 /// A hub: named methods plus connect and disconnect hooks, bound to their state.
 pub struct Hub {
     name: String,
+    transports: Vec<TransportKind>,
+    requires_user: bool,
     methods: HashMap<String, (String, Method)>,
     on_connected: Option<LifecycleFn>,
     on_disconnected: Option<LifecycleFn>,
@@ -178,6 +269,8 @@ type Binder<T> = Box<dyn FnOnce(&States) -> Result<Bound<T>, &'static str> + Sen
 /// does not matter.
 pub struct HubBuilder {
     name: String,
+    transports: Vec<TransportKind>,
+    requires_user: bool,
     states: States,
     methods: Vec<(String, Binder<Method>)>,
     on_connected: Option<Binder<LifecycleFn>>,
@@ -210,6 +303,20 @@ impl HubBuilder {
         self
     }
 
+    /// Offers only these transports (ASP.NET's `HttpConnectionDispatcherOptions.Transports`):
+    /// negotiate lists only them, and a request on another is refused. All by default.
+    pub fn transports(mut self, transports: &[TransportKind]) -> Self {
+        self.transports = transports.to_vec();
+        self
+    }
+
+    /// Admits only connections with a user (from [`crate::App::user_id`]): negotiate and
+    /// transport requests without one get 401, as an `[Authorize]` hub does in ASP.NET.
+    pub fn require_user(mut self) -> Self {
+        self.requires_user = true;
+        self
+    }
+
     /// Runs when a connection has completed its handshake.
     pub fn on_connected<M>(mut self, hook: impl HookHandler<M>) -> Self {
         self.on_connected = Some(Box::new(move |states| hook.bind(states)));
@@ -232,6 +339,8 @@ impl HubBuilder {
     pub fn build(self) -> Result<Hub, BuildError> {
         let Self {
             name,
+            transports,
+            requires_user,
             states,
             methods,
             on_connected,
@@ -263,6 +372,8 @@ impl HubBuilder {
         let on_disconnected = hook(on_disconnected, "on_disconnected")?;
         Ok(Hub {
             name,
+            transports,
+            requires_user,
             methods: bound,
             on_connected,
             on_disconnected,
@@ -277,6 +388,8 @@ impl Hub {
     pub fn builder(name: &str) -> HubBuilder {
         HubBuilder {
             name: name.to_owned(),
+            transports: TransportKind::ALL.to_vec(),
+            requires_user: false,
             states: States::default(),
             methods: Vec::new(),
             on_connected: None,
@@ -287,6 +400,16 @@ impl Hub {
     /// The hub's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the hub offers this transport.
+    pub fn allows(&self, transport: TransportKind) -> bool {
+        self.transports.contains(&transport)
+    }
+
+    /// Whether connections need a user.
+    pub fn requires_user(&self) -> bool {
+        self.requires_user
     }
 
     /// Whether a method of that name (any case) exists.
@@ -342,6 +465,7 @@ mod tests {
             connection_id: ConnectionId::random(),
             user: None,
             transport: TransportKind::LongPolling,
+            request: Default::default(),
         };
         let message = HubMessage::Invocation {
             invocation_id: Some("1".into()),
@@ -349,7 +473,7 @@ mod tests {
             arguments,
             stream_ids: vec![],
         };
-        match host.invoke(&host.context(&caller), message) {
+        match host.invoke(&host.context(&caller), message, vec![]) {
             Invoked::Done(reply) => reply.into_iter().collect(),
             Invoked::Unary(running) => running.await.into_iter().collect(),
             Invoked::Stream { messages, .. } => messages.collect().await,
@@ -377,6 +501,7 @@ mod tests {
             connection_id: ConnectionId::random(),
             user: None,
             transport: TransportKind::WebSockets,
+            request: Default::default(),
         };
         let (outbox, _rx) = crate::outbox::tests::outbox(4);
         host.connect(&caller, outbox).await;

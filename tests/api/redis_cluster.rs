@@ -13,9 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use stickless::{demo, App, Hub, HubBuilder, HubContext, HubError, InstanceId};
 
-use crate::helpers::{
-    eventually, is_call, test_settings, within, Api, HubClient, LpClient, TestApp, WsClient,
-};
+use crate::helpers::app::{start, test_settings};
+use crate::helpers::{eventually, is_call, within, Api, HubClient, LpClient, TestApp, WsClient};
 
 /// Masters in the test cluster.
 const MASTERS: usize = 3;
@@ -329,6 +328,17 @@ fn test_hub() -> HubBuilder {
                 Ok(())
             },
         )
+        .method(
+            "Ask",
+            |ctx: HubContext, (connection, question): (String, String)| async move {
+                let answer: String = ctx
+                    .clients()
+                    .client(&connection)
+                    .invoke("Question", (question,))
+                    .await?;
+                Ok::<_, HubError>(answer)
+            },
+        )
 }
 
 /// Starts an in-process instance named `name` on the cluster bus and waits until its
@@ -338,26 +348,16 @@ async fn spawn_instance(redis: &RedisCluster, name: &str) -> TestApp {
     settings.redis_cluster_urls = redis.urls();
     settings.cluster_secret = Some(SECRET.into());
     settings.instance_id = Some(InstanceId::parse(name).expect("an instance id"));
-    let application = App::new(settings)
-        .hub("/chat", test_hub())
-        .user_id(demo::user_id)
-        .build()
-        .await
-        .expect("the application builds");
-    let port = application.port();
-    let handle = application.handle();
-    actix_web::rt::spawn(application.run_until_stopped());
-    let address = format!("http://127.0.0.1:{port}");
-    let api = Api::new(address.clone());
-    wait_for_status(&api, "ok").await;
-    assert_eq!(api.healthz().await["backplane"], "redis-cluster");
-    TestApp {
-        address,
-        port,
-        handle,
-        instance: name.to_owned(),
-        api,
-    }
+    let app = start(
+        App::new(settings)
+            .hub("/chat", test_hub())
+            .user_id(demo::user_id),
+    )
+    .await;
+    assert_eq!(app.instance, name);
+    wait_for_status(&app.api, "ok").await;
+    assert_eq!(app.api.healthz().await["backplane"], "redis-cluster");
+    app
 }
 
 /// Waits until `/healthz` of `api` reports `status`.
@@ -522,6 +522,39 @@ async fn every_kind_of_message_crosses_instances_over_a_redis_cluster() {
             assert!(texts.is_empty(), "client {index} got {texts:?}");
         }
     }
+}
+
+#[actix_web::test]
+async fn a_client_result_crosses_a_redis_cluster_and_back() {
+    let redis = RedisCluster::start().await;
+    let a = spawn_instance(&redis, "node-a").await;
+    let b = spawn_instance(&redis, "node-b").await;
+    let mut asker = WsClient::connect(&a).await;
+    let mut asked = LpClient::connect(&b).await;
+    let target = asked.connection_id().to_owned();
+    // The asker's method waits for the answer while the asked client, on the other
+    // instance, gets the question with an invocation id and answers it.
+    let id = asker.next_id();
+    asker
+        .send(json!({
+            "type": 1, "invocationId": id, "target": "Ask", "arguments": [target, "why?"]
+        }))
+        .await;
+    let question = asked
+        .recv("the question", &|r| is_call(r, "Question"))
+        .await;
+    assert_eq!(question["arguments"], json!(["why?"]));
+    let question_id = question["invocationId"]
+        .as_str()
+        .expect("a client-result invocation has an id")
+        .to_owned();
+    asked
+        .send(json!({ "type": 3, "invocationId": question_id, "result": "because" }))
+        .await;
+    let completion = asker
+        .recv("the answer", &|r| crate::helpers::is_completion(r, &id))
+        .await;
+    assert_eq!(completion["result"], "because", "{completion}");
 }
 
 #[actix_web::test]

@@ -8,7 +8,7 @@ use awc::http::StatusCode;
 use futures_util::SinkExt;
 use serde_json::json;
 
-use crate::cluster::every_request_kind_misrouted;
+use crate::cluster::routing::every_request_kind_misrouted;
 use crate::helpers::{eventually, spawn_cluster, Api, HubClient, LpClient, SseClient, WsClient};
 
 fn forwarded(request: &str, mode: &str, outcome: &str) -> String {

@@ -96,10 +96,13 @@ for (const { instances, directRouting } of CONFIGS) {
     let urls;
     before(
       async () => {
-        // Load-balancer routing only means ROUTES too: by default the bus route (over Redis)
-        // would serve what nothing advertised.
-        const instanceEnv = directRouting ? {} : { ROUTES: "adopt,load-balancer" };
-        cluster = await startCluster({ instances, directRouting, instanceEnv });
+        // The route under test alone (the bus route would otherwise serve what the load
+        // balancer or the direct hop should).
+        cluster = await startCluster({
+          instances,
+          directRouting,
+          instanceEnv: { ROUTES: directRouting ? "adopt,direct" : "adopt,load-balancer" },
+        });
         urls = cluster.instances.map((i) => i.url);
         assert.equal(new Set(cluster.instances.map((i) => i.id)).size, instances);
       },
@@ -253,7 +256,15 @@ describe("SIGTERM failover in a cluster of 3 (official clients with automatic re
       }
       assert.equal(c.state, HubConnectionState.Connected);
     }
-    assert.deepEqual(stayingEvents, [], "clients of other instances reconnected");
+    // An event stream or a long poll that nginx happened to send through the stopped
+    // instance is relayed by it to its owner, and is cut when it exits: such a client
+    // reconnects (README, "Known limits"). A WebSocket of another instance never passes
+    // through it (a fresh WebSocket is adopted where it lands), so none may reconnect.
+    assert.deepEqual(
+      stayingEvents.filter((label) => label.startsWith("WebSockets")),
+      [],
+      "WebSocket clients of other instances reconnected",
+    );
     await everyoneHearsEveryone(clients);
     await waitUntil(
       () => http(`${victim.url}/healthz`, { timeoutMs: 2000 }).then(() => undefined, () => true),

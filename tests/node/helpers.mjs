@@ -193,10 +193,11 @@ function spawnAndWait({ bin, args = [], env, label, timeoutMs, isReady, stdin = 
 
 /**
  * Starts one `stickless` instance on a free loopback port (in-process backplane unless
- * REDIS_URL is passed in `env`). Resolves with { url, port, stop(), stderr(), exited, child }.
+ * REDIS_URL is passed in `env`); `bin` runs another program that speaks the same way, e.g.
+ * the `testhub` example. Resolves with { url, port, stop(), stderr(), exited, child }.
  */
-export async function startServer({ env = {}, args = [], timeoutMs = 20000 } = {}) {
-  const bin = resolveBin("STICKLESS_BIN", "target/debug/stickless");
+export async function startServer({ env = {}, args = [], timeoutMs = 20000, bin: program } = {}) {
+  const bin = program ? resolveBin("", program) : resolveBin("STICKLESS_BIN", "target/debug/stickless");
   const h = await spawnAndWait({
     bin,
     args,
@@ -698,7 +699,8 @@ export async function metric(bases, name, labels = {}) {
   let total = 0;
   for (const base of Array.isArray(bases) ? bases : [bases]) {
     const { series, families } = await scrape(base);
-    let found = families.has(name);
+    // OpenMetrics declares a counter's family without its `_total` suffix.
+    let found = families.has(name) || families.has(name.replace(/_total$/, ""));
     for (const [key, value] of series) {
       if (key.replace(/\{.*$/, "") !== name) continue;
       found = true;

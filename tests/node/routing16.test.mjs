@@ -39,12 +39,13 @@ const PER_TRANSPORT = 6;
 const INVOCATIONS = 3;
 
 const CONFIGURATIONS = [
-  { name: "direct", mode: "direct", args: ["--env", "ROUTES=direct"] },
-  { name: "bus", mode: "bus", args: ["--no-direct-routing", "--env", "ROUTES=bus"] },
+  { name: "direct", mode: "direct", directRouting: true, instanceEnv: { ROUTES: "direct" } },
+  { name: "bus", mode: "bus", directRouting: false, instanceEnv: { ROUTES: "bus" } },
   {
     name: "load-balancer",
     mode: "load_balancer",
-    args: ["--no-direct-routing", "--env", "ROUTES=load-balancer", "--env", "MAX_FORWARD_ATTEMPTS=auto"],
+    directRouting: false,
+    instanceEnv: { ROUTES: "load-balancer", MAX_FORWARD_ATTEMPTS: "auto" },
   },
 ];
 
@@ -74,7 +75,12 @@ for (const config of CONFIGURATIONS) {
 
     before(
       async () => {
-        cluster = await startCluster({ instances: INSTANCES, args: config.args, timeoutMs: 180000 });
+        cluster = await startCluster({
+          instances: INSTANCES,
+          directRouting: config.directRouting,
+          instanceEnv: config.instanceEnv,
+          timeoutMs: 180000,
+        });
         assert.equal(cluster.instances.length, INSTANCES);
         // Heartbeats: every instance knows the cluster's size before clients come.
         const deadline = Date.now() + 30000;
@@ -152,20 +158,31 @@ for (const config of CONFIGURATIONS) {
     });
 
     test("forged and random tokens cause zero forwards; a real misrouted token does", { timeout: 60000 }, async () => {
+      // Each 404 must come from the instance asked, with no forward behind it: a forwarded
+      // response carries X-Stickless-Forward-Attempts, and every request must be counted as
+      // a bad token at the routing decision. (The cluster-wide forward counter is no
+      // measure here: the previous test's clients may still have forwards in flight.)
       const sent = () => clusterSum(cluster, "stickless_forward_requests_sent_total");
+      const badTokens = () =>
+        clusterSum(cluster, "stickless_routing_rejections_total", (labels) => labels.includes('reason="bad_token"'));
       const before = await sent();
+      const badBefore = await badTokens();
       const neg = await rawNegotiate(cluster.url, "negotiateVersion=1");
       assert.equal(neg.status, 200, describeResponse(neg));
       const forged = forgeToken(neg.json.connectionToken);
+      let requests = 0;
       for (const token of [forged, "random", nonce("tok")]) {
         for (const inst of cluster.instances.slice(0, 4)) {
           const lp = rawLongPolling(token);
-          assert.equal((await lp.poll(inst.url)).status, 404);
-          assert.equal((await lp.send(inst.url, "{}\u001e")).status, 404);
-          assert.equal((await lp.close(inst.url)).status, 404);
+          for (const reply of [await lp.poll(inst.url), await lp.send(inst.url, "{}\u001e"), await lp.close(inst.url)]) {
+            requests += 1;
+            assert.equal(reply.status, 404, describeResponse(reply));
+            assert.equal(reply.headers.get("x-stickless-instance"), inst.id, "answered by the instance asked");
+            assert.equal(reply.headers.get("x-stickless-forward-attempts"), null, "a forged or random token was forwarded");
+          }
         }
       }
-      assert.equal(await sent(), before, "a forged or random token was forwarded");
+      assert.equal(await badTokens(), badBefore + requests, "every forged or random token counted as bad");
 
       // Positive control: the real token, sent to an instance that does not hold it.
       const owner = neg.headers.get("x-stickless-instance");
@@ -173,7 +190,8 @@ for (const config of CONFIGURATIONS) {
       const lp = rawLongPolling(neg.json.connectionToken);
       const handshake = await lp.send(other.url, `{"protocol":"json","version":1}\u001e`);
       assert.equal(handshake.status, 200, `handshake via ${other.id}: ${describeResponse(handshake)}`);
-      assert.ok((await sent()) > before, "the misrouted request was not forwarded");
+      assert.ok(Number(handshake.headers.get("x-stickless-forward-attempts")) >= 1, "the misrouted request was not forwarded");
+      assert.ok((await sent()) > before, "the misrouted request was not counted as forwarded");
     });
 
     test("no instance crashed", { timeout: 30000 }, async () => {

@@ -50,6 +50,7 @@ after(
 
 const MESSAGE_KEYS = ["connectionId", "name", "text", "instance", "transport", "room", "to", "toUser", "sentAt"].sort();
 const PRESENCE_KEYS = ["kind", "connectionId", "name", "instance", "room"].sort();
+const BATCH_EVENT_KEYS = ["kind", "connectionId", "name", "oldName", "instance", "at"];
 
 function assertMessageShape(msg) {
   assert.equal(typeof msg, "object", `ReceiveMessage argument is not an object: ${JSON.stringify(msg)}`);
@@ -75,6 +76,22 @@ function assertPresenceShape(ev) {
 }
 
 const guestName = (connectionId) => `guest-${connectionId.slice(0, 4)}`;
+
+/** Checks one event of a coalesced `Presence` batch ({ events, omitted }). */
+function assertBatchEventShape(ev) {
+  for (const k of BATCH_EVENT_KEYS) {
+    assert.ok(Object.hasOwn(ev, k), `Presence batch event lacks '${k}': ${JSON.stringify(ev)}`);
+  }
+  assert.ok(["joined", "left", "renamed"].includes(ev.kind), `bad batch event kind: ${JSON.stringify(ev)}`);
+  assert.equal(typeof ev.at, "number");
+}
+
+/** The first event matching `pred` in any `Presence` batch `rec` recorded (past or future). */
+async function batchEvent(rec, pred, what) {
+  const [batch] = await rec.waitFor((b) => Array.isArray(b?.events) && b.events.some(pred), 5000, what);
+  assert.equal(typeof batch.omitted, "number", `Presence batch lacks 'omitted': ${JSON.stringify(batch)}`);
+  return batch.events.find(pred);
+}
 
 for (const transport of TRANSPORTS) {
   describe(`single instance over ${transport}`, () => {
@@ -225,15 +242,19 @@ for (const transport of TRANSPORTS) {
       );
     });
 
-    test("Presence joined/left; stop() resolves, state Disconnected, others keep working", { timeout: T }, async () => {
+    test("Join announces one 'joined' in a batch, then 'left'; stop() resolves, state Disconnected, others keep working", { timeout: T }, async () => {
       const b = await open();
       const presence = record(b, "Presence");
       const a = await open();
-      const [joined] = await presence.waitFor((e) => e?.kind === "joined" && e.connectionId === a.connectionId, 5000, "Presence joined of the new connection");
-      assertPresenceShape(joined);
-      assert.equal(joined.name, guestName(a.connectionId));
+      const joinedA = await a.invoke("Join", "  Ann  ");
+      assert.equal(joinedA.name, "Ann");
+      assert.equal(joinedA.connectionId, a.connectionId);
+      assert.ok(joinedA.online.some((m) => m.connectionId === a.connectionId && m.name === "Ann"), JSON.stringify(joinedA.online));
+      assert.ok(Array.isArray(joinedA.history), "Join returns the lobby's history");
+      const joined = await batchEvent(presence, (e) => e.kind === "joined" && e.connectionId === a.connectionId, "a batch naming a's join");
+      assertBatchEventShape(joined);
+      assert.equal(joined.name, "Ann", "the name chosen before joining, not a guest name");
       assert.equal(joined.instance, instanceId);
-      assert.equal(joined.room, null);
 
       const aId = a.connectionId;
       const closed = nextEvent(a, "close", 5000);
@@ -242,8 +263,9 @@ for (const transport of TRANSPORTS) {
       const { arg: closeError } = await closed;
       assert.equal(closeError, undefined, `onclose got an error after a clean stop(): ${closeError}`);
 
-      const [left] = await presence.waitFor((e) => e?.kind === "left" && e.connectionId === aId, 5000, "Presence left of the stopped connection");
-      assertPresenceShape(left);
+      const left = await batchEvent(presence, (e) => e.kind === "left" && e.connectionId === aId, "a batch naming a's leaving");
+      assertBatchEventShape(left);
+      assert.equal(left.name, "Ann");
 
       const who = await b.invoke("WhoAmI");
       assert.equal(who.connectionId, b.connectionId);
@@ -253,18 +275,20 @@ for (const transport of TRANSPORTS) {
       await rec.next(1);
     });
 
-    test("SetName trims, rejects empty names and announces 'renamed' to the others", { timeout: T }, async () => {
+    test("SetName trims, rejects empty names and announces 'renamed' with the old name", { timeout: T }, async () => {
       const a = await open();
       const b = await open();
-      const presA = record(a, "Presence", (e) => e?.kind === "renamed");
-      const presB = record(b, "Presence", (e) => e?.kind === "renamed");
-      assert.equal(await a.invoke("SetName", "  Alice  "), "Alice");
-      const [ev] = await presB.waitFor((e) => e.connectionId === a.connectionId, 5000, "Presence renamed");
-      assertPresenceShape(ev);
-      assert.equal(ev.name, "Alice");
+      const presB = record(b, "Presence");
+      assert.equal(await a.invoke("SetName", "  Alice  "), "Alice", "SetName before Join joins under that name");
+      const joined = await batchEvent(presB, (e) => e.connectionId === a.connectionId, "a batch naming Alice");
+      assert.equal(joined.kind, "joined");
+      assert.equal(joined.name, "Alice");
+      assert.equal(await a.invoke("SetName", "Alicia"), "Alicia");
+      const ev = await batchEvent(presB, (e) => e.kind === "renamed" && e.connectionId === a.connectionId, "a batch naming the rename");
+      assertBatchEventShape(ev);
+      assert.equal(ev.name, "Alicia");
+      assert.equal(ev.oldName, "Alice");
       assert.equal(ev.instance, instanceId);
-      await flush(a, [a, b]);
-      presA.assertNone((e) => e.connectionId === a.connectionId, "the renamed connection itself is not told");
 
       await assert.rejects(a.invoke("SetName", ""), "empty name must be an error");
       await assert.rejects(a.invoke("SetName", "    "), "blank name must be an error");

@@ -60,9 +60,11 @@ def test_invoke_send_broadcast_direct_and_errors(make):
 
     # By connection id (signalrcore negotiates version 0, where the id is the token).
     direct = f"direct {uuid.uuid4()}"
-    assert b.invoke("SendTo", [who["connectionId"], direct]) is None
+    # SendTo returns the message sent (docs/chat-hub.md), so the sender can show it.
+    sent = b.invoke("SendTo", [who["connectionId"], direct])
+    assert sent["text"] == direct and sent["to"] == who["connectionId"], sent
     message = a.calls.wait_for("ReceiveMessage", lambda args: args[0]["text"] == direct)[0]
-    assert message["to"] == who["connectionId"]
+    assert message == sent
 
     with pytest.raises(HubError, match="Unknown hub method 'NoSuchMethod'"):
         a.invoke("NoSuchMethod", [])

@@ -1,75 +1,14 @@
-//! A real cluster: redis-server, three `stickless` processes and nginx (plain round
-//! robin, the repo's nginx.conf), each test with its own. Requests are sent through nginx
-//! and, to force misrouting, straight to chosen instances.
+//! Routing across instances: bad tokens, direct routing, re-forwarding through the load
+//! balancer, adoption, and the ends of forwarded connections.
 
-use std::time::Duration;
-
-use awc::error::WsClientError;
 use awc::http::StatusCode;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::helpers::{
-    eventually, forged_token, is_call, metric, metric_value, spawn_cluster, sum_metric,
-    wait_until_connected, Api, HubClient, LpClient, SseClient, TestCluster, WsClient,
-};
+use crate::helpers::cluster::wait_until_connected;
+use crate::helpers::metrics::{forwarded, Forwarding};
+use crate::helpers::*;
 
-const SENT: &str = "stickless_forward_requests_sent_total";
-const BAD_TOKEN: &str = "stickless_routing_rejections_total{reason=\"bad_token\"}";
-const REQUEST_KINDS: [&str; 5] = [
-    "long_polling",
-    "send",
-    "delete",
-    "server_sent_events",
-    "websockets",
-];
-
-fn forwarded(request: &str, mode: &str, outcome: &str) -> String {
-    format!(
-        "stickless_forwarded_requests_total{{request=\"{request}\",mode=\"{mode}\",outcome=\"{outcome}\"}}"
-    )
-}
-
-fn ws_status(result: Result<WsClient, WsClientError>) -> Result<(), StatusCode> {
-    match result {
-        Ok(_) => Ok(()),
-        Err(WsClientError::InvalidResponseStatus(status)) => Err(status),
-        Err(other) => panic!("the WebSocket failed without a status: {other:?}"),
-    }
-}
-
-/// Whether `record` is a `ReceiveMessage` with this text.
-fn is_chat(record: &Value, text: &str) -> bool {
-    is_call(record, "ReceiveMessage") && record["arguments"][0]["text"] == text
-}
-
-/// One WebSocket and one long-polling client on every instance, connected directly.
-async fn clients_on_every_instance(cluster: &TestCluster) -> Vec<Box<dyn HubClient>> {
-    let mut clients: Vec<Box<dyn HubClient>> = Vec::new();
-    for node in &cluster.nodes {
-        clients.push(Box::new(WsClient::connect(node).await));
-        clients.push(Box::new(LpClient::connect(node).await));
-    }
-    clients
-}
-
-/// Sends `Send(marker)` from `clients[from]`, then returns, for every client, what it
-/// received before the marker (one sender's order is kept end to end).
-async fn before_marker(
-    clients: &mut [Box<dyn HubClient>],
-    from: usize,
-    marker: &str,
-) -> Vec<Vec<Value>> {
-    clients[from].fire("Send", json!([marker])).await;
-    let mut seen = Vec::new();
-    for client in clients.iter_mut() {
-        seen.push(client.records_before_marker(marker).await);
-    }
-    seen
-}
-
-// ---------------------------------------------------------------------------------------
-// Bad tokens
-// ---------------------------------------------------------------------------------------
+use super::*;
 
 #[actix_web::test]
 async fn forged_and_random_tokens_get_404_everywhere_without_forwarding() {
@@ -78,11 +17,10 @@ async fn forged_and_random_tokens_get_404_everywhere_without_forwarding() {
     assert!(real.starts_with("node-1."), "{real}");
     let tokens = [
         "random-token".to_owned(),
-        forged_token("node-2"),
+        tampered(&real),
         real.replacen("node-1.", "node-2.", 1),
     ];
-    let sent_before = sum_metric(&cluster, SENT).await;
-    let bad_before = sum_metric(&cluster, BAD_TOKEN).await;
+    let before = cluster.forwarding().await;
 
     let mut requests = 0.0;
     let targets: Vec<&Api> = std::iter::once(&cluster.lb)
@@ -121,11 +59,23 @@ async fn forged_and_random_tokens_get_404_everywhere_without_forwarding() {
     }
 
     assert_eq!(
-        cluster.sum_metric(SENT).await,
-        sent_before,
+        cluster.forwarding().await - before,
+        Forwarding {
+            bad_token: requests,
+            ..Forwarding::default()
+        },
         "a bad token must not cause a single internal request"
     );
-    assert_eq!(cluster.sum_metric(BAD_TOKEN).await - bad_before, requests);
+
+    // The positive control: the real token, misrouted, is forwarded (1 direct hop).
+    let before = cluster.forwarding().await;
+    let reply = cluster.nodes[1].poll(&real).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let change = cluster.forwarding().await - before;
+    assert_eq!(
+        (change.sent, change.forwards, change.bad_token),
+        (1.0, 1.0, 0.0)
+    );
 }
 
 #[actix_web::test]
@@ -149,10 +99,6 @@ async fn a_forged_probe_marker_is_not_trusted() {
         cluster.ids[0]
     );
 }
-
-// ---------------------------------------------------------------------------------------
-// Misrouting
-// ---------------------------------------------------------------------------------------
 
 /// Negotiates every transport on node-1 and sends all its other requests straight to
 /// node-2 (and, for SSE sends, node-3); each must be served by node-1.
@@ -197,6 +143,15 @@ pub(crate) async fn every_request_kind_misrouted(cluster: &TestCluster) {
     assert_eq!(b.poll(&lp.token).await.status, StatusCode::NOT_FOUND);
 }
 
+/// Forwarded requests of every kind with `mode` and `outcome`, summed over instances.
+async fn forwarded_total(cluster: &TestCluster, mode: &str, outcome: &str) -> f64 {
+    let mut total = 0.0;
+    for request in REQUEST_KINDS {
+        total += cluster.sum_metric(&forwarded(request, mode, outcome)).await;
+    }
+    total
+}
+
 #[actix_web::test]
 async fn misrouted_requests_of_every_kind_go_straight_to_their_owner() {
     let cluster = spawn_cluster(3, |options| {
@@ -205,6 +160,7 @@ async fn misrouted_requests_of_every_kind_go_straight_to_their_owner() {
             .push(("ADOPT_WEBSOCKETS".into(), "false".into()));
     })
     .await;
+    let before = cluster.forwarding().await;
 
     every_request_kind_misrouted(&cluster).await;
 
@@ -216,14 +172,25 @@ async fn misrouted_requests_of_every_kind_go_straight_to_their_owner() {
                 >= 1.0,
             "{request} went direct"
         );
-        assert_eq!(
-            cluster
-                .sum_metric(&forwarded(request, "load_balancer", "served"))
-                .await,
-            0.0,
-            "{request} needed no load balancer"
-        );
     }
+    let change = cluster.forwarding().await - before;
+    assert!(change.forwards >= 5.0, "{change:?}");
+    assert_eq!(
+        change,
+        Forwarding {
+            sent: change.forwards,
+            forwards: change.forwards,
+            attempts: change.forwards,
+            // The poll after the delete: the owner says it no longer holds it.
+            gone: 1.0,
+            ..Forwarding::default()
+        },
+        "exactly one hop each, never through the load balancer"
+    );
+    assert_eq!(
+        forwarded_total(&cluster, "load_balancer", "served").await,
+        0.0
+    );
     assert_eq!(
         cluster
             .sum_metric(&forwarded("long_polling", "direct", "not_found"))
@@ -247,6 +214,7 @@ async fn misrouted_requests_of_every_kind_go_back_through_the_load_balancer_with
             .push(("ROUTES".into(), "adopt,load-balancer".into()));
     })
     .await;
+    let before = cluster.forwarding().await;
 
     every_request_kind_misrouted(&cluster).await;
 
@@ -258,14 +226,18 @@ async fn misrouted_requests_of_every_kind_go_back_through_the_load_balancer_with
                 >= 1.0,
             "{request} went through the load balancer"
         );
-        assert_eq!(
-            cluster
-                .sum_metric(&forwarded(request, "direct", "served"))
-                .await,
-            0.0,
-            "{request} cannot go direct"
-        );
     }
+    let change = cluster.forwarding().await - before;
+    let served = forwarded_total(&cluster, "load_balancer", "served").await;
+    assert_eq!(forwarded_total(&cluster, "direct", "served").await, 0.0);
+    assert_eq!(change.sent, change.attempts, "{change:?}");
+    // Every attempt that did not serve got a 404 from an instance without the
+    // connection, or (after the delete) from its owner.
+    assert_eq!(
+        change.probe_miss + change.gone,
+        change.sent - served,
+        "{change:?}"
+    );
 }
 
 #[actix_web::test]
@@ -298,7 +270,7 @@ async fn a_fresh_websocket_sent_to_another_instance_is_adopted_there() {
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let adopted = "stickless_adopted_websockets_total";
     assert_eq!(b.metric(adopted).await, 0.0);
-    let sent_before = cluster.sum_metric(SENT).await;
+    let before = cluster.forwarding().await;
 
     let mut ws = WsClient::connect_via(a, b, &[]).await;
 
@@ -306,8 +278,16 @@ async fn a_fresh_websocket_sent_to_another_instance_is_adopted_there() {
     assert_eq!(me["instance"], cluster.ids[1]);
     assert_eq!(me["transport"], "WebSockets");
     assert_eq!(me["connectionId"], ws.connection_id);
-    assert_eq!(metric(&b.base, adopted).await, 1.0);
-    assert_eq!(cluster.sum_metric(SENT).await, sent_before, "0 extra hops");
+    assert_eq!(b.metric(adopted).await, 1.0);
+    assert_eq!(
+        cluster.forwarding().await - before,
+        Forwarding::default(),
+        "0 extra hops"
+    );
+    // The positive control: a misrouted long poll in the same cluster is one hop.
+    let (_, token) = a.negotiate().await;
+    assert_eq!(b.poll(&token).await.status, StatusCode::OK);
+    assert_eq!((cluster.forwarding().await - before).sent, 1.0);
     // The adopted connection is an ordinary one for the rest of the cluster.
     let mut other = LpClient::connect(&cluster.nodes[2]).await;
     other
@@ -321,25 +301,31 @@ async fn a_fresh_websocket_sent_to_another_instance_is_adopted_there() {
 async fn a_websocket_forwarded_to_an_owner_that_dropped_the_connection_gets_404() {
     let cluster = spawn_cluster(3, |options| {
         options.env.push(("DISCONNECT_TIMEOUT".into(), "1s".into()));
+        options
+            .env
+            .push(("ADOPT_WEBSOCKETS".into(), "false".into()));
     })
     .await;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let (_, token) = a.negotiate().await;
-    // node-1 drops the unused connection; the token is too old to be adopted.
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // node-1 drops the unused connection: a DELETE, which changes nothing on a connection
+    // that is not long polling (400), is 404 once it is gone.
+    assert_eq!(a.delete(&token).await.status, StatusCode::BAD_REQUEST);
+    eventually(SETTLE_TIMEOUT, "node-1 to drop the connection", || async {
+        (a.delete(&token).await.status == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
 
     assert_eq!(
         ws_status(b.ws_raw(&format!("id={token}"), &[]).await),
         Err(StatusCode::NOT_FOUND),
         "a 404 before the upgrade, not an accepted-then-closed socket"
     );
-    let metrics = b.metrics().await;
-    let not_found = metric_value(&metrics, &forwarded("websockets", "direct", "not_found"))
-        + metric_value(
-            &metrics,
-            &forwarded("websockets", "load_balancer", "not_found"),
-        );
-    assert_eq!(not_found, 1.0, "{metrics}");
+    assert_eq!(
+        b.metric(&forwarded("websockets", "direct", "not_found"))
+            .await,
+        1.0
+    );
     assert_eq!(
         ws_status(cluster.lb.ws_raw(&format!("id={token}"), &[]).await),
         Err(StatusCode::NOT_FOUND)
@@ -362,17 +348,21 @@ async fn a_forward_budget_of_zero_without_direct_routing_disables_forwarding() {
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let (_, token) = a.negotiate().await;
 
+    let before = cluster.forwarding().await;
+
     assert_eq!(b.poll(&token).await.status, StatusCode::NOT_FOUND);
     assert_eq!(
         b.post(&token, "{}\u{1e}").await.status,
         StatusCode::NOT_FOUND
     );
 
-    assert_eq!(cluster.sum_metric(SENT).await, 0.0);
     assert_eq!(
-        b.metric("stickless_routing_rejections_total{reason=\"no_route\"}")
-            .await,
-        2.0
+        cluster.forwarding().await - before,
+        Forwarding {
+            no_route: 2.0,
+            ..Forwarding::default()
+        },
+        "nothing sent, two requests without a route"
     );
     // The owner still serves it.
     let first = a.poll(&token).await;
@@ -422,192 +412,6 @@ async fn every_transport_works_through_the_round_robin_load_balancer() {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Broadcasts through the backplane
-// ---------------------------------------------------------------------------------------
-
-#[actix_web::test]
-async fn send_reaches_every_client_on_every_instance() {
-    let cluster = spawn_cluster(3, |_| {}).await;
-    let mut clients = clients_on_every_instance(&cluster).await;
-
-    for from in [0, 3, 5] {
-        let text = format!("hello from client {from}");
-        clients[from].fire("Send", json!([text])).await;
-        for client in clients.iter_mut() {
-            client.recv_call("Send", &|a| a == text.as_str()).await;
-        }
-    }
-}
-
-#[actix_web::test]
-async fn send_to_room_reaches_exactly_the_members_on_every_instance() {
-    let cluster = spawn_cluster(3, |_| {}).await;
-    let mut clients = clients_on_every_instance(&cluster).await;
-    // Members: client 0 (node-1, WebSocket) and client 3 (node-2, long polling).
-    for member in [0, 3] {
-        assert_eq!(
-            clients[member].call("JoinRoom", json!(["blue"])).await,
-            "blue"
-        );
-    }
-
-    clients[5]
-        .fire("SendToRoom", json!(["blue", "for the blue room"]))
-        .await;
-    let seen = before_marker(&mut clients, 5, "after the room message").await;
-
-    for (index, records) in seen.iter().enumerate() {
-        let got: Vec<&Value> = records
-            .iter()
-            .filter(|r| is_chat(r, "for the blue room"))
-            .collect();
-        let expected = usize::from([0, 3].contains(&index));
-        assert_eq!(got.len(), expected, "client {index}: {records:?}");
-        if let Some(message) = got.first() {
-            assert_eq!(message["arguments"][0]["room"], "blue");
-        }
-    }
-}
-
-#[actix_web::test]
-async fn send_to_reaches_exactly_that_connection_on_another_instance() {
-    let cluster = spawn_cluster(3, |_| {}).await;
-    let mut clients = clients_on_every_instance(&cluster).await;
-    let target = 4; // node-3, WebSocket
-    let target_id = clients[target].connection_id().to_owned();
-
-    clients[1]
-        .call("SendTo", json!([target_id, "just for you"]))
-        .await;
-    let seen = before_marker(&mut clients, 1, "after the direct message").await;
-
-    for (index, records) in seen.iter().enumerate() {
-        let got: Vec<&Value> = records
-            .iter()
-            .filter(|r| is_chat(r, "just for you"))
-            .collect();
-        assert_eq!(
-            got.len(),
-            usize::from(index == target),
-            "client {index}: {records:?}"
-        );
-        if let Some(message) = got.first() {
-            assert_eq!(message["arguments"][0]["to"], target_id.as_str());
-        }
-    }
-}
-
-#[actix_web::test]
-async fn send_to_user_reaches_that_users_connections_on_every_instance() {
-    let cluster = spawn_cluster(3, |_| {}).await;
-    let mut clients = clients_on_every_instance(&cluster).await;
-    let alice = [("Authorization", "Bearer alice")];
-    clients.push(Box::new(
-        WsClient::connect_via(&cluster.nodes[1], &cluster.nodes[1], &alice).await,
-    ));
-    clients.push(Box::new(
-        LpClient::connect_with_headers(&cluster.nodes[2], &alice).await,
-    ));
-    let alices = [6, 7];
-
-    clients[0]
-        .call("SendToUser", json!(["alice", "for alice"]))
-        .await;
-    let seen = before_marker(&mut clients, 0, "after alice's message").await;
-
-    for (index, records) in seen.iter().enumerate() {
-        let got: Vec<&Value> = records.iter().filter(|r| is_chat(r, "for alice")).collect();
-        assert_eq!(
-            got.len(),
-            usize::from(alices.contains(&index)),
-            "client {index}: {records:?}"
-        );
-        if let Some(message) = got.first() {
-            assert_eq!(message["arguments"][0]["toUser"], "alice");
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Redis going away
-// ---------------------------------------------------------------------------------------
-
-async fn statuses(cluster: &TestCluster) -> Vec<String> {
-    let mut all = Vec::new();
-    for node in &cluster.nodes {
-        let health = node.healthz().await;
-        all.push(health["status"].as_str().unwrap_or_default().to_owned());
-    }
-    all
-}
-
-#[actix_web::test]
-async fn instances_survive_redis_going_away_and_recover_when_it_returns() {
-    let mut cluster = spawn_cluster(3, |_| {}).await;
-    let (a, b) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());
-    let mut a_ws = WsClient::connect(&a).await;
-    let mut a_lp = LpClient::connect(&a).await;
-    let mut b_ws = WsClient::connect(&b).await;
-    let reconnects = "stickless_backplane_reconnects_total";
-    let reconnects_before = cluster.sum_metric(reconnects).await;
-
-    cluster.cluster.stop_redis();
-
-    eventually(
-        Duration::from_secs(10),
-        "every instance degraded",
-        || async {
-            statuses(&cluster)
-                .await
-                .iter()
-                .all(|s| s == "degraded")
-                .then_some(())
-        },
-    )
-    .await;
-    // Local delivery goes on.
-    a_ws.fire("Send", json!(["while redis is away"])).await;
-    a_ws.recv_call("Send", &|m| m == "while redis is away")
-        .await;
-    a_lp.recv_call("Send", &|m| m == "while redis is away")
-        .await;
-    assert_eq!(
-        a_lp.call("WhoAmI", json!([])).await["instance"],
-        cluster.ids[0]
-    );
-
-    cluster
-        .cluster
-        .start_redis()
-        .unwrap_or_else(|e| panic!("redis did not restart: {e}"));
-
-    eventually(
-        Duration::from_secs(15),
-        "every instance ok again",
-        || async {
-            statuses(&cluster)
-                .await
-                .iter()
-                .all(|s| s == "ok")
-                .then_some(())
-        },
-    )
-    .await;
-    b_ws.fire("Send", json!(["redis is back"])).await;
-    a_ws.recv_call("Send", &|m| m == "redis is back").await;
-    a_lp.recv_call("Send", &|m| m == "redis is back").await;
-    b_ws.recv_call("Send", &|m| m == "redis is back").await;
-    assert!(
-        cluster.sum_metric(reconnects).await >= reconnects_before + 3.0,
-        "every instance counted its reconnect"
-    );
-}
-
-// ---------------------------------------------------------------------------------------
-// Ends of forwarded connections
-// ---------------------------------------------------------------------------------------
-
 #[actix_web::test]
 async fn closing_a_forwarded_socket_or_stream_ends_the_connection_at_its_owner() {
     let cluster = spawn_cluster(3, |options| {
@@ -620,27 +424,23 @@ async fn closing_a_forwarded_socket_or_stream_ends_the_connection_at_its_owner()
     let mut ws = WsClient::connect_via(a, b, &[]).await;
     let sse = SseClient::connect_via(a, b).await;
     let sse_token = sse.token.clone();
-    eventually(
-        Duration::from_secs(5),
-        "two connections on node-1",
-        || async { (a.healthz().await["connections"] == 2).then_some(()) },
-    )
+    eventually(SETTLE_TIMEOUT, "two connections on node-1", || async {
+        (a.healthz().await["connections"] == 2).then_some(())
+    })
     .await;
 
     ws.send_message(awc::ws::Message::Close(Some(
         awc::ws::CloseCode::Normal.into(),
     )))
     .await;
-    ws.wait_closed(Duration::from_secs(5)).await;
-    eventually(
-        Duration::from_secs(5),
-        "the socket's connection to end",
-        || async { (a.healthz().await["connections"] == 1).then_some(()) },
-    )
+    ws.wait_closed(SETTLE_TIMEOUT).await;
+    eventually(SETTLE_TIMEOUT, "the socket's connection to end", || async {
+        (a.healthz().await["connections"] == 1).then_some(())
+    })
     .await;
     drop(sse);
     eventually(
-        Duration::from_secs(5),
+        SETTLE_TIMEOUT,
         "the event stream's connection to end",
         || async { (a.healthz().await["connections"] == 0).then_some(()) },
     )
@@ -652,19 +452,148 @@ async fn closing_a_forwarded_socket_or_stream_ends_the_connection_at_its_owner()
 }
 
 #[actix_web::test]
-async fn a_request_for_a_connection_whose_owner_is_down_gets_404() {
-    let mut cluster = spawn_cluster(3, |_| {}).await;
+async fn a_request_for_a_connection_whose_owner_is_down_gets_404_after_the_direct_hop_and_the_budget(
+) {
+    let mut cluster = spawn_cluster(3, |options| {
+        // The direct hop and the load balancer alone (the bus route has tests of its own),
+        // with a fixed budget rather than one sized from the cluster.
+        options
+            .env
+            .push(("ROUTES".into(), "adopt,direct,load-balancer".into()));
+        options
+            .env
+            .push(("MAX_FORWARD_ATTEMPTS".into(), "10".into()));
+    })
+    .await;
     let client = LpClient::connect(&cluster.nodes[0]).await;
 
-    cluster.cluster.stop_instance(0);
+    cluster.stop_instance(0);
 
-    for api in [&cluster.nodes[1], &cluster.lb] {
-        let reply = api.poll(&client.token).await;
-        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
-        assert!(
-            reply.elapsed < Duration::from_secs(5),
-            "took {:?}",
-            reply.elapsed
-        );
-    }
+    // A send: a poll whose owner is still known alive is answered with an empty 200.
+    let ping = "{\"type\":6}\u{1e}";
+    let reply = cluster.nodes[1].post(&client.token, ping).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
+    assert_eq!(
+        reply.header("x-stickless-forward-attempts").as_deref(),
+        Some("11"),
+        "the failed direct hop, then the budget of 10 through nginx"
+    );
+    let reply = cluster.lb.post(&client.token, ping).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
+}
+
+#[actix_web::test]
+async fn close_codes_pass_through_a_forwarded_websocket() {
+    let cluster = spawn_cluster(2, |options| {
+        options
+            .env
+            .push(("ADOPT_WEBSOCKETS".into(), "false".into()));
+        options.env.push(("MAX_MESSAGE_SIZE".into(), "1024".into()));
+    })
+    .await;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let code = |reason: Option<awc::ws::CloseReason>| reason.map(|r| u16::from(r.code));
+
+    // A record over the size limit: the owner's Close message, then 1000.
+    let mut ws = WsClient::connect_via(a, b, &[]).await;
+    ws.send_text(frame(
+        &json!({"type": 1, "target": "Send", "arguments": ["x".repeat(2000)]}),
+    ))
+    .await;
+    let close = ws.recv("a Close message", &|r| is_type(r, 7)).await;
+    assert_eq!(close_error(&close), "Connection closed with an error.");
+    assert_eq!(code(ws.wait_closed(RECV_TIMEOUT).await), Some(1000));
+
+    // A frame over the limit: 1009, as from the owner itself.
+    let mut direct = WsClient::connect(a).await;
+    direct
+        .send_message(awc::ws::Message::Text("x".repeat(1 << 20).into()))
+        .await;
+    let direct_code = code(direct.wait_closed(RECV_TIMEOUT).await);
+    assert_eq!(direct_code, Some(1009));
+    let mut ws = WsClient::connect_via(a, b, &[]).await;
+    ws.send_message(awc::ws::Message::Text("x".repeat(1 << 20).into()))
+        .await;
+    assert_eq!(code(ws.wait_closed(RECV_TIMEOUT).await), direct_code);
+
+    // The client's own close code and reason come back.
+    let mut ws = WsClient::connect_via(a, b, &[]).await;
+    ws.send_message(awc::ws::Message::Close(Some(awc::ws::CloseReason {
+        code: awc::ws::CloseCode::Away,
+        description: Some("leaving".into()),
+    })))
+    .await;
+    let reason = ws.wait_closed(RECV_TIMEOUT).await.expect("a close frame");
+    assert_eq!(u16::from(reason.code), 1001);
+}
+
+#[actix_web::test]
+async fn a_forwarded_websocket_whose_owner_breaks_off_is_closed_with_1011() {
+    let mut cluster = spawn_cluster(2, |options| {
+        options
+            .env
+            .push(("ADOPT_WEBSOCKETS".into(), "false".into()));
+    })
+    .await;
+    let mut ws = WsClient::connect_via(&cluster.nodes[0], &cluster.nodes[1], &[]).await;
+    assert_eq!(ws.call("WhoAmI", json!([])).await["instance"], "node-1");
+
+    // SIGKILL: the owner cannot send a Close message or a close frame.
+    cluster.signal(0, "KILL");
+
+    let reason = ws.wait_closed(RECV_TIMEOUT).await.expect("a close frame");
+    assert_eq!(u16::from(reason.code), 1011);
+    cluster.stop_instance(0);
+}
+
+#[actix_web::test]
+async fn forwarded_responses_carry_the_owners_instance_header_and_cors_headers_once() {
+    let origin = "http://example.test";
+    let cluster = spawn_cluster(2, |options| {
+        options.env.push(("CORS_ORIGINS".into(), origin.into()));
+    })
+    .await;
+    let (owner, via) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let with_origin = [("Origin", origin)];
+
+    let (_, token) = owner.negotiate().await;
+    let poll = via.poll_with(&token, &with_origin, REQUEST_TIMEOUT).await;
+    assert_eq!(poll.status, StatusCode::OK);
+    assert_eq!(
+        poll.header("x-stickless-instance").as_deref(),
+        Some("node-1")
+    );
+    assert_eq!(
+        poll.header("x-stickless-forward-attempts").as_deref(),
+        Some("1")
+    );
+    assert_cors("forwarded poll", &poll.headers, origin);
+    let send = via.post_with(&token, &with_origin, HANDSHAKE).await;
+    assert_eq!(send.status, StatusCode::OK);
+    assert_eq!(
+        send.header("x-stickless-instance").as_deref(),
+        Some("node-1")
+    );
+    assert_cors("forwarded send", &send.headers, origin);
+
+    let (_, token) = owner.negotiate().await;
+    let sse = via
+        .sse_raw(&token, &with_origin)
+        .await
+        .expect("a forwarded stream");
+    let instance = sse
+        .headers
+        .get("x-stickless-instance")
+        .and_then(|v| v.to_str().ok());
+    assert_eq!(instance, Some("node-1"));
+    assert_cors("forwarded event stream", &sse.headers, origin);
+
+    // A response served where it lands names that instance and has no attempts header.
+    let (_, token) = via.negotiate().await;
+    let local = via.poll(&token).await;
+    assert_eq!(
+        local.header("x-stickless-instance").as_deref(),
+        Some("node-2")
+    );
+    assert!(local.header("x-stickless-forward-attempts").is_none());
 }

@@ -3,8 +3,11 @@
 //!
 //! The `stickless-cluster` command and the integration tests both use this, so the
 //! `nginx.conf` that ships is the one that is tested. The only changes made to it are
-//! the `listen` port, the upstream servers between its `BEGIN`/`END upstream servers`
-//! markers, and file locations for an unprivileged prefix (temp paths, logs, pid).
+//! the `listen` port, what lies between its `BEGIN`/`END upstream servers` markers (the
+//! shipped file finds Docker Compose replicas through Docker's DNS there; here it becomes
+//! a plain round-robin `upstream` group of the loopback instances, which the shipped
+//! `proxy_pass http://$stickless_upstream` then names), and file locations for an
+//! unprivileged prefix (temp paths, logs, pid).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -53,8 +56,11 @@ pub struct ClusterOptions {
     pub static_dir: PathBuf,
     /// Announce each instance's direct URL (owner-directed routing).
     pub direct_routing: bool,
-    /// Extra environment for every instance, e.g. `MAX_FORWARD_ATTEMPTS`.
+    /// Extra environment for every instance, e.g. `MAX_FORWARD_ATTEMPTS`; it is applied
+    /// last, so it can override any setting the launcher gives.
     pub env: Vec<(String, String)>,
+    /// The instances' `RUST_LOG`.
+    pub log_filter: String,
 }
 
 impl ClusterOptions {
@@ -68,6 +74,7 @@ impl ClusterOptions {
             static_dir: PathBuf::from("static"),
             direct_routing: true,
             env: Vec::new(),
+            log_filter: "info".into(),
         }
     }
 }
@@ -81,6 +88,13 @@ pub struct Instance {
     pub url: String,
     port: u16,
     child: Option<Child>,
+}
+
+impl Instance {
+    /// The process id, while it runs (tests pause an instance with SIGSTOP).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
 }
 
 /// A running cluster; everything is stopped when it is dropped.
@@ -151,6 +165,18 @@ fn log_file(dir: &Path, name: &str) -> Result<(fs::File, PathBuf), ClusterError>
     Ok((fs::File::create(&path)?, path))
 }
 
+/// Clears the environment a child would inherit, keeping only `PATH` (to find programs)
+/// and `HOME`: children get the settings the launcher gives them and nothing else.
+fn controlled_environment(command: &mut Command) -> &mut Command {
+    command.env_clear();
+    for name in ["PATH", "HOME"] {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    command
+}
+
 fn spawn(command: &mut Command, program: &str) -> Result<Child, ClusterError> {
     command.spawn().map_err(|source| ClusterError::Spawn {
         program: program.to_owned(),
@@ -187,11 +213,29 @@ pub fn render_nginx_conf(
         .split_once(BEGIN)
         .ok_or(ClusterError::Template(BEGIN))?;
     let (_, tail) = rest.split_once(END).ok_or(ClusterError::Template(END))?;
+    if !tail.contains("proxy_pass http://$stickless_upstream;") {
+        return Err(ClusterError::Template(
+            "`proxy_pass http://$stickless_upstream;`",
+        ));
+    }
     let servers: String = upstreams
         .iter()
-        .map(|port| format!("\n        server 127.0.0.1:{port};"))
+        .map(|port| format!("        server 127.0.0.1:{port};\n"))
         .collect();
-    let conf = format!("{head}{BEGIN}{servers}\n        {END}{tail}");
+    // A proxy_pass variable whose value names an `upstream` group uses that group (round
+    // robin, keep-alive) instead of the resolver. The `zone` shares one rotation among all
+    // nginx workers (`worker_processes auto`): without it each worker rotates on its own,
+    // and a client whose requests all reach one worker in a multiple of N (an SSE client's
+    // negotiate, handshake and first invocation, with its event stream on another worker)
+    // negotiates on the same instance every time. `keepalive_timeout` stays below the
+    // instances' own keep-alive (actix-web closes an idle connection after 5 s): otherwise
+    // nginx reuses a connection the instance is closing, counts the error against that
+    // instance and stops sending it anything for `fail_timeout` (10 s), which funnels a
+    // loaded cluster's clients onto a few instances.
+    let group = format!(
+        "\n    upstream stickless {{\n        zone stickless 64k;\n{servers}        keepalive 32;\n        keepalive_timeout 4s;\n    }}\n    map $host $stickless_upstream {{\n        default stickless;\n    }}\n"
+    );
+    let conf = format!("{head}{BEGIN}{group}    {END}{tail}");
     if !conf.contains("listen 8080;") {
         return Err(ClusterError::Template("`listen 8080;`"));
     }
@@ -253,7 +297,7 @@ impl Cluster {
     pub fn start_redis(&mut self) -> Result<(), ClusterError> {
         let (log, path) = log_file(&self.dir, "redis.log")?;
         let mut command = Command::new("redis-server");
-        command
+        controlled_environment(&mut command)
             .args([
                 "--port",
                 &self.redis_port.to_string(),
@@ -279,6 +323,11 @@ impl Cluster {
         })
     }
 
+    /// The cluster secret, for starting one more instance that joins this cluster.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
     /// Stops Redis (the instances keep running, degraded).
     pub fn stop_redis(&mut self) {
         kill(&mut self.redis);
@@ -289,18 +338,16 @@ impl Cluster {
         let instance = &self.instances[index];
         let (log, path) = log_file(&self.dir, &format!("{}.log", instance.id))?;
         let mut command = Command::new(&self.options.bin);
-        command
+        // Every setting is given here: nothing leaks in from the shell that started the
+        // cluster (an exported POLL_TIMEOUT or REDIS_URL would change what runs).
+        controlled_environment(&mut command)
             .env("LISTEN_ADDR", format!("127.0.0.1:{}", instance.port))
             .env("INSTANCE_ID", &instance.id)
             .env("STATIC_DIR", &self.options.static_dir)
             .env("REDIS_URL", &self.redis_url)
             .env("LOAD_BALANCER_URL", &self.url)
             .env("CLUSTER_SECRET", &self.secret)
-            .env(
-                "RUST_LOG",
-                std::env::var("STICKLESS_CLUSTER_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env_remove("ADVERTISE_URL")
+            .env("RUST_LOG", &self.options.log_filter)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -333,7 +380,7 @@ impl Cluster {
         fs::write(&conf_path, conf)?;
         let (log, path) = log_file(&self.dir, "nginx.log")?;
         let mut command = Command::new(nginx_program());
-        command
+        controlled_environment(&mut command)
             .arg("-p")
             .arg(&self.dir)
             .arg("-c")
@@ -391,8 +438,14 @@ mod tests {
             fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nginx.conf")).unwrap();
         let conf = render_nginx_conf(&template, 9000, &[9001, 9002], Path::new("/tmp/x")).unwrap();
         assert!(conf.contains("listen 127.0.0.1:9000;"));
-        assert!(conf.contains("server 127.0.0.1:9001;\n        server 127.0.0.1:9002;"));
-        assert!(!conf.contains("server app:8080 resolve;"));
+        assert!(conf.contains(
+            "upstream stickless {\n        zone stickless 64k;\n        server 127.0.0.1:9001;\n        server 127.0.0.1:9002;\n        keepalive 32;\n        keepalive_timeout 4s;\n    }"
+        ));
+        assert!(conf.contains("default stickless;"));
+        // Docker's DNS is not there outside a container.
+        assert!(!conf.contains("resolver"));
+        assert!(!conf.contains("default app:8080;"));
+        assert!(conf.contains("proxy_pass http://$stickless_upstream;"));
         assert!(conf.contains("client_body_temp_path /tmp/x/body;"));
         let directives: String = conf
             .lines()

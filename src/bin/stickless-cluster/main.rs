@@ -14,7 +14,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use serde_json::json;
-use stickless::devcluster::{Cluster, ClusterOptions};
+// Some of the launcher's API is there for the integration tests, which include the same file.
+#[allow(dead_code)]
+mod devcluster;
+
+use devcluster::{Cluster, ClusterOptions};
 
 #[derive(Parser)]
 #[command(

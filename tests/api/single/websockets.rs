@@ -1,0 +1,114 @@
+//! WebSockets: upgrade, text frames, refusals before the upgrade, close codes.
+
+use awc::error::WsClientError;
+use awc::http::StatusCode;
+use awc::ws;
+use serde_json::json;
+
+use crate::helpers::*;
+
+#[actix_web::test]
+async fn websocket_connects_handshakes_and_invokes_over_text_frames() {
+    let app = spawn_app().await;
+    let (connection_id, token) = app.negotiate().await;
+    let mut ws = app.ws_raw(&format!("id={token}"), &[]).await.expect("ws");
+
+    // The handshake reply may share a frame with later records; `fetch` fails the test
+    // on any binary frame.
+    ws.handshake().await;
+    let me = ws.call("WhoAmI", json!([])).await;
+    assert_eq!(
+        me,
+        json!({"instance": app.instance, "connectionId": connection_id, "transport": "WebSockets"})
+    );
+    ws.fire("Send", json!(["over a websocket"])).await;
+    let sent = ws.recv_call("Send", &|a| a == "over a websocket").await;
+    assert_eq!(sent, "over a websocket");
+
+    // A bare Close from the client ends the connection gracefully.
+    ws.send(json!({"type": 7})).await;
+    ws.wait_closed(RECV_TIMEOUT).await;
+}
+
+#[actix_web::test]
+async fn a_websocket_for_an_unknown_id_is_refused_with_404_before_the_upgrade() {
+    let app = spawn_app().await;
+    assert_refused(app.ws_raw("id=forged", &[]).await, StatusCode::NOT_FOUND);
+    assert_refused(
+        app.ws_raw(&format!("id={}", tampered(&app.negotiate().await.1)), &[])
+            .await,
+        StatusCode::NOT_FOUND,
+    );
+}
+
+#[actix_web::test]
+async fn a_second_stream_for_the_same_token_is_409() {
+    let app = spawn_app().await;
+    let (_, token) = app.negotiate().await;
+    let mut first = app.ws_raw(&format!("id={token}"), &[]).await.expect("ws");
+    first.handshake().await;
+
+    assert_refused(
+        app.ws_raw(&format!("id={token}"), &[]).await,
+        StatusCode::CONFLICT,
+    );
+    // The first socket is unaffected.
+    assert_eq!(
+        first.call("WhoAmI", json!([])).await["transport"],
+        "WebSockets"
+    );
+
+    let sse = SseClient::connect(&app).await;
+    let second = app.sse_raw(&sse.token, &[]).await;
+    assert_eq!(second.err().map(|r| r.status), Some(StatusCode::CONFLICT));
+}
+
+#[actix_web::test]
+async fn post_to_a_websocket_connection_is_405() {
+    let app = spawn_app().await;
+    let (_, token) = app.negotiate().await;
+    let mut ws = app.ws_raw(&format!("id={token}"), &[]).await.expect("ws");
+    ws.handshake().await;
+
+    let post = app.post(&token, "{\"type\":6}\u{1e}").await;
+
+    assert_eq!(post.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        ws.call("WhoAmI", json!([])).await["transport"],
+        "WebSockets"
+    );
+}
+
+#[actix_web::test]
+async fn a_websocket_without_an_id_skips_negotiation() {
+    let app = spawn_app().await;
+    let mut ws = app.ws_raw("", &[]).await.expect("ws");
+    ws.handshake().await;
+
+    let me = ws.call("WhoAmI", json!([])).await;
+
+    assert_eq!(me["transport"], "WebSockets");
+    assert_eq!(me["instance"], app.instance.as_str());
+    assert!(me["connectionId"].as_str().is_some_and(|id| !id.is_empty()));
+}
+
+#[actix_web::test]
+async fn a_closed_websocket_connection_cannot_be_reopened() {
+    let app = spawn_app().await;
+    let (_, token) = app.negotiate().await;
+    let mut ws = app.ws_raw(&format!("id={token}"), &[]).await.expect("ws");
+    ws.handshake().await;
+
+    ws.send_message(ws::Message::Close(Some(ws::CloseCode::Normal.into())))
+        .await;
+    ws.wait_closed(RECV_TIMEOUT).await;
+
+    // This server offers no stateful reconnect: the token is spent.
+    eventually(SETTLE_TIMEOUT, "the token to be spent", || async {
+        match app.ws_raw(&format!("id={token}"), &[]).await {
+            Err(WsClientError::InvalidResponseStatus(StatusCode::NOT_FOUND)) => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+}
