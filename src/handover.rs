@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::bus::peers::Peers;
@@ -134,39 +135,58 @@ pub struct Puller<'a> {
 impl Puller<'_> {
     /// Asks the token's owner and every other live instance for the session; the state of
     /// the one that held it (its registry removal is atomic: only one can), or `None`.
+    ///
+    /// Instances that became known while the first round was out are asked in a second
+    /// one: an instance that just started learns its peers from their answers to its
+    /// first heartbeat, and the session may be held by any of them.
     pub async fn pull(&self, hub_path: &str, token: &str, owner: &InstanceId) -> Option<Moved> {
         let path = format!("{hub_path}?id={token}&{HANDOVER_FLAG}=1");
-        let mut candidates = vec![owner.clone()];
-        candidates.extend(
-            self.peers
-                .live_instances()
-                .into_iter()
-                .filter(|peer| peer != owner && peer != self.me),
-        );
-        // All at once: a dead instance costs one timeout, not one per candidate, so a client
-        // whose instance was killed learns it (404) and starts anew quickly.
-        let asks = candidates.iter().filter(|i| *i != self.me).map(|instance| {
-            let path = &path;
-            async move {
-                let answer = match self.peers.url(instance) {
-                    Some(url) => self.ask_direct(&url, path).await,
-                    None => self.ask_over_bus(instance, path).await,
-                };
-                (instance, answer)
+        let mut asked: Vec<InstanceId> = vec![self.me.clone()];
+        let mut round = vec![owner.clone()];
+        for _ in 0..2 {
+            round.extend(self.peers.live_instances());
+            round.retain(|instance| !asked.contains(instance));
+            round.dedup();
+            if round.is_empty() {
+                return None;
             }
-        });
-        let mut found = None;
-        for (instance, answer) in futures_util::future::join_all(asks).await {
+            if let Some(moved) = self.ask_all(&path, &round).await {
+                return Some(moved);
+            }
+            asked.append(&mut round);
+        }
+        None
+    }
+
+    /// Asks `instances` at once and returns as soon as one hands the session over: a dead
+    /// instance costs one timeout, not one per candidate, so a client whose instance was
+    /// killed learns it (404) and starts anew quickly.
+    async fn ask_all(&self, path: &str, instances: &[InstanceId]) -> Option<Moved> {
+        let mut asks: FuturesUnordered<_> = instances
+            .iter()
+            .map(|instance| async move {
+                let ask = async {
+                    match self.peers.url(instance) {
+                        Some(url) => self.ask_direct(&url, path).await,
+                        None => self.ask_over_bus(instance, path).await,
+                    }
+                };
+                // One bound for the whole exchange, the bus relay's accept wait included.
+                let answer = tokio::time::timeout(ASK_TIMEOUT, ask).await.ok().flatten();
+                (instance, answer)
+            })
+            .collect();
+        while let Some((instance, answer)) = asks.next().await {
             match answer.map(|body| decode(&body)) {
                 Some(Ok(moved)) => {
                     log::debug!("session moved here from {instance}");
-                    found = Some(moved);
+                    return Some(moved);
                 }
                 Some(Err(error)) => log::warn!("handover from {instance}: {error}"),
                 None => {}
             }
         }
-        found
+        None
     }
 
     async fn ask_direct(&self, base: &str, path: &str) -> Option<Bytes> {
