@@ -361,6 +361,11 @@ impl Router {
         self.routes
     }
 
+    /// The other instances, as heartbeats tell (this instance says goodbye through it).
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
+    }
+
     /// Instances in the cluster, as heartbeats tell.
     pub fn cluster_size(&self) -> usize {
         self.peers.cluster_size()
@@ -568,6 +573,7 @@ mod tests {
             instance: InstanceId::parse("other").unwrap(),
             url: url.map(str::to_owned),
             reply: true,
+            leaving: false,
         };
         peers.receive(announcement, &InProcess).await;
         peers

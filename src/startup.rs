@@ -219,7 +219,8 @@ impl Application {
 
 impl AppHandle {
     /// Sends every client a Close message that allows reconnecting (to another instance,
-    /// behind a load balancer), gives them `SHUTDOWN_TIMEOUT` to receive it, then stops.
+    /// behind a load balancer), gives them `SHUTDOWN_TIMEOUT` to receive it, says goodbye
+    /// to the other instances, then stops.
     /// The Close carries no error, as ASP.NET's at shutdown (`{"type":7,"allowReconnect":
     /// true}`): clients such as pysignalr treat any Close error as fatal and would not
     /// reconnect.
@@ -234,6 +235,14 @@ impl AppHandle {
         let deadline = Instant::now() + self.state.settings.shutdown_timeout;
         while self.state.metrics.live_connections() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The others forget this instance now, not after the peer TTL: it stops counting
+        // in their cluster size and attempt budget and being a route. Said after the
+        // clients were told to go, so their last requests still find it; heartbeats
+        // travel on the first hub's bus.
+        if let Some(hub) = hubs.first() {
+            let bus = hub.connections.host().bus();
+            self.state.router.peers().goodbye(&**bus).await;
         }
         // Transports flush the Close message right after the session ends.
         tokio::time::sleep(Duration::from_millis(100)).await;
