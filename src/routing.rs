@@ -370,7 +370,7 @@ impl Router {
         self.routes
     }
 
-    /// The other instances, as heartbeats tell.
+    /// The other instances, as heartbeats tell (this instance says goodbye through it).
     pub fn peers(&self) -> &Arc<Peers> {
         &self.peers
     }
@@ -623,6 +623,7 @@ mod tests {
             instance: InstanceId::parse("other").unwrap(),
             url: url.map(str::to_owned),
             reply: true,
+            leaving: false,
         };
         peers.receive(announcement, &InProcess).await;
         peers

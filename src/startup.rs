@@ -227,7 +227,8 @@ impl AppHandle {
     /// reconnecting (to another instance, behind a load balancer); stateful clients lose
     /// their socket without a close frame, resume wherever the balancer sends them, and their
     /// sessions move there — a client that lands here again loses its socket again, once a
-    /// second. All within `SHUTDOWN_TIMEOUT`.
+    /// second. All within `SHUTDOWN_TIMEOUT`; then it says goodbye to the other instances
+    /// and stops.
     /// The Close carries no error, as ASP.NET's at shutdown (`{"type":7,"allowReconnect":
     /// true}`): clients such as pysignalr treat any Close error as fatal and would not
     /// reconnect.
@@ -250,6 +251,14 @@ impl AppHandle {
         log::info!("draining: {stateful} stateful session(s) left here");
         while self.state.metrics.live_connections() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The others forget this instance now, not after the peer TTL: it stops counting
+        // in their cluster size and attempt budget and being a route. Said after the
+        // clients were told to go, so their last requests still find it; heartbeats
+        // travel on the first hub's bus.
+        if let Some(hub) = hubs.first() {
+            let bus = hub.connections.host().bus();
+            self.state.router.peers().goodbye(&**bus).await;
         }
         // Transports flush the Close message right after the session ends.
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -24,6 +24,7 @@ pub mod peers;
 pub mod redis;
 pub mod redis_cluster;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -95,6 +96,9 @@ pub struct Announcement {
     /// False on a first announcement, which asks every other instance to announce itself
     /// back.
     pub reply: bool,
+    /// A goodbye: the instance is stopping, so the others forget it at once instead of
+    /// trusting its last heartbeat for the peer TTL.
+    pub leaving: bool,
 }
 
 /// A hub method on one instance asks a client held by another for a result (client
@@ -232,9 +236,12 @@ pub enum Envelope {
     Invoke(ClientInvocation),
     /// A client's result, for the instance that asked.
     Reply(ClientReply),
-    /// Opaque bytes for one instance only, carried on its [`Topic::Instance`] topic; the
-    /// bus neither reads nor reorders them (one sender's frames to one instance arrive in
-    /// the order they were published).
+    /// Bytes for one instance only, carried on its [`Topic::Instance`] topic; the bus
+    /// neither reads nor reorders them (one sender's frames to one instance arrive in the
+    /// order they were published). They must be self-delimiting: a bus may join payloads
+    /// that queued together for one instance into one message, end to end, and the
+    /// receiver reads that as the payloads in order (the relay's batches of
+    /// length-prefixed frames are).
     ToInstance {
         /// The instance the bytes are for.
         to: InstanceId,
@@ -293,6 +300,13 @@ pub trait Bus: Send + Sync {
     fn is_heard(&self, _topic: Topic) -> BoxFuture<'_, Option<bool>> {
         Box::pin(async { None })
     }
+
+    /// Resolves once everything published before the call has been handed to the broker
+    /// (or after a bounded wait while it is unreachable): an instance that stops waits on
+    /// it so that its goodbye is not lost with the process.
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// The bus of a single instance: there is nobody else to tell.
@@ -329,6 +343,54 @@ impl Bus for InProcess {
 
     fn unsubscribe(&self, _: Vec<Topic>) -> BoxFuture<'_, ()> {
         Box::pin(async {})
+    }
+}
+
+/// How far a bus's publisher got: messages queued versus messages the broker took, so
+/// that [`Bus::flush`] can wait for what was queued before it.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    queued: AtomicU64,
+    published: AtomicU64,
+    /// Woken whenever the broker took more.
+    advanced: tokio::sync::Notify,
+}
+
+impl Progress {
+    /// One message is about to be queued (counted first, so the publisher never counts
+    /// it before this does).
+    pub(crate) fn queued(&self) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The message counted by [`Progress::queued`] did not fit in the queue.
+    pub(crate) fn dropped(&self) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// The publisher is done with `count` messages (taken by the broker, or lost).
+    pub(crate) fn published(&self, count: usize) {
+        self.published.fetch_add(count as u64, Ordering::AcqRel);
+        self.advanced.notify_waiters();
+    }
+
+    /// Resolves once every message queued before the call is published, or after
+    /// `timeout`.
+    pub(crate) async fn flushed(&self, timeout: std::time::Duration) {
+        let target = self.queued.load(Ordering::Acquire);
+        let drained = async {
+            loop {
+                // Made before the check, so a publish finishing in between still wakes it.
+                let advanced = self.advanced.notified();
+                if self.published.load(Ordering::Acquire) >= target {
+                    return;
+                }
+                advanced.await;
+            }
+        };
+        if tokio::time::timeout(timeout, drained).await.is_err() {
+            log::warn!("bus: the broker did not take the last messages in time");
+        }
     }
 }
 

@@ -6,10 +6,13 @@
 //! false), and then every [`ANNOUNCE_EVERY`]. An instance not heard from for [`PEER_TTL`]
 //! is forgotten, so a dead instance stops being a direct target and stops counting in the
 //! cluster's size (which sizes the load balancer's attempt budget, see
-//! [`crate::routing::ForwardBudget`]). This is not a method of the bus: the bus only
-//! carries the announcements.
+//! [`crate::routing::ForwardBudget`]). An instance that stops gracefully says goodbye
+//! ([`Peers::goodbye`]) and the others forget it at once, so it stops counting and being
+//! asked well before [`PEER_TTL`]. This is not a method of the bus: the bus only carries
+//! the announcements.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +37,8 @@ pub struct Peers {
     instance: InstanceId,
     advertise_url: Option<String>,
     known: Mutex<HashMap<InstanceId, Peer>>,
+    /// Set once this instance said goodbye: it announces itself no more.
+    left: AtomicBool,
 }
 
 impl Peers {
@@ -43,6 +48,7 @@ impl Peers {
             instance,
             advertise_url,
             known: Mutex::new(HashMap::new()),
+            left: AtomicBool::new(false),
         }
     }
 
@@ -93,18 +99,46 @@ impl Peers {
             instance: self.instance.clone(),
             url: self.advertise_url.clone(),
             reply,
+            leaving: false,
         })
+    }
+
+    /// Publishes this instance's heartbeat, unless it said goodbye.
+    async fn announce(&self, bus: &dyn Bus, reply: bool) {
+        if !self.left.load(Ordering::Acquire) {
+            bus.publish(self.hello(reply)).await;
+        }
     }
 
     /// Announces this instance on `bus`, asking the others to answer.
     pub async fn connected(&self, bus: &dyn Bus) {
-        bus.publish(self.hello(false)).await;
+        self.announce(bus, false).await;
+    }
+
+    /// Tells the others on `bus` that this instance is stopping, and waits (bounded) until
+    /// the bus has handed that to its broker. No heartbeat follows it.
+    pub async fn goodbye(&self, bus: &dyn Bus) {
+        self.left.store(true, Ordering::Release);
+        bus.publish(Envelope::Announcement(Announcement {
+            instance: self.instance.clone(),
+            url: None,
+            reply: true,
+            leaving: true,
+        }))
+        .await;
+        bus.flush().await;
     }
 
     /// Records another instance's heartbeat, and answers a first one (even from a peer we
     /// know: it may have restarted and forgotten us).
     pub async fn receive(&self, announcement: Announcement, bus: &dyn Bus) {
         if announcement.instance == self.instance {
+            return;
+        }
+        if announcement.leaving {
+            if let Ok(mut known) = self.known.lock() {
+                known.remove(&announcement.instance);
+            }
             return;
         }
         if let Ok(mut known) = self.known.lock() {
@@ -117,7 +151,7 @@ impl Peers {
             known.retain(|_, peer| peer.seen.elapsed() < PEER_TTL * 4);
         }
         if !announcement.reply {
-            bus.publish(self.hello(true)).await;
+            self.announce(bus, true).await;
         }
     }
 
@@ -126,7 +160,7 @@ impl Peers {
         let mut tick = tokio::time::interval(ANNOUNCE_EVERY);
         loop {
             tick.tick().await;
-            bus.publish(self.hello(true)).await;
+            self.announce(&*bus, true).await;
         }
     }
 }
@@ -145,6 +179,7 @@ mod tests {
             instance: id(instance),
             url: url.map(str::to_owned),
             reply: true,
+            leaving: false,
         }
     }
 
@@ -173,5 +208,24 @@ mod tests {
         assert!(peers.is_alive(&id("b")));
         assert!(!peers.is_alive(&id("d")));
         assert_eq!(peers.url(&id("b")), None);
+    }
+
+    #[tokio::test]
+    async fn a_goodbye_forgets_the_instance_at_once() {
+        let peers = Peers::new(id("me"), None);
+        peers
+            .receive(announce("b", Some("http://b")), &InProcess)
+            .await;
+        peers.receive(announce("c", None), &InProcess).await;
+        assert_eq!(peers.cluster_size(), 3);
+        let goodbye = Announcement {
+            leaving: true,
+            ..announce("b", None)
+        };
+        peers.receive(goodbye, &InProcess).await;
+        assert_eq!(peers.cluster_size(), 2);
+        assert!(!peers.is_alive(&id("b")));
+        assert_eq!(peers.url(&id("b")), None);
+        assert!(peers.is_alive(&id("c")));
     }
 }

@@ -21,7 +21,9 @@
 //! the sender); an instance ignores its own
 //! messages, since it already delivered them locally. One publisher task sends everything
 //! in order, which keeps the order of one sender's messages; under load it sends what
-//! queued meanwhile as one pipeline (one round trip) rather than a round trip each.
+//! queued meanwhile as one pipeline (one round trip) rather than a round trip each, and
+//! consecutive payloads for one instance channel in it as one message (they are
+//! self-delimiting, see [`Envelope::ToInstance`]).
 //!
 //! If Redis goes away, local delivery goes on, both tasks reconnect with capped
 //! exponential backoff, every topic is subscribed again, and [`Bus::is_healthy`] is false
@@ -33,7 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use redis::aio::PubSubSink;
@@ -41,8 +43,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{
-    Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, Topic, WireCall,
-    WireReply,
+    Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, Progress, Topic,
+    WireCall, WireReply,
 };
 use crate::metrics::Metrics;
 use crate::protocol::token::{ConnectionId, InstanceId};
@@ -60,6 +62,56 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Longest wait for Redis to confirm a publish or a subscription.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Largest message made by joining payloads for one instance.
+const MAX_JOINED: usize = 1024 * 1024;
+
+/// The messages of one pipeline: `batch` in order, except that each run of consecutive
+/// payloads for the same instance channel (those starting with `instances`) is joined end
+/// to end into one message of at most [`MAX_JOINED`] bytes (a single larger payload goes
+/// alone). So everything that queued for one instance while the previous pipeline was in
+/// flight reaches it as one message: one PUBLISH, one delivery, one wake-up of its drain.
+/// Instance payloads are self-delimiting ([`Envelope::ToInstance`]), so the receiver reads
+/// a joined message as the payloads it is made of, in order.
+fn joined<'a>(batch: &'a [(String, Bytes)], instances: &str) -> Vec<(&'a str, Bytes)> {
+    let mut out: Vec<(&'a str, Bytes)> = Vec::with_capacity(batch.len());
+    let mut run: Vec<&'a Bytes> = Vec::new();
+    let mut run_channel = "";
+    let mut run_bytes = 0;
+    let flush = |out: &mut Vec<(&'a str, Bytes)>, run: &mut Vec<&'a Bytes>, channel: &'a str| {
+        match run.len() {
+            0 => {}
+            1 => out.push((channel, run[0].clone())),
+            _ => {
+                let mut joined = BytesMut::with_capacity(run.iter().map(|p| p.len()).sum());
+                for payload in run.iter() {
+                    joined.extend_from_slice(payload);
+                }
+                out.push((channel, joined.freeze()));
+            }
+        }
+        run.clear();
+    };
+    for (channel, payload) in batch {
+        let joins = channel.starts_with(instances)
+            && channel == run_channel
+            && run_bytes + payload.len() <= MAX_JOINED;
+        if !joins {
+            flush(&mut out, &mut run, run_channel);
+            run_bytes = 0;
+        }
+        if channel.starts_with(instances) {
+            run_channel = channel;
+            run_bytes += payload.len();
+            run.push(payload);
+        } else {
+            run_channel = "";
+            out.push((channel, payload.clone()));
+        }
+    }
+    flush(&mut out, &mut run, run_channel);
+    out
+}
 
 /// A group command as it travels.
 #[derive(Debug, Serialize, Deserialize)]
@@ -89,6 +141,9 @@ enum Wire {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         url: Option<String>,
         reply: bool,
+        /// A goodbye (absent from heartbeats, so older instances read them unchanged).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        leaving: bool,
     },
     /// A client asked for a result (on the connection's channel).
     Invoke {
@@ -128,8 +183,12 @@ impl Channels {
             Topic::Connection(id) => format!("{}:connection:{id}", self.prefix),
             Topic::Group(name) => format!("{}:group:{name}", self.prefix),
             Topic::User(user) => format!("{}:user:{user}", self.prefix),
-            Topic::Instance(id) => format!("{}:instance:{id}", self.prefix),
+            Topic::Instance(id) => format!("{}{id}", self.instance_prefix()),
         }
+    }
+    /// What every instance channel starts with.
+    fn instance_prefix(&self) -> String {
+        format!("{}:instance:", self.prefix)
     }
     /// The channel of an audience, and whom it leaves out.
     fn of(&self, audience: &Audience) -> (String, Vec<String>) {
@@ -179,7 +238,11 @@ struct Shared {
     wanted: Mutex<HashSet<String>>,
     /// This instance's own channel, whose payloads are raw bytes.
     own_channel: String,
+    /// What every instance channel starts with.
+    instance_channels: String,
     publish_tx: mpsc::Sender<(String, Bytes)>,
+    /// Messages queued versus taken by Redis ([`Bus::flush`]).
+    progress: Progress,
     /// A connection for queries (`PUBSUB NUMSUB`), opened on first use and again after
     /// an error.
     queries: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
@@ -211,6 +274,7 @@ impl RedisBus {
         let shared = Arc::new(Shared {
             client,
             own_channel: channels.topic(&Topic::Instance(instance.clone())),
+            instance_channels: channels.instance_prefix(),
             channels,
             instance,
             subscribed: AtomicBool::new(false),
@@ -218,6 +282,7 @@ impl RedisBus {
             sink: Mutex::new(None),
             wanted: Mutex::new(HashSet::new()),
             publish_tx,
+            progress: Progress::default(),
             queries: tokio::sync::Mutex::new(None),
             metrics,
         });
@@ -242,7 +307,10 @@ impl RedisBus {
     }
 
     fn enqueue_bytes(&self, channel: String, payload: Bytes) {
+        // Counted before it is queued, so the publisher never counts it first.
+        self.shared.progress.queued();
         if self.shared.publish_tx.try_send((channel, payload)).is_err() {
+            self.shared.progress.dropped();
             self.shared.metrics.backplane_published(false);
             log::warn!("bus publish queue full; message dropped");
         }
@@ -405,7 +473,12 @@ impl RedisBus {
                     join: action.join,
                 })
             }
-            Wire::Hello { origin, url, reply } => {
+            Wire::Hello {
+                origin,
+                url,
+                reply,
+                leaving,
+            } => {
                 let Ok(instance) = InstanceId::parse(&origin) else {
                     log::warn!("bus: ignoring an announcement from a bad instance id");
                     return None;
@@ -414,6 +487,7 @@ impl RedisBus {
                     instance,
                     url,
                     reply,
+                    leaving,
                 })
             }
             Wire::Invoke { origin, call } => {
@@ -461,7 +535,7 @@ impl RedisBus {
                 // many messages, still published in queue order (Redis runs a
                 // connection's commands in order).
                 let mut pipeline = redis::pipe();
-                for (channel, payload) in &batch {
+                for (channel, payload) in joined(&batch, &shared.instance_channels) {
                     pipeline
                         .cmd("PUBLISH")
                         .arg(channel)
@@ -478,6 +552,7 @@ impl RedisBus {
                     break;
                 }
                 shared.metrics.backplane_batch(batch.len() as u64, true);
+                shared.progress.published(batch.len());
                 batch.clear();
             }
             shared.publishing.store(false, Ordering::Relaxed);
@@ -525,6 +600,7 @@ impl Bus for RedisBus {
                     origin,
                     url: hello.url,
                     reply: hello.reply,
+                    leaving: hello.leaving,
                 };
                 (channels.instances(), wire)
             }
@@ -581,6 +657,10 @@ impl Bus for RedisBus {
     fn unsubscribe(&self, topics: Vec<Topic>) -> BoxFuture<'_, ()> {
         Box::pin(self.change_subscriptions(topics, false))
     }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.shared.progress.flushed(REDIS_TIMEOUT))
+    }
 }
 
 #[cfg(test)]
@@ -607,5 +687,44 @@ mod tests {
         );
         assert_eq!(channels.audience("stickless:other:all", vec![]), None);
         assert_eq!(channels.audience("stickless:chat:bogus", vec![]), None);
+    }
+
+    #[test]
+    fn consecutive_payloads_for_one_instance_travel_as_one_message() {
+        let instances = "p:instance:";
+        let item = |channel: &str, payload: &'static [u8]| {
+            (channel.to_owned(), Bytes::from_static(payload))
+        };
+        let batch = vec![
+            item("p:instance:a", b"1"),
+            item("p:instance:a", b"2"),
+            item("p:all", b"x"),
+            item("p:all", b"y"),
+            item("p:instance:a", b"3"),
+            item("p:instance:b", b"4"),
+            item("p:instance:b", b"5"),
+        ];
+        let sent = joined(&batch, instances);
+        let sent: Vec<(&str, &[u8])> = sent
+            .iter()
+            .map(|(channel, payload)| (*channel, payload.as_ref()))
+            .collect();
+        assert_eq!(
+            sent,
+            vec![
+                ("p:instance:a", &b"12"[..]),
+                ("p:all", b"x"),
+                ("p:all", b"y"),
+                ("p:instance:a", b"3"),
+                ("p:instance:b", b"45"),
+            ]
+        );
+        // A run stops growing at the size bound.
+        let big = Bytes::from(vec![0u8; MAX_JOINED]);
+        let batch = vec![
+            ("p:instance:a".to_owned(), big.clone()),
+            ("p:instance:a".to_owned(), Bytes::from_static(b"1")),
+        ];
+        assert_eq!(joined(&batch, instances).len(), 2);
     }
 }

@@ -54,8 +54,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, Topic, WireCall,
-    WireReply,
+    Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, Progress, Topic,
+    WireCall, WireReply,
 };
 use crate::metrics::Metrics;
 use crate::protocol::token::{ConnectionId, InstanceId};
@@ -96,6 +96,9 @@ enum Header {
         origin: String,
         url: Option<String>,
         reply: bool,
+        /// A goodbye (absent from heartbeats, so older instances read them unchanged).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        leaving: bool,
     },
     /// Opaque bytes (the payload's remainder) for one instance, on its own channel.
     ToInstance { origin: String, to: String },
@@ -236,6 +239,7 @@ fn encode(origin: &InstanceId, envelope: &Envelope) -> Result<Vec<u8>, serde_jso
                 origin,
                 url: announcement.url.clone(),
                 reply: announcement.reply,
+                leaving: announcement.leaving,
             },
             None,
         ),
@@ -321,11 +325,15 @@ fn decode(me: &InstanceId, payload: &[u8]) -> Result<Option<Envelope>, DecodeErr
             join,
         }),
         Header::Hello {
-            origin, url, reply, ..
+            origin,
+            url,
+            reply,
+            leaving,
         } => Envelope::Announcement(Announcement {
             instance: InstanceId::parse(&origin).map_err(|_| DecodeError::Origin)?,
             url,
             reply,
+            leaving,
         }),
         Header::ToInstance { to, .. } => Envelope::ToInstance {
             to: InstanceId::parse(&to).map_err(|_| DecodeError::Origin)?,
@@ -560,6 +568,8 @@ struct Shared {
     /// Whether some master answered the last probe: the publisher waits for it.
     reachable: watch::Sender<bool>,
     publish_tx: mpsc::Sender<(String, Vec<u8>)>,
+    /// Messages queued versus published ([`Bus::flush`]).
+    progress: Progress,
     events: mpsc::Sender<Event>,
     metrics: Arc<Metrics>,
 }
@@ -611,6 +621,7 @@ impl RedisClusterBus {
             topology: Mutex::new(Topology::default()),
             reachable: watch::Sender::new(false),
             publish_tx,
+            progress: Progress::default(),
             events: events_tx,
             metrics,
         });
@@ -768,27 +779,34 @@ impl RedisClusterBus {
             if reachable.wait_for(|up| *up).await.is_err() {
                 return; // The bus is gone.
             }
-            let Some(mut connection) = self.connection() else {
-                continue; // Not reachable without a connection: unreachable in practice.
-            };
-            if !self.shard_up(&channel) {
-                // Lost, as SPUBLISH to a dead shard would lose it, without disturbing the
-                // cluster connection (see `subscribe_missing`).
-                shared.metrics.backplane_published(false);
-                log::debug!("bus: the shard of {channel} is down; message lost");
-                continue;
-            }
-            let mut command = redis::cmd("SPUBLISH");
-            command.arg(&channel).arg(&payload);
-            let publish = command.query_async::<i64>(&mut connection);
-            let result = match tokio::time::timeout(REDIS_TIMEOUT, publish).await {
-                Ok(result) => result.map_err(|e| e.to_string()),
-                Err(_) => Err("timed out".to_owned()),
-            };
-            shared.metrics.backplane_published(result.is_ok());
-            if let Err(error) = result {
-                log::warn!("bus: SPUBLISH to {channel} failed, message lost: {error}");
-            }
+            self.publish_one(&channel, &payload).await;
+            shared.progress.published(1);
+        }
+    }
+
+    /// Publishes one message (or loses it, counted, when its shard is down or fails).
+    async fn publish_one(&self, channel: &str, payload: &[u8]) {
+        let shared = &self.shared;
+        let Some(mut connection) = self.connection() else {
+            return; // Not reachable without a connection: unreachable in practice.
+        };
+        if !self.shard_up(channel) {
+            // Lost, as SPUBLISH to a dead shard would lose it, without disturbing the
+            // cluster connection (see `subscribe_missing`).
+            shared.metrics.backplane_published(false);
+            log::debug!("bus: the shard of {channel} is down; message lost");
+            return;
+        }
+        let mut command = redis::cmd("SPUBLISH");
+        command.arg(channel).arg(payload);
+        let publish = command.query_async::<i64>(&mut connection);
+        let result = match tokio::time::timeout(REDIS_TIMEOUT, publish).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err("timed out".to_owned()),
+        };
+        shared.metrics.backplane_published(result.is_ok());
+        if let Err(error) = result {
+            log::warn!("bus: SPUBLISH to {channel} failed, message lost: {error}");
         }
     }
 
@@ -842,6 +860,10 @@ impl Bus for RedisClusterBus {
         "redis-cluster"
     }
 
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.shared.progress.flushed(REDIS_TIMEOUT))
+    }
+
     fn is_healthy(&self) -> bool {
         let shared = &self.shared;
         let subscribed = shared
@@ -867,7 +889,9 @@ impl Bus for RedisClusterBus {
                     return;
                 }
             };
+            self.shared.progress.queued();
             if self.shared.publish_tx.try_send((channel, payload)).is_err() {
+                self.shared.progress.dropped();
                 self.shared.metrics.backplane_published(false);
                 log::warn!("bus publish queue full; message dropped");
             }
@@ -946,6 +970,13 @@ mod tests {
                 instance: other.clone(),
                 url: Some("http://10.0.0.2:8080".into()),
                 reply: true,
+                leaving: false,
+            }),
+            Envelope::Announcement(Announcement {
+                instance: other.clone(),
+                url: None,
+                reply: true,
+                leaving: true,
             }),
             Envelope::ToInstance {
                 to: me.clone(),

@@ -117,19 +117,21 @@ impl Relay {
             jobs,
         });
         let weak = Arc::downgrade(&relay);
-        let spawned = std::thread::Builder::new()
-            .name("stickless-relay".into())
-            .spawn(move || {
-                actix_web::rt::System::new().block_on(owner_loop(
-                    weak,
-                    queue,
-                    key,
-                    poll_wait,
-                    max_frame_size,
-                ))
+        let owner = move || owner_loop(weak, queue, key, poll_wait, max_frame_size);
+        if let Some(system) = actix_web::rt::System::try_current() {
+            // On the thread that runs the bus's tasks (the application is built there): a
+            // frame from the bus reaches its relay, and a frame for the bus its publisher,
+            // without waking another thread.
+            system.arbiter().spawn_fn(move || {
+                actix_web::rt::spawn(owner());
             });
-        if let Err(error) = spawned {
-            log::error!("cannot start the relay thread: {error}; the bus route answers Miss");
+        } else {
+            let spawned = std::thread::Builder::new()
+                .name("stickless-relay".into())
+                .spawn(move || actix_web::rt::System::new().block_on(owner()));
+            if let Err(error) = spawned {
+                log::error!("cannot start the relay thread: {error}; the bus route answers Miss");
+            }
         }
         let weak = Arc::downgrade(&relay);
         let handler: InstanceHandler = Arc::new(move |payload: Bytes| -> BoxFuture<'static, ()> {

@@ -165,3 +165,21 @@ async fn the_load_balancer_alone_never_fails_a_poll_whose_owner_is_alive() {
         cluster.ids[0]
     );
 }
+
+#[actix_web::test]
+async fn a_stopping_instance_says_goodbye_and_the_others_stop_counting_it_at_once() {
+    let mut cluster = spawn_cluster(3, |_| {}).await;
+    for node in &cluster.nodes {
+        gauge_reaches(node, "stickless_cluster_instances", 3.0).await;
+    }
+    cluster.stop_instance(2);
+    // Without the goodbye its last heartbeat would count for the peer TTL (35 s).
+    for node in &cluster.nodes[..2] {
+        eventually(
+            Duration::from_secs(10),
+            "the stopped instance forgotten",
+            || async { (node.metric("stickless_cluster_instances").await == 2.0).then_some(()) },
+        )
+        .await;
+    }
+}
