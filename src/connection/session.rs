@@ -33,7 +33,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::{Connection, Connections};
@@ -48,6 +48,7 @@ use crate::protocol::handshake::{self, Agreed, HandshakeError};
 use crate::protocol::hub_protocol::{HubProtocol, MessageReader};
 use crate::protocol::message::{HubMessage, Outcome};
 use crate::protocol::negotiate::TransportKind;
+use crate::queue;
 
 /// Invocations read ahead of the one running; past this the session stops reading, and
 /// the transport's backpressure reaches the client.
@@ -96,7 +97,7 @@ pub(super) async fn run(
     connections: Arc<Connections>,
     connection: Arc<Connection>,
     caller: Caller,
-    mut inbound: mpsc::Receiver<Bytes>,
+    mut inbound: queue::Receiver<Bytes>,
 ) {
     let config = &connections.config;
     let metrics = &connections.metrics;
@@ -171,7 +172,7 @@ pub(super) async fn run(
 /// Reads until the first record and checks it against the protocols this server speaks
 /// on `transport`; `None` if the transport went away first.
 async fn read_handshake(
-    inbound: &mut mpsc::Receiver<Bytes>,
+    inbound: &mut queue::Receiver<Bytes>,
     records: &mut RecordBuffer,
     transport: TransportKind,
 ) -> Option<Result<Agreed, HandshakeError>> {
@@ -217,7 +218,7 @@ enum Next {
 impl Session<'_> {
     async fn run(
         &mut self,
-        inbound: &mut mpsc::Receiver<Bytes>,
+        inbound: &mut queue::Receiver<Bytes>,
         reader: &mut MessageReader,
         closing: &mut tokio::sync::watch::Receiver<Option<Closing>>,
     ) {
