@@ -237,6 +237,9 @@ struct Slot {
     received: RefCell<Vec<u64>>,
     /// The highest sequence number received from each sender.
     last_seq: RefCell<Vec<u64>>,
+    /// The first sequence number received from each sender (0: none yet): where a
+    /// client that connected during the run starts to owe every message.
+    first_seq: RefCell<Vec<u64>>,
     /// Messages that arrived out of order or twice.
     disorder: Cell<u64>,
     /// False once the slot reconnected (its counts are then not a loss measure).
@@ -250,6 +253,7 @@ impl Slot {
         Self {
             received: RefCell::new(vec![0; senders]),
             last_seq: RefCell::new(vec![0; senders]),
+            first_seq: RefCell::new(vec![0; senders]),
             disorder: Cell::new(0),
             stayed: Cell::new(true),
             dropped: Cell::new(false),
@@ -438,6 +442,11 @@ fn on_payload(plan: &Plan, slot: &Slot, payload: &[u8]) {
             slot.disorder.set(slot.disorder.get() + 1);
         }
         *last = (*last).max(seq);
+    }
+    if let Some(first) = slot.first_seq.borrow_mut().get_mut(sender) {
+        if *first == 0 {
+            *first = seq;
+        }
     }
 }
 
@@ -986,6 +995,30 @@ fn losses(plan: &Plan, slots: &[Rc<Slot>]) -> (u64, u64, u64) {
     (lost, stayed, disorder)
 }
 
+/// Messages lost by clients that reconnected during a soak and are connected at its end:
+/// from the first message each got from a sender, every later one is owed (what came
+/// before that is the connection's start, where a message may rightly be missed).
+/// Returns the messages lost and the clients counted.
+fn losses_since_reconnect(plan: &Plan, slots: &[Rc<Slot>]) -> (u64, u64) {
+    let sent = plan.stats.sent.borrow();
+    let mut lost = 0;
+    let mut counted = 0;
+    for slot in slots.iter().filter(|s| !s.stayed.get() && !s.dropped.get()) {
+        counted += 1;
+        let received = slot.received.borrow();
+        for ((sent, first), received) in sent
+            .iter()
+            .zip(slot.first_seq.borrow().iter())
+            .zip(received.iter())
+        {
+            if *first > 0 {
+                lost += (sent + 1).saturating_sub(*first).saturating_sub(*received);
+            }
+        }
+    }
+    (lost, counted)
+}
+
 fn print_table(rows: &[(&str, String)]) {
     let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
     for (name, value) in rows {
@@ -1184,22 +1217,14 @@ async fn run_soak(plan: Rc<Plan>, length: Duration) -> Value {
     }
     stop.set(true);
     let sent = total_sent(&plan);
+    // Every counted client has everything (or the deadline passed).
     let all_in = || {
         let slots = slots.borrow();
-        let sent = plan.stats.sent.borrow();
-        slots
-            .iter()
-            .filter(|s| s.stayed.get() && !s.dropped.get())
-            .all(|s| {
-                s.received
-                    .borrow()
-                    .iter()
-                    .zip(sent.iter())
-                    .all(|(r, s)| r >= s)
-            })
+        losses(&plan, &slots).0 == 0 && losses_since_reconnect(&plan, &slots).0 == 0
     };
     until(Duration::from_secs(15), all_in).await;
     let (lost, stayed, disorder) = losses(&plan, &slots.borrow());
+    let (lost_reconnected, reconnected) = losses_since_reconnect(&plan, &slots.borrow());
     let dropped = slots.borrow().iter().filter(|s| s.dropped.get()).count();
     let warm: Vec<(f64, f64)> = samples
         .iter()
@@ -1228,6 +1253,8 @@ async fn run_soak(plan: Rc<Plan>, length: Duration) -> Value {
         "clients_intact": stayed,
         "clients_dropped_by_server": dropped,
         "lost_by_intact_clients": lost,
+        "clients_reconnected_at_end": reconnected,
+        "lost_by_reconnected_clients_since_their_first_message": lost_reconnected,
         "out_of_order": disorder,
         "delivered": plan.stats.delivered.get(),
         "protocol_errors": plan.stats.protocol_errors.get(),
@@ -1236,6 +1263,11 @@ async fn run_soak(plan: Rc<Plan>, length: Duration) -> Value {
         "server_connections_open": open,
         "rss_slope_after_warmup_bytes_per_min": slope.round(),
         "rss_samples": samples.len(),
+        // Every sample, `[seconds, MiB]`, so a slope can be judged by eye.
+        "rss_mib_by_time": samples
+            .iter()
+            .map(|(at, rss)| json!([at.round(), (rss / 1048576.0 * 10.0).round() / 10.0]))
+            .collect::<Vec<_>>(),
         "logs": logs,
     });
     print_table(&[
@@ -1255,7 +1287,8 @@ async fn run_soak(plan: Rc<Plan>, length: Duration) -> Value {
         (
             "lost",
             format!(
-                "{lost} by {stayed} clients that stayed ({dropped} dropped by the server, {disorder} out of order)"
+                "{lost} by {stayed} clients that stayed ({dropped} dropped by the server, {disorder} out of order); \
+                 {lost_reconnected} by {reconnected} reconnected clients since their first message"
             ),
         ),
         (
