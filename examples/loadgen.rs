@@ -1,6 +1,11 @@
 //! Load generator: N SignalR clients over WebSockets, Server-Sent Events or Long Polling
-//! (JSON hub protocol) against one instance or a cluster, S of them broadcasting at a
-//! rate through the chat hub's `Send` method.
+//! (JSON or MessagePack hub protocol) against one instance or a cluster, S of them
+//! broadcasting at a rate through the chat hub's `Send` method.
+//!
+//! Records are encoded and MessagePack records decoded by the server's own
+//! `stickless::protocol` module, so the generator speaks exactly what the server reads.
+//! JSON broadcasts are recognised by their bytes instead of being parsed (see
+//! [`on_record`]), which keeps the one-threaded generator ahead of the server.
 //!
 //! It prints a human table and one JSON line with the connect rate and latency
 //! percentiles, deliveries per second, the delivery ratio, end-to-end latency
@@ -34,12 +39,15 @@ use bytestring::ByteString;
 use clap::{Parser, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use stickless::protocol::framing::{frame, RECORD_SEPARATOR as RS};
+use stickless::protocol::hub_protocol::{HubProtocol, MessageReader};
+use stickless::protocol::message::HubMessage;
 
 /// A client WebSocket.
 type WsFramed = actix_codec::Framed<awc::BoxedSocket, ws::Codec>;
 
-/// The record separator that ends every JSON hub protocol record.
-const RS: u8 = 0x1e;
+/// Largest record the generator accepts from a server.
+const MAX_RECORD: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Transport {
@@ -57,8 +65,18 @@ enum Transport {
 enum Protocol {
     /// The JSON hub protocol.
     Json,
-    /// The MessagePack hub protocol (not yet in the generator).
+    /// The MessagePack hub protocol: binary WebSocket frames and binary Long Polling
+    /// bodies (Server-Sent Events carry text only, so they cannot take part).
     Messagepack,
+}
+
+impl Protocol {
+    fn hub(self) -> HubProtocol {
+        match self {
+            Self::Json => HubProtocol::Json,
+            Self::Messagepack => HubProtocol::MessagePack,
+        }
+    }
 }
 
 /// Command line.
@@ -219,6 +237,9 @@ struct Slot {
     received: RefCell<Vec<u64>>,
     /// The highest sequence number received from each sender.
     last_seq: RefCell<Vec<u64>>,
+    /// The first sequence number received from each sender (0: none yet): where a
+    /// client that connected during the run starts to owe every message.
+    first_seq: RefCell<Vec<u64>>,
     /// Messages that arrived out of order or twice.
     disorder: Cell<u64>,
     /// False once the slot reconnected (its counts are then not a loss measure).
@@ -232,6 +253,7 @@ impl Slot {
         Self {
             received: RefCell::new(vec![0; senders]),
             last_seq: RefCell::new(vec![0; senders]),
+            first_seq: RefCell::new(vec![0; senders]),
             disorder: Cell::new(0),
             stayed: Cell::new(true),
             dropped: Cell::new(false),
@@ -248,6 +270,8 @@ struct Stats {
     sent: RefCell<Vec<u64>>,
     send_failures: Cell<u64>,
     closes: Cell<u64>,
+    /// Records from the server the generator could not read.
+    protocol_errors: Cell<u64>,
     /// Deliveries are counted in the latency histogram only while this is set.
     measuring: Cell<bool>,
 }
@@ -259,6 +283,10 @@ struct Plan {
     stats: Stats,
     limiter: tokio::sync::Semaphore,
     padding: String,
+    /// The hub protocol every client speaks.
+    protocol: HubProtocol,
+    /// The handshake request for it (a JSON record whatever the protocol).
+    handshake: Bytes,
 }
 
 impl Plan {
@@ -277,9 +305,68 @@ impl Plan {
     }
 }
 
-/// Handles every complete record in `data`; keeps a partial one in `rest`.
-fn take_records(plan: &Plan, slot: &Slot, rest: &mut Vec<u8>, data: &[u8]) {
+/// One client's inbound bytes between transport messages.
+struct Inbox {
+    /// JSON: the start of a record not yet complete. Before the handshake reply: the
+    /// start of that reply.
+    rest: Vec<u8>,
+    /// MessagePack: the project's reader, which keeps partial records itself.
+    reader: Option<MessageReader>,
+    /// The handshake reply (`{}` and the record separator, JSON in both protocols)
+    /// still comes first in this stream.
+    handshake_pending: bool,
+}
+
+impl Inbox {
+    fn new(plan: &Plan, handshake_pending: bool) -> Self {
+        Self {
+            rest: Vec::new(),
+            reader: (plan.protocol == HubProtocol::MessagePack)
+                .then(|| MessageReader::new(plan.protocol, MAX_RECORD)),
+            handshake_pending,
+        }
+    }
+}
+
+/// Handles every complete record in `data`; keeps a partial one for the next call.
+fn take_records(plan: &Plan, slot: &Slot, inbox: &mut Inbox, data: &[u8]) {
     let mut data = data;
+    if inbox.handshake_pending {
+        inbox.rest.extend_from_slice(data);
+        let Some(end) = inbox.rest.iter().position(|&b| b == RS) else {
+            return;
+        };
+        inbox.handshake_pending = false;
+        let after = inbox.rest.split_off(end + 1);
+        inbox.rest.clear();
+        return take_records(plan, slot, inbox, &after);
+    }
+    if let Some(reader) = inbox.reader.as_mut() {
+        reader.extend(data);
+        loop {
+            match reader.next_message() {
+                Ok(Some(HubMessage::Invocation {
+                    target, arguments, ..
+                })) if target == "Send" => {
+                    if let Some(Value::String(payload)) = arguments.first() {
+                        on_payload(plan, slot, payload.as_bytes());
+                    }
+                }
+                Ok(Some(HubMessage::Close { .. })) => {
+                    plan.stats.closes.set(plan.stats.closes.get() + 1);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return,
+                Err(error) => {
+                    // The reader cannot skip a bad record: count it and start afresh.
+                    note_protocol_error(plan, &error.to_string());
+                    *reader = MessageReader::new(plan.protocol, MAX_RECORD);
+                    return;
+                }
+            }
+        }
+    }
+    let rest = &mut inbox.rest;
     if !rest.is_empty() {
         match data.iter().position(|&b| b == RS) {
             Some(end) => {
@@ -304,7 +391,16 @@ fn take_records(plan: &Plan, slot: &Slot, rest: &mut Vec<u8>, data: &[u8]) {
     }
 }
 
-/// One record from the server: a broadcast `Send` is counted, a Close noted.
+/// A record the generator could not read; the first few are printed.
+fn note_protocol_error(plan: &Plan, error: &str) {
+    let errors = plan.stats.protocol_errors.get() + 1;
+    plan.stats.protocol_errors.set(errors);
+    if errors <= 5 {
+        eprintln!("unreadable record from the server: {error}");
+    }
+}
+
+/// One JSON record from the server: a broadcast `Send` is counted, a Close noted.
 ///
 /// The server writes JSON objects with sorted keys, so a broadcast is
 /// `{"arguments":["…"],"target":"Send","type":1}`: both ends are checked without a search,
@@ -318,8 +414,13 @@ fn on_record(plan: &Plan, slot: &Slot, record: &[u8]) {
         }
         return;
     }
-    // The payload: `sender:seq:micros:padding`.
-    let mut fields = record[HEAD.len()..].split(|&b| b == b':');
+    on_payload(plan, slot, &record[HEAD.len()..record.len() - TAIL.len()]);
+}
+
+/// The argument of one broadcast, `sender:seq:micros:padding`: counted per sender, its
+/// latency recorded.
+fn on_payload(plan: &Plan, slot: &Slot, payload: &[u8]) {
+    let mut fields = payload.split(|&b| b == b':');
     let mut next = || -> Option<u64> { std::str::from_utf8(fields.next()?).ok()?.parse().ok() };
     let (Some(sender), Some(seq), Some(sent_at)) = (next(), next(), next()) else {
         return;
@@ -341,6 +442,11 @@ fn on_record(plan: &Plan, slot: &Slot, record: &[u8]) {
             slot.disorder.set(slot.disorder.get() + 1);
         }
         *last = (*last).max(seq);
+    }
+    if let Some(first) = slot.first_seq.borrow_mut().get_mut(sender) {
+        if *first == 0 {
+            *first = seq;
+        }
     }
 }
 
@@ -366,15 +472,19 @@ async fn negotiate(plan: &Plan, base: &str) -> Result<String, String> {
         .ok_or_else(|| format!("negotiate without a token: {body}"))
 }
 
-const HANDSHAKE: &str = "{\"protocol\":\"json\",\"version\":1}\u{1e}";
-
-/// The `Send` invocation of `sender`'s message number `seq`.
-fn invocation(plan: &Plan, sender: usize, seq: u64) -> String {
-    format!(
-        "{{\"type\":1,\"target\":\"Send\",\"arguments\":[\"{sender}:{seq}:{}:{}\"]}}\u{1e}",
-        now_micros(),
-        plan.padding
-    )
+/// The `Send` invocation of `sender`'s message number `seq`, one framed record of the
+/// run's protocol.
+fn invocation(plan: &Plan, sender: usize, seq: u64) -> Bytes {
+    plan.protocol.encode(&HubMessage::Invocation {
+        invocation_id: None,
+        target: "Send".into(),
+        arguments: vec![Value::String(format!(
+            "{sender}:{seq}:{}:{}",
+            now_micros(),
+            plan.padding
+        ))],
+        stream_ids: Vec::new(),
+    })
 }
 
 /// Where a connected client sends its records.
@@ -384,17 +494,30 @@ enum Outgoing {
 }
 
 impl Outgoing {
-    async fn send(&mut self, plan: &Plan, text: String) -> Result<(), String> {
+    /// Sends records: a Text frame or text body for JSON, Binary for MessagePack (the
+    /// handshake, JSON in both protocols, goes in the protocol's frame type, as the
+    /// official clients send it).
+    async fn send(&mut self, plan: &Plan, records: Bytes) -> Result<(), String> {
         match self {
-            Self::WebSocket(sink) => sink
-                .send(ws::Message::Text(ByteString::from(text)))
-                .await
-                .map_err(|e| e.to_string()),
+            Self::WebSocket(sink) => {
+                let message = match plan.protocol {
+                    HubProtocol::Json => {
+                        ws::Message::Text(ByteString::try_from(records).map_err(|e| e.to_string())?)
+                    }
+                    HubProtocol::MessagePack => ws::Message::Binary(records),
+                };
+                sink.send(message).await.map_err(|e| e.to_string())
+            }
             Self::Post(url) => {
+                let content_type = match plan.protocol {
+                    HubProtocol::Json => "text/plain;charset=UTF-8",
+                    HubProtocol::MessagePack => "application/octet-stream",
+                };
                 let response = plan
                     .client
                     .post(url.as_str())
-                    .send_body(text)
+                    .insert_header(("Content-Type", content_type))
+                    .send_body(records)
                     .await
                     .map_err(|e| e.to_string())?;
                 if response.status().is_success() {
@@ -420,11 +543,13 @@ async fn connect(
     plan: &Plan,
     index: usize,
     slot: &Slot,
-) -> Result<(Incoming, Outgoing, Vec<u8>), String> {
+) -> Result<(Incoming, Outgoing, Inbox), String> {
     let base = plan.url_of(index);
     let token = negotiate(plan, base).await?;
     let endpoint = format!("{base}{}?id={token}", plan.args.hub);
-    let mut rest = Vec::new();
+    // The handshake reply comes first in every transport's stream; a WebSocket reads it
+    // here, the others in `receive`.
+    let mut inbox = Inbox::new(plan, true);
     match plan.transport_of(index) {
         Transport::Ws | Transport::Mixed => {
             let url = endpoint.replacen("http", "ws", 1);
@@ -435,18 +560,22 @@ async fn connect(
                 .connect()
                 .await
                 .map_err(|e| format!("WebSocket: {e}"))?;
-            let (mut sink, mut stream) = framed.split();
-            sink.send(ws::Message::Text(HANDSHAKE.into()))
+            let (sink, mut stream) = framed.split();
+            let mut outgoing = Outgoing::WebSocket(sink);
+            outgoing
+                .send(plan, plan.handshake.clone())
                 .await
                 .map_err(|e| format!("handshake: {e}"))?;
             // The first frame holds the handshake reply.
             match stream.next().await {
-                Some(Ok(ws::Frame::Text(bytes))) if bytes.starts_with(b"{}") => {
-                    take_records(plan, slot, &mut rest, &bytes[3..]);
+                Some(Ok(ws::Frame::Text(bytes) | ws::Frame::Binary(bytes)))
+                    if bytes.starts_with(b"{}") =>
+                {
+                    take_records(plan, slot, &mut inbox, &bytes);
                 }
                 other => return Err(format!("handshake reply: {other:?}")),
             }
-            Ok((Incoming::WebSocket(stream), Outgoing::WebSocket(sink), rest))
+            Ok((Incoming::WebSocket(stream), outgoing, inbox))
         }
         Transport::Sse => {
             let response = plan
@@ -460,15 +589,15 @@ async fn connect(
                 return Err(format!("event stream answered {}", response.status()));
             }
             let mut outgoing = Outgoing::Post(endpoint);
-            outgoing.send(plan, HANDSHAKE.into()).await?;
-            Ok((Incoming::EventStream(response), outgoing, rest))
+            outgoing.send(plan, plan.handshake.clone()).await?;
+            Ok((Incoming::EventStream(response), outgoing, inbox))
         }
         Transport::Lp => {
             // The first poll is answered at once; the handshake goes after it.
             poll(plan, &endpoint).await?;
             let mut outgoing = Outgoing::Post(endpoint.clone());
-            outgoing.send(plan, HANDSHAKE.into()).await?;
-            Ok((Incoming::Polls(endpoint), outgoing, rest))
+            outgoing.send(plan, plan.handshake.clone()).await?;
+            Ok((Incoming::Polls(endpoint), outgoing, inbox))
         }
     }
 }
@@ -495,13 +624,13 @@ async fn poll(plan: &Plan, endpoint: &str) -> Result<Option<Bytes>, String> {
 }
 
 /// Receives until the connection ends.
-async fn receive(plan: &Plan, slot: &Slot, incoming: Incoming, mut rest: Vec<u8>) {
+async fn receive(plan: &Plan, slot: &Slot, incoming: Incoming, mut inbox: Inbox) {
     match incoming {
         Incoming::WebSocket(mut stream) => {
             while let Some(Ok(frame)) = stream.next().await {
                 match frame {
                     ws::Frame::Text(bytes) | ws::Frame::Binary(bytes) => {
-                        take_records(plan, slot, &mut rest, &bytes)
+                        take_records(plan, slot, &mut inbox, &bytes)
                     }
                     ws::Frame::Close(_) => break,
                     _ => {}
@@ -519,7 +648,7 @@ async fn receive(plan: &Plan, slot: &Slot, incoming: Incoming, mut rest: Vec<u8>
                     }
                     if let Some(data) = line.strip_prefix(b"data: ") {
                         let data = data.strip_suffix(b"\r").unwrap_or(data);
-                        take_records(plan, slot, &mut rest, data);
+                        take_records(plan, slot, &mut inbox, data);
                     }
                     line.clear();
                 }
@@ -527,7 +656,7 @@ async fn receive(plan: &Plan, slot: &Slot, incoming: Incoming, mut rest: Vec<u8>
         }
         Incoming::Polls(endpoint) => {
             while let Ok(Some(body)) = poll(plan, &endpoint).await {
-                take_records(plan, slot, &mut rest, &body);
+                take_records(plan, slot, &mut inbox, &body);
             }
         }
     }
@@ -572,14 +701,14 @@ async fn start_client(plan: Rc<Plan>, index: usize, slot: Rc<Slot>) -> Option<Ru
         connect(&plan, index, &slot).await
     };
     match connected {
-        Ok((incoming, outgoing, rest)) => {
+        Ok((incoming, outgoing, inbox)) => {
             plan.stats
                 .connect
                 .borrow_mut()
                 .record(started.elapsed().as_micros() as u64);
             let task_plan = plan.clone();
             let task = rt::spawn(async move {
-                receive(&task_plan, &slot, incoming, rest).await;
+                receive(&task_plan, &slot, incoming, inbox).await;
                 slot.dropped.set(true);
             });
             Some(Running {
@@ -744,16 +873,61 @@ async fn until(deadline: Duration, done: impl Fn() -> bool) {
     }
 }
 
-/// Counts the lines holding ` ERROR ` and ` WARN ` in each log.
-fn count_log_lines(logs: &[PathBuf]) -> Value {
-    let mut errors = 0;
-    let mut warnings = 0;
-    for path in logs {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        errors += text.lines().filter(|l| l.contains(" ERROR ")).count();
-        warnings += text.lines().filter(|l| l.contains(" WARN ")).count();
+/// The length of each log now, so that only what the servers write later is read.
+fn log_offsets(logs: &[PathBuf]) -> Vec<u64> {
+    logs.iter()
+        .map(|path| std::fs::metadata(path).map_or(0, |m| m.len()))
+        .collect()
+}
+
+/// Counts the ERROR and WARN lines written to each log since `offsets` (env_logger's
+/// `[time LEVEL module] text` lines), grouped by level and module with the first line of
+/// each group as an example, so a report says what the warnings were, not only how many.
+fn count_log_lines(logs: &[PathBuf], offsets: &[u64]) -> Value {
+    use std::collections::BTreeMap;
+    use std::io::{Read, Seek, SeekFrom};
+    let mut groups: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    let (mut errors, mut warnings, mut unreadable) = (0u64, 0u64, 0u64);
+    for (path, offset) in logs.iter().zip(offsets) {
+        let mut text = String::new();
+        let read = std::fs::File::open(path).and_then(|mut file| {
+            file.seek(SeekFrom::Start(*offset))?;
+            file.read_to_string(&mut text)
+        });
+        if read.is_err() {
+            unreadable += 1;
+            continue;
+        }
+        for line in text.lines() {
+            let Some(head) = line.strip_prefix('[').and_then(|l| l.split(']').next()) else {
+                continue;
+            };
+            let mut words = head.split_whitespace().skip(1);
+            let (Some(level), module) = (words.next(), words.next().unwrap_or("")) else {
+                continue;
+            };
+            match level {
+                "ERROR" => errors += 1,
+                "WARN" => warnings += 1,
+                _ => continue,
+            }
+            let group = groups
+                .entry(format!("{level} {module}"))
+                .or_insert_with(|| (0, line.chars().take(200).collect()));
+            group.0 += 1;
+        }
     }
-    json!({ "errors": errors, "warnings": warnings, "files": logs.len() })
+    let by_module: Vec<Value> = groups
+        .into_iter()
+        .map(|(key, (count, example))| json!({ "what": key, "lines": count, "example": example }))
+        .collect();
+    json!({
+        "errors": errors,
+        "warnings": warnings,
+        "files": logs.len(),
+        "unreadable_files": unreadable,
+        "by_module": by_module,
+    })
 }
 
 /// Least-squares slope of `(seconds, bytes)` samples, in bytes per minute.
@@ -821,6 +995,30 @@ fn losses(plan: &Plan, slots: &[Rc<Slot>]) -> (u64, u64, u64) {
     (lost, stayed, disorder)
 }
 
+/// Messages lost by clients that reconnected during a soak and are connected at its end:
+/// from the first message each got from a sender, every later one is owed (what came
+/// before that is the connection's start, where a message may rightly be missed).
+/// Returns the messages lost and the clients counted.
+fn losses_since_reconnect(plan: &Plan, slots: &[Rc<Slot>]) -> (u64, u64) {
+    let sent = plan.stats.sent.borrow();
+    let mut lost = 0;
+    let mut counted = 0;
+    for slot in slots.iter().filter(|s| !s.stayed.get() && !s.dropped.get()) {
+        counted += 1;
+        let received = slot.received.borrow();
+        for ((sent, first), received) in sent
+            .iter()
+            .zip(slot.first_seq.borrow().iter())
+            .zip(received.iter())
+        {
+            if *first > 0 {
+                lost += (sent + 1).saturating_sub(*first).saturating_sub(*received);
+            }
+        }
+    }
+    (lost, counted)
+}
+
 fn print_table(rows: &[(&str, String)]) {
     let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
     for (name, value) in rows {
@@ -875,6 +1073,7 @@ async fn run_once(plan: Rc<Plan>) -> Value {
     let result = json!({
         "mode": "run",
         "transport": format!("{:?}", args.transport).to_lowercase(),
+        "protocol": plan.protocol.name(),
         "urls": args.urls,
         "clients": args.clients,
         "connected": connected,
@@ -894,6 +1093,7 @@ async fn run_once(plan: Rc<Plan>) -> Value {
         "out_of_order": disorder,
         "clients_intact": stayed,
         "close_messages": plan.stats.closes.get(),
+        "protocol_errors": plan.stats.protocol_errors.get(),
         "latency_ms": latency,
         "server_connections_open": open,
         "rss_before_bytes": rss_before,
@@ -902,7 +1102,10 @@ async fn run_once(plan: Rc<Plan>) -> Value {
         "rss_per_connection_bytes": per_connection.round(),
     });
     print_table(&[
-        ("transport", result["transport"].to_string()),
+        (
+            "transport",
+            format!("{}, {}", result["transport"], result["protocol"]),
+        ),
         (
             "clients",
             format!(
@@ -957,6 +1160,7 @@ async fn run_soak(plan: Rc<Plan>, length: Duration) -> Value {
             .map(|_| Rc::new(Slot::new(args.senders)))
             .collect(),
     );
+    let offsets = log_offsets(&args.logs);
     let (rss_before, _) = server_memory(&plan).await;
     let initial: Vec<Rc<Slot>> = slots.borrow().clone();
     let (mut running, connect_time) = connect_all(&plan, &initial).await;
@@ -1002,28 +1206,25 @@ async fn run_soak(plan: Rc<Plan>, length: Duration) -> Value {
             let (plan, running) = (plan.clone(), running.clone());
             rt::spawn(async move {
                 let client = start_client(plan, index, fresh).await;
-                running.borrow_mut()[index] = client;
+                // The slot may have been picked again while this one connected: the
+                // client it held is stopped, never left running unseen.
+                let old = std::mem::replace(&mut running.borrow_mut()[index], client);
+                if let Some(old) = old {
+                    old.task.abort();
+                }
             });
         }
     }
     stop.set(true);
     let sent = total_sent(&plan);
+    // Every counted client has everything (or the deadline passed).
     let all_in = || {
         let slots = slots.borrow();
-        let sent = plan.stats.sent.borrow();
-        slots
-            .iter()
-            .filter(|s| s.stayed.get() && !s.dropped.get())
-            .all(|s| {
-                s.received
-                    .borrow()
-                    .iter()
-                    .zip(sent.iter())
-                    .all(|(r, s)| r >= s)
-            })
+        losses(&plan, &slots).0 == 0 && losses_since_reconnect(&plan, &slots).0 == 0
     };
     until(Duration::from_secs(15), all_in).await;
     let (lost, stayed, disorder) = losses(&plan, &slots.borrow());
+    let (lost_reconnected, reconnected) = losses_since_reconnect(&plan, &slots.borrow());
     let dropped = slots.borrow().iter().filter(|s| s.dropped.get()).count();
     let warm: Vec<(f64, f64)> = samples
         .iter()
@@ -1032,10 +1233,11 @@ async fn run_soak(plan: Rc<Plan>, length: Duration) -> Value {
         .collect();
     let slope = slope_per_minute(&warm);
     let (rss_end, open) = server_memory(&plan).await;
-    let logs = count_log_lines(&args.logs);
+    let logs = count_log_lines(&args.logs, &offsets);
     let result = json!({
         "mode": "soak",
         "transport": format!("{:?}", args.transport).to_lowercase(),
+        "protocol": plan.protocol.name(),
         "urls": args.urls,
         "clients": args.clients,
         "connected": connected,
@@ -1051,13 +1253,21 @@ async fn run_soak(plan: Rc<Plan>, length: Duration) -> Value {
         "clients_intact": stayed,
         "clients_dropped_by_server": dropped,
         "lost_by_intact_clients": lost,
+        "clients_reconnected_at_end": reconnected,
+        "lost_by_reconnected_clients_since_their_first_message": lost_reconnected,
         "out_of_order": disorder,
         "delivered": plan.stats.delivered.get(),
+        "protocol_errors": plan.stats.protocol_errors.get(),
         "rss_before_bytes": rss_before,
         "rss_end_bytes": rss_end,
         "server_connections_open": open,
         "rss_slope_after_warmup_bytes_per_min": slope.round(),
         "rss_samples": samples.len(),
+        // Every sample, `[seconds, MiB]`, so a slope can be judged by eye.
+        "rss_mib_by_time": samples
+            .iter()
+            .map(|(at, rss)| json!([at.round(), (rss / 1048576.0 * 10.0).round() / 10.0]))
+            .collect::<Vec<_>>(),
         "logs": logs,
     });
     print_table(&[
@@ -1077,7 +1287,8 @@ async fn run_soak(plan: Rc<Plan>, length: Duration) -> Value {
         (
             "lost",
             format!(
-                "{lost} by {stayed} clients that stayed ({dropped} dropped by the server, {disorder} out of order)"
+                "{lost} by {stayed} clients that stayed ({dropped} dropped by the server, {disorder} out of order); \
+                 {lost_reconnected} by {reconnected} reconnected clients since their first message"
             ),
         ),
         (
@@ -1089,15 +1300,40 @@ async fn run_soak(plan: Rc<Plan>, length: Duration) -> Value {
                 slope / 1024.0
             ),
         ),
-        ("logs", logs.to_string()),
+        (
+            "logs",
+            format!(
+                "{} ERROR, {} WARN lines since the start, in {} files ({} unreadable)",
+                logs["errors"], logs["warnings"], logs["files"], logs["unreadable_files"]
+            ),
+        ),
     ]);
+    for group in logs["by_module"].as_array().into_iter().flatten() {
+        println!(
+            "  {} x{}: {}",
+            group["what"].as_str().unwrap_or(""),
+            group["lines"],
+            group["example"].as_str().unwrap_or("")
+        );
+    }
     result
 }
 
 fn main() {
     let args = Args::parse();
-    if args.protocol == Protocol::Messagepack {
-        eprintln!("--protocol messagepack: not yet implemented in the generator (TODO)");
+    let sse_in_run = matches!(args.transport, Transport::Sse | Transport::Mixed);
+    if args.protocol == Protocol::Messagepack && sse_in_run && args.flood.is_none() {
+        // TransportProtocols.md: Server-Sent Events carry text only, and the server
+        // refuses a binary protocol on them at the handshake.
+        let which = match args.transport {
+            Transport::Mixed => "--transport mixed includes them",
+            _ => "--transport sse",
+        };
+        eprintln!(
+            "--protocol messagepack cannot run over Server-Sent Events ({which}): they carry \
+             text only (TransportProtocols.md), so the server refuses a binary protocol on \
+             them; use --transport ws or lp"
+        );
         std::process::exit(2);
     }
     if args.senders > args.clients {
@@ -1118,10 +1354,15 @@ fn main() {
                 sent: RefCell::new(vec![0; args.senders]),
                 send_failures: Cell::new(0),
                 closes: Cell::new(0),
+                protocol_errors: Cell::new(0),
                 measuring: Cell::new(false),
             },
             limiter: tokio::sync::Semaphore::new(args.connect_concurrency.max(1)),
             padding: "x".repeat(args.payload),
+            protocol: args.protocol.hub(),
+            handshake: frame(
+                &json!({ "protocol": args.protocol.hub().name(), "version": 1 }).to_string(),
+            ),
             client,
             args,
         });

@@ -792,7 +792,7 @@ mod tests {
             local.deliver(&Audience::Connection(ConnectionId::random()), &record),
             0
         );
-        let drain = |rx: &mut tokio::sync::mpsc::Receiver<bytes::Bytes>| {
+        let drain = |rx: &mut crate::queue::Receiver<bytes::Bytes>| {
             std::iter::from_fn(|| rx.try_recv().ok()).count()
         };
         assert_eq!(drain(&mut rx_a), 1);

@@ -83,7 +83,8 @@
 //!   client results a method waits for ([`SingleClient::invoke`]).
 //! - `bus`: carries messages between instances; owns its addressing types; peer
 //!   discovery (advertised URLs) is its own component.
-//! - `outbox`, `metrics`: the outbound queue, the counters.
+//! - `outbox`, `metrics`: the outbound queue, the counters; `queue`: the bounded queues
+//!   between a connection's tasks, which hold no memory while empty.
 //! - [`presence`]: who is online cluster-wide (coalesced join/leave/rename batches) and
 //!   recent messages, in Redis or in process: state for chat-like hubs.
 //! - [`protocol`]: the SignalR wire format, pure and unit-tested.
@@ -103,6 +104,7 @@ pub(crate) mod metrics;
 pub(crate) mod outbox;
 pub mod presence;
 pub mod protocol;
+pub(crate) mod queue;
 pub(crate) mod routing;
 pub mod startup;
 pub(crate) mod transport;

@@ -26,7 +26,9 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
+
+use crate::queue;
 
 use crate::metrics::Metrics;
 use crate::protocol::hub_protocol::{HubProtocol, TransferFormat};
@@ -79,7 +81,7 @@ pub fn now_millis() -> u64 {
 struct Shared {
     id: ConnectionId,
     metrics: Arc<Metrics>,
-    tx: mpsc::Sender<Bytes>,
+    tx: queue::Sender<Bytes>,
     closing: watch::Sender<Option<Closing>>,
     last_queued_ms: AtomicU64,
     protocol: OnceLock<HubProtocol>,
@@ -130,8 +132,8 @@ impl Outbox {
         id: ConnectionId,
         capacity: usize,
         metrics: Arc<Metrics>,
-    ) -> (Self, mpsc::Receiver<Bytes>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+    ) -> (Self, queue::Receiver<Bytes>) {
+        let (tx, rx) = queue::channel(capacity);
         let (closing, _) = watch::channel(None);
         let shared = Shared {
             id,
@@ -205,8 +207,8 @@ impl Outbox {
                 self.0.metrics.message_sent();
                 Pushed::Queued
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Pushed::Closed,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(queue::TrySendError::Closed(_)) => Pushed::Closed,
+            Err(queue::TrySendError::Full(_)) => {
                 log::warn!(
                     "connection {} closed: its outbound queue is full",
                     self.0.id.for_log()
@@ -336,7 +338,7 @@ impl Outbox {
     /// in the replay buffer, or is a Ping) and returns what the socket sends first: the
     /// `Sequence` record, then every unacknowledged record in order. Empty for a connection
     /// without stateful reconnect.
-    pub fn resume(&self, queue: &mut mpsc::Receiver<Bytes>) -> Vec<Bytes> {
+    pub fn resume(&self, queue: &mut queue::Receiver<Bytes>) -> Vec<Bytes> {
         let mut stateful = self.lock_stateful();
         let Some(state) = stateful.as_mut() else {
             return Vec::new();
@@ -420,7 +422,7 @@ pub(crate) mod tests {
     use super::*;
 
     /// An outbox for a test, and its receiver.
-    pub(crate) fn outbox(capacity: usize) -> (Outbox, mpsc::Receiver<Bytes>) {
+    pub(crate) fn outbox(capacity: usize) -> (Outbox, queue::Receiver<Bytes>) {
         Outbox::new(ConnectionId::random(), capacity, Arc::default())
     }
 

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch, OwnedMutexGuard};
+use tokio::sync::{watch, OwnedMutexGuard};
 
 use crate::hub::host::{Caller, HubHost};
 use crate::hub::RequestHead;
@@ -27,6 +27,7 @@ use crate::protocol::hub_protocol::HubProtocol;
 use crate::protocol::negotiate::TransportKind;
 use crate::protocol::stateful::InboundSequence;
 use crate::protocol::token::{ConnectionId, ConnectionToken};
+use crate::queue;
 
 pub use session::SessionConfig;
 
@@ -67,9 +68,9 @@ struct State {
 #[derive(Debug)]
 struct Queues {
     outbox: Outbox,
-    outbound: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
-    inbound_tx: mpsc::Sender<Bytes>,
-    inbound_rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
+    outbound: Arc<tokio::sync::Mutex<queue::Receiver<Bytes>>>,
+    inbound_tx: queue::Sender<Bytes>,
+    inbound_rx: Mutex<Option<queue::Receiver<Bytes>>>,
     polls: watch::Sender<u64>,
     /// The WebSocket generation of a stateful connection (see [`Connection::drop_socket`]).
     socket: watch::Sender<u64>,
@@ -166,7 +167,7 @@ impl Connection {
         self.queues.get_or_init(|| {
             let (outbox, outbound) =
                 Outbox::new(self.id.clone(), self.queue_length, self.metrics.clone());
-            let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CHUNKS);
+            let (inbound_tx, inbound_rx) = queue::channel(INBOUND_CHUNKS);
             let queues = Queues {
                 outbox,
                 outbound: Arc::new(tokio::sync::Mutex::new(outbound)),
@@ -275,7 +276,7 @@ impl Connection {
     }
 
     /// The outbound queue's receiving end, for the one transport request that drains it.
-    pub async fn outbound(&self) -> OwnedMutexGuard<mpsc::Receiver<Bytes>> {
+    pub async fn outbound(&self) -> OwnedMutexGuard<queue::Receiver<Bytes>> {
         self.queues().outbound.clone().lock_owned().await
     }
 

@@ -33,7 +33,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::{Connection, Connections};
@@ -50,6 +50,7 @@ use crate::protocol::message::{HubMessage, Outcome};
 use crate::protocol::negotiate::TransportKind;
 use crate::protocol::stateful::{is_sequenced, InboundSequence};
 use crate::protocol::token::is_stateful;
+use crate::queue;
 
 /// Invocations read ahead of the one running; past this the session stops reading, and
 /// the transport's backpressure reaches the client.
@@ -104,7 +105,7 @@ pub(super) async fn run(
     connections: Arc<Connections>,
     connection: Arc<Connection>,
     caller: Caller,
-    mut inbound: mpsc::Receiver<Bytes>,
+    mut inbound: queue::Receiver<Bytes>,
 ) {
     let config = &connections.config;
     let metrics = &connections.metrics;
@@ -173,7 +174,7 @@ pub(super) async fn run_moved(
     connections: Arc<Connections>,
     connection: Arc<Connection>,
     caller: Caller,
-    inbound: mpsc::Receiver<Bytes>,
+    inbound: queue::Receiver<Bytes>,
 ) {
     let outbox = connection.outbox().clone();
     let mut closing = outbox.closing();
@@ -198,7 +199,7 @@ async fn converse(
     connections: &Connections,
     connection: &Connection,
     caller: &Caller,
-    mut inbound: mpsc::Receiver<Bytes>,
+    mut inbound: queue::Receiver<Bytes>,
     mut reader: MessageReader,
     closing: &mut tokio::sync::watch::Receiver<Option<Closing>>,
 ) {
@@ -249,7 +250,7 @@ fn finish(connections: &Connections, connection: &Arc<Connection>, caller: &Call
 /// Reads until the first record and checks it against the protocols this server speaks
 /// on `transport`; `None` if the transport went away first.
 async fn read_handshake(
-    inbound: &mut mpsc::Receiver<Bytes>,
+    inbound: &mut queue::Receiver<Bytes>,
     records: &mut RecordBuffer,
     transport: TransportKind,
 ) -> Option<Result<Agreed, HandshakeError>> {
@@ -296,7 +297,7 @@ enum Next {
 impl Session<'_> {
     async fn run(
         &mut self,
-        inbound: &mut mpsc::Receiver<Bytes>,
+        inbound: &mut queue::Receiver<Bytes>,
         reader: &mut MessageReader,
         closing: &mut tokio::sync::watch::Receiver<Option<Closing>>,
     ) {

@@ -639,7 +639,7 @@ mod tests {
     }
 
     /// Connects a client to `host`; returns its id and what it receives.
-    async fn connected(host: &HubHost) -> (Caller, tokio::sync::mpsc::Receiver<bytes::Bytes>) {
+    async fn connected(host: &HubHost) -> (Caller, crate::queue::Receiver<bytes::Bytes>) {
         let caller = Caller {
             connection_id: ConnectionId::random(),
             user: None,
@@ -652,7 +652,7 @@ mod tests {
     }
 
     /// The invocation id of the next client-result Invocation the client receives.
-    async fn asked(rx: &mut tokio::sync::mpsc::Receiver<bytes::Bytes>) -> String {
+    async fn asked(rx: &mut crate::queue::Receiver<bytes::Bytes>) -> String {
         let record = rx.recv().await.expect("an invocation");
         let text = std::str::from_utf8(&record[..record.len() - 1]).unwrap();
         match HubMessage::parse(text).unwrap() {

@@ -12,10 +12,10 @@ pub mod sse;
 pub mod websocket;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::mpsc;
 
 use crate::connection::{Connection, ConnectionError};
 use crate::protocol::negotiate::TransportKind;
+use crate::queue;
 
 /// Largest batch of records put into one poll response or SSE event; one record is never
 /// split, so a batch can exceed this by one record.
@@ -31,7 +31,7 @@ pub async fn receive_post(connection: &Connection, body: Bytes) -> Result<(), Co
 }
 
 /// Appends `first` and then every record already queued to a batch, up to the limit.
-pub fn batch(first: Bytes, queue: &mut mpsc::Receiver<Bytes>) -> Bytes {
+pub fn batch(first: Bytes, queue: &mut queue::Receiver<Bytes>) -> Bytes {
     let mut out = BytesMut::from(&first[..]);
     while out.len() < MAX_BATCH_BYTES {
         match queue.try_recv() {
@@ -44,7 +44,7 @@ pub fn batch(first: Bytes, queue: &mut mpsc::Receiver<Bytes>) -> Bytes {
 
 /// What is left to send when a connection closes: the queued records, then the Close
 /// record if there is one (already encoded in the connection's protocol).
-pub fn final_batch(queue: &mut mpsc::Receiver<Bytes>, close_record: Option<&Bytes>) -> Bytes {
+pub fn final_batch(queue: &mut queue::Receiver<Bytes>, close_record: Option<&Bytes>) -> Bytes {
     let mut out = BytesMut::new();
     while let Ok(record) = queue.try_recv() {
         out.extend_from_slice(&record);

@@ -11,12 +11,13 @@ use std::sync::Arc;
 use actix_web::http::header::{CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, PRAGMA};
 use actix_web::HttpResponse;
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch, OwnedMutexGuard};
+use tokio::sync::{watch, OwnedMutexGuard};
 
 use super::{batch, final_batch};
 use crate::connection::{Activation, Connection};
 use crate::outbox::{closed, Closing};
 use crate::protocol::sse;
+use crate::queue;
 
 /// Ends the connection when the response body is dropped, whatever the reason.
 struct EndOnDrop {
@@ -38,7 +39,7 @@ enum Phase {
 
 struct Stream {
     phase: Phase,
-    queue: Option<OwnedMutexGuard<mpsc::Receiver<Bytes>>>,
+    queue: Option<OwnedMutexGuard<queue::Receiver<Bytes>>>,
     closing: watch::Receiver<Option<Closing>>,
     guard: EndOnDrop,
 }
