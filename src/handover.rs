@@ -141,14 +141,23 @@ impl Puller<'_> {
     /// first heartbeat, and the session may be held by any of them.
     pub async fn pull(&self, hub_path: &str, token: &str, owner: &InstanceId) -> Option<Moved> {
         let path = format!("{hub_path}?id={token}&{HANDOVER_FLAG}=1");
+        // Right after a (re)start this instance may not know every peer yet.
+        self.peers.settled().await;
         let mut asked: Vec<InstanceId> = vec![self.me.clone()];
         let mut round = vec![owner.clone()];
         for _ in 0..2 {
             round.extend(self.peers.live_instances());
-            round.retain(|instance| !asked.contains(instance));
-            round.dedup();
+            // Each instance once: the owner is usually among the live ones too.
+            let mut seen = asked.clone();
+            round.retain(|instance| {
+                let new = !seen.contains(instance);
+                if new {
+                    seen.push(instance.clone());
+                }
+                new
+            });
             if round.is_empty() {
-                return None;
+                continue;
             }
             if let Some(moved) = self.ask_all(&path, &round).await {
                 return Some(moved);

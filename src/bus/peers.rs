@@ -23,6 +23,9 @@ use crate::protocol::token::InstanceId;
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(10);
 /// An instance not heard from for this long is forgotten.
 const PEER_TTL: Duration = Duration::from_secs(35);
+/// How long after its first heartbeat an instance may still be learning of the others
+/// (their answers travel one broker round trip; this leaves room for a busy machine).
+const SETTLE: Duration = Duration::from_millis(500);
 
 /// What is known of one other instance.
 #[derive(Debug)]
@@ -39,6 +42,9 @@ pub struct Peers {
     known: Mutex<HashMap<InstanceId, Peer>>,
     /// Set once this instance said goodbye: it announces itself no more.
     left: AtomicBool,
+    /// When this instance first announced itself (or was made, until it does).
+    greeted: Mutex<Option<Instant>>,
+    made: Instant,
 }
 
 impl Peers {
@@ -49,7 +55,23 @@ impl Peers {
             advertise_url,
             known: Mutex::new(HashMap::new()),
             left: AtomicBool::new(false),
+            greeted: Mutex::new(None),
+            made: Instant::now(),
         }
+    }
+
+    /// Waits until the answers to this instance's first heartbeat had time to arrive, so
+    /// that a question to every live instance (a stateful session's handover) reaches
+    /// them all even right after a (re)start. Returns at once for an instance that has
+    /// been up for a while.
+    pub async fn settled(&self) {
+        let since = self
+            .greeted
+            .lock()
+            .ok()
+            .and_then(|greeted| *greeted)
+            .unwrap_or(self.made);
+        tokio::time::sleep_until((since + SETTLE).into()).await;
     }
 
     fn live<T>(&self, instance: &InstanceId, what: impl FnOnce(&Peer) -> T) -> Option<T> {
@@ -112,6 +134,9 @@ impl Peers {
 
     /// Announces this instance on `bus`, asking the others to answer.
     pub async fn connected(&self, bus: &dyn Bus) {
+        if let Ok(mut greeted) = self.greeted.lock() {
+            greeted.get_or_insert_with(Instant::now);
+        }
         self.announce(bus, false).await;
     }
 
