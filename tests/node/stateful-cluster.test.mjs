@@ -216,9 +216,7 @@ for (const config of CONFIGS) {
 
     test(
       "a rolling restart of every instance in turn: every stateful client keeps its id and gets every confirmed message once, in order",
-      // Passes with the bus route only; with direct routing a client was seen to lose its
-      // session while instances restart in turn (see README, Stateful reconnect).
-      { timeout: T, todo: config.directRouting ? "loses a session with direct routing (README, Stateful reconnect)" : false },
+      { timeout: T },
       async () => {
         await survives(cluster, true);
       },
