@@ -11,7 +11,7 @@
 pub mod session;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,10 @@ pub use session::SessionConfig;
 
 /// Byte chunks (POST bodies, WebSocket frames) waiting for the session.
 const INBOUND_CHUNKS: usize = 64;
+/// How long a stateful session that is handed over may finish the invocations it already
+/// took, so that their Completions travel in its replay buffer rather than being lost.
+/// Below the asking instance's own wait for the answer (`handover::ASK_TIMEOUT`, 3 s).
+const HANDOVER_FINISH: Duration = Duration::from_millis(1500);
 
 /// A transport request that the connection's state does not allow. The texts are
 /// ASP.NET's, and the HTTP layer maps each to the status the SignalR client expects.
@@ -92,6 +96,8 @@ pub struct Connection {
     sequence: Mutex<Option<InboundSequence>>,
     /// The session moved to another instance: it ends here without the disconnect hook.
     moved: AtomicBool,
+    /// Invocations the session took and has not answered yet (running or queued).
+    busy: AtomicUsize,
     /// The user found when the transport started, which a moving session takes along.
     user: Mutex<Option<String>>,
     close_sent: AtomicBool,
@@ -138,6 +144,7 @@ impl Connection {
             }),
             sequence: Mutex::new(None),
             moved: AtomicBool::new(false),
+            busy: AtomicUsize::new(0),
             user: Mutex::new(None),
             close_sent: AtomicBool::new(false),
             finished: AtomicBool::new(false),
@@ -244,6 +251,19 @@ impl Connection {
     /// The inbound sequence of a stateful connection, for the session to update.
     pub fn sequence(&self) -> std::sync::MutexGuard<'_, Option<InboundSequence>> {
         self.sequence.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session tells how many invocations it holds unanswered.
+    pub(super) fn set_busy(&self, invocations: usize) {
+        self.busy.store(invocations, Ordering::Release);
+    }
+
+    /// Waits, at most `limit`, until the session answered every invocation it took.
+    async fn finish_invocations(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.busy.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Whether the session moved to another instance.
@@ -503,6 +523,10 @@ impl Connections {
             .unwrap_or_else(|e| e.into_inner())
             .remove(token);
         let groups = self.host.detach(&connection.id).await;
+        // Completions of invocations still running go into the replay buffer that moves
+        // (a client's `invoke` would otherwise never complete). Server-to-client streams
+        // are not waited for: they end with the session here.
+        connection.finish_invocations(HANDOVER_FINISH).await;
         let replay = connection.outbox().export_replay()?;
         let sequence = connection.sequence().unwrap_or_default();
         connection.drop_socket();
@@ -652,6 +676,30 @@ mod tests {
             ConnectionId::random(),
             ConnectionToken::from_trusted(ConnectionId::random().to_string()),
         )
+    }
+
+    #[tokio::test]
+    async fn a_session_handed_over_takes_the_answers_of_the_invocations_it_was_running() {
+        let registry = connections(Duration::from_secs(15));
+        let c = connection(&registry);
+        let _socket = c.activate(TransportKind::WebSockets).unwrap();
+        c.outbox().enable_stateful(100_000, None);
+        *c.sequence() = Some(InboundSequence::default());
+        // An invocation is running; its Completion comes a moment after the handover asks.
+        c.set_busy(1);
+        let session = c.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            session.outbox().push(Bytes::from_static(
+                b"{\"type\":3,\"invocationId\":\"1\"}\x1e",
+            ));
+            session.set_busy(0);
+        });
+        let moved = registry
+            .hand_over(c.token.as_str())
+            .await
+            .expect("the session is handed over");
+        assert_eq!(moved.replay.records.len(), 1, "{:?}", moved.replay.records);
     }
 
     #[test]

@@ -315,6 +315,9 @@ impl Session<'_> {
                     .pop_front()
                     .and_then(|message| self.start(message));
             }
+            // A handover waits for these to be answered (`Connections::hand_over`).
+            self.connection
+                .set_busy(self.pending.len() + usize::from(running.is_some()));
             let blocked = self.uploads.is_blocked();
             let reading = self.pending.len() < MAX_PENDING_INVOCATIONS && !blocked;
             tokio::select! {
