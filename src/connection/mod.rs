@@ -190,6 +190,15 @@ impl Connection {
         })
     }
 
+    /// The receiving end of the client's records, for the one session that reads them.
+    fn take_inbound(&self) -> Option<queue::Receiver<Bytes>> {
+        self.queues()
+            .inbound_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
     /// The outbound queue and close signal.
     pub fn outbox(&self) -> &Outbox {
         &self.queues().outbox
@@ -477,13 +486,7 @@ impl Connections {
         request: RequestHead,
     ) {
         connection.settle(&self.metrics);
-        let inbound = connection
-            .queues()
-            .inbound_rx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let Some(inbound) = inbound else {
+        let Some(inbound) = connection.take_inbound() else {
             return; // Already started: `activate` makes this unreachable, but stay safe.
         };
         user.clone_into(&mut connection.user.lock().unwrap_or_else(|e| e.into_inner()));
@@ -586,13 +589,7 @@ impl Connections {
         *connection.sequence() = Some(InboundSequence::resume(moved.processed, moved.acked));
         self.host.rejoin(&connection.id, &moved.groups).await;
         connection.lock_state().transport = Some(TransportKind::WebSockets);
-        let inbound = connection
-            .queues()
-            .inbound_rx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let Some(inbound) = inbound else {
+        let Some(inbound) = connection.take_inbound() else {
             return false;
         };
         let caller = Caller {
