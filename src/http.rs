@@ -118,6 +118,22 @@ pub enum ApiError {
     /// The hub does not offer this transport.
     #[error("{} transport is not supported by this hub", .0.name())]
     TransportNotAllowed(TransportKind),
+    /// This instance is shutting down and starts no new long-lived request (503 with
+    /// `Retry-After`, which the load balancer retries on another instance).
+    #[error("This instance is shutting down.")]
+    Draining,
+}
+
+impl From<Rejection> for ApiError {
+    /// What a client is told for a request routing refused.
+    fn from(why: Rejection) -> Self {
+        match why {
+            Rejection::Draining => Self::Draining,
+            Rejection::BadToken | Rejection::Gone | Rejection::ProbeMiss | Rejection::NoRoute => {
+                Self::UnknownConnection
+            }
+        }
+    }
 }
 
 impl ResponseError for ApiError {
@@ -135,13 +151,17 @@ impl ResponseError for ApiError {
                 StatusCode::METHOD_NOT_ALLOWED
             }
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status_code())
-            .insert_header((CONTENT_TYPE, "text/plain; charset=utf-8"))
-            .body(self.to_string())
+        let mut response = HttpResponse::build(self.status_code());
+        response.insert_header((CONTENT_TYPE, "text/plain; charset=utf-8"));
+        if matches!(self, Self::Draining) {
+            response.insert_header(("Retry-After", "1"));
+        }
+        response.body(self.to_string())
     }
 }
 
@@ -264,10 +284,9 @@ async fn negotiate(
     hub: web::Data<HubEndpoint>,
 ) -> HttpResponse {
     if state.stopping.load(Ordering::Relaxed) {
-        // A client reconnecting after our Close message must land on another instance.
-        return HttpResponse::ServiceUnavailable()
-            .insert_header((CONTENT_TYPE, "text/plain; charset=utf-8"))
-            .body("This instance is shutting down.");
+        // A client reconnecting after our Close message must land on another instance
+        // (nginx.conf retries a negotiate that gets this 503 on the next one).
+        return ApiError::Draining.error_response();
     }
     let version = match negotiate::parse_negotiate_version(
         query_param(&req, "negotiateVersion").as_deref(),
@@ -364,8 +383,9 @@ impl AppState {
             &hub.key,
             &hub.connections,
             token,
+            kind,
             probe,
-            kind == RequestKind::WebSocket,
+            self.stopping.load(Ordering::Relaxed),
             now,
         )
     }
@@ -505,7 +525,7 @@ async fn hub_get(
         Route::Forward(plan) => Ok(forwarder.forward(&req, Bytes::new(), kind, &plan).await),
         Route::Reject(why) => {
             state.metrics.rejected(why);
-            Err(ApiError::UnknownConnection.into())
+            Err(ApiError::from(why).into())
         }
     }
 }
@@ -531,7 +551,7 @@ async fn hub_post(
     let route = state.route(&req, &hub, &token, RequestKind::Send);
     if let Route::Reject(why) = route {
         state.metrics.rejected(why);
-        return Err(ApiError::UnknownConnection);
+        return Err(why.into());
     }
     let body = read_body(payload, max_body_size(&state.settings)).await?;
     match route {
@@ -569,7 +589,7 @@ async fn hub_delete(
             .await),
         Route::Reject(why) => {
             state.metrics.rejected(why);
-            Err(ApiError::UnknownConnection)
+            Err(why.into())
         }
         Route::Adopt(_) | Route::Pull(_) => Err(ApiError::UnknownConnection),
     }

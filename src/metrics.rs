@@ -60,6 +60,8 @@ pub enum Rejection {
     ProbeMiss,
     /// Forwarding is off (no load balancer, no owner address, or a budget of 0).
     NoRoute,
+    /// This instance drains, and the request would start a long-lived relay here (503).
+    Draining,
 }
 
 impl Rejection {
@@ -69,6 +71,7 @@ impl Rejection {
             Self::Gone => "gone",
             Self::ProbeMiss => "probe_miss",
             Self::NoRoute => "no_route",
+            Self::Draining => "draining",
         }
     }
 }

@@ -10,7 +10,12 @@
 //!      session may have moved away and back;
 //! 3. the token names this instance, which no longer has it → 404 at once;
 //! 4. the request is an internal probe → 404 at once: probes are never re-forwarded;
-//! 5. otherwise the owner is elsewhere, and the routes `ROUTES` enables are tried in one
+//! 5. this instance is draining and the request would start a long-lived relay or adoption
+//!    (a WebSocket, an event stream, a long poll) → 503 with `Retry-After` at once
+//!    ([`Rejection::Draining`]): the process exits soon and would cut it, while the load
+//!    balancer can send it to a live instance (nginx.conf's `proxy_next_upstream`). Short
+//!    sends and DELETEs are still forwarded: they finish well before the exit;
+//! 6. otherwise the owner is elsewhere, and the routes `ROUTES` enables are tried in one
 //!    fixed order, cheapest first:
 //!    - `adopt`: a WebSocket for a fresh token is served here, 0 extra hops (nothing else
 //!      will ever look for it; stateful-reconnect tokens, whose client comes back, are
@@ -426,16 +431,20 @@ impl Router {
         }))
     }
 
-    /// Decides where the request for `token`, which `key` signed, goes.
+    /// Decides where the request of `kind` for `token`, which `key` signed, goes;
+    /// `draining` once this instance's shutdown has begun.
+    #[allow(clippy::too_many_arguments)]
     pub fn route(
         &self,
         key: &ClusterKey,
         connections: &Connections,
         token: &str,
+        kind: RequestKind,
         probe: bool,
-        websocket: bool,
+        draining: bool,
         now_secs: u64,
     ) -> Route {
+        let websocket = kind == RequestKind::WebSocket;
         let Ok(claims) = key.verify(token) else {
             return Route::Reject(Rejection::BadToken);
         };
@@ -453,6 +462,14 @@ impl Router {
         }
         if probe {
             return Route::Reject(Rejection::ProbeMiss);
+        }
+        // A relay or an adopted socket started now would be cut when this process exits
+        // (`SHUTDOWN_TIMEOUT` at most): refused with 503, which nginx.conf retries on the
+        // next instance. A POST send or a DELETE is still forwarded: it is one short
+        // exchange that ends long before the exit, and refusing it would lose a message
+        // nginx must not resend (a POST may have been processed).
+        if draining && kind.transport().is_some() {
+            return Route::Reject(Rejection::Draining);
         }
         let fresh = self
             .adoption_window
@@ -570,6 +587,17 @@ mod tests {
         .to_owned()
     }
 
+    /// Routes a request that is no probe, on an instance that is not draining.
+    fn plain(
+        router: &Router,
+        connections: &Connections,
+        key: &ClusterKey,
+        token: &str,
+        kind: RequestKind,
+    ) -> Route {
+        router.route(key, connections, token, kind, false, false, NOW)
+    }
+
     #[test]
     fn forged_tokens_are_rejected_without_forwarding() {
         let (router, connections, key) = setup(Some("http://lb"), 10);
@@ -579,11 +607,17 @@ mod tests {
             NOW,
         );
         assert!(matches!(
-            router.route(&key, &connections, &forged, false, false, NOW),
+            plain(&router, &connections, &key, &forged, RequestKind::Poll),
             Route::Reject(Rejection::BadToken)
         ));
         assert!(matches!(
-            router.route(&key, &connections, "random", false, true, NOW),
+            plain(
+                &router,
+                &connections,
+                &key,
+                "random",
+                RequestKind::WebSocket
+            ),
             Route::Reject(Rejection::BadToken)
         ));
     }
@@ -593,12 +627,20 @@ mod tests {
         let (router, connections, key) = setup(Some("http://lb"), 10);
         let mine = token(&key, "me", NOW);
         assert!(matches!(
-            router.route(&key, &connections, &mine, false, false, NOW),
+            plain(&router, &connections, &key, &mine, RequestKind::Poll),
             Route::Reject(Rejection::Gone)
         ));
         let theirs = token(&key, "other", NOW);
         assert!(matches!(
-            router.route(&key, &connections, &theirs, true, false, NOW),
+            router.route(
+                &key,
+                &connections,
+                &theirs,
+                RequestKind::Poll,
+                true,
+                false,
+                NOW
+            ),
             Route::Reject(Rejection::ProbeMiss)
         ));
     }
@@ -607,7 +649,7 @@ mod tests {
     fn other_owners_are_reached_through_the_load_balancer() {
         let (router, connections, key) = setup(Some("http://lb"), 10);
         let theirs = token(&key, "other", NOW);
-        let Route::Forward(plan) = router.route(&key, &connections, &theirs, false, false, NOW)
+        let Route::Forward(plan) = plain(&router, &connections, &key, &theirs, RequestKind::Poll)
         else {
             panic!("not forwarded");
         };
@@ -642,7 +684,13 @@ mod tests {
                     routes,
                     Some(peers),
                 );
-                match router.route(&key, &connections, &theirs(&key), false, false, NOW) {
+                match plain(
+                    &router,
+                    &connections,
+                    &key,
+                    &theirs(&key),
+                    RequestKind::Poll,
+                ) {
                     Route::Forward(plan) => Some(plan),
                     _ => None,
                 }
@@ -675,7 +723,7 @@ mod tests {
         );
         let fresh = token(&key, "other", NOW);
         assert!(matches!(
-            router.route(&key, &connections, &fresh, false, true, NOW),
+            plain(&router, &connections, &key, &fresh, RequestKind::WebSocket),
             Route::Forward(_)
         ));
     }
@@ -719,7 +767,7 @@ mod tests {
             setup_with(Some("http://lb"), ForwardBudget::Fixed(0), routes, None);
         let theirs = token(&key, "other", NOW);
         assert!(matches!(
-            router.route(&key, &connections, &theirs, false, false, NOW),
+            plain(&router, &connections, &key, &theirs, RequestKind::Poll),
             Route::Reject(Rejection::NoRoute)
         ));
     }
@@ -729,13 +777,55 @@ mod tests {
         let (router, connections, key) = setup(Some("http://lb"), 10);
         let fresh = token(&key, "other", NOW - 3);
         assert!(matches!(
-            router.route(&key, &connections, &fresh, false, true, NOW),
+            plain(&router, &connections, &key, &fresh, RequestKind::WebSocket),
             Route::Adopt(_)
         ));
         let stale = token(&key, "other", NOW - 60);
         assert!(matches!(
-            router.route(&key, &connections, &stale, false, true, NOW),
+            plain(&router, &connections, &key, &stale, RequestKind::WebSocket),
             Route::Forward(_)
+        ));
+    }
+
+    #[test]
+    fn a_draining_instance_starts_no_relay_but_still_forwards_short_requests() {
+        let (router, connections, key) = setup(Some("http://lb"), 10);
+        let theirs = token(&key, "other", NOW);
+        for kind in [
+            RequestKind::WebSocket,
+            RequestKind::EventStream,
+            RequestKind::Poll,
+        ] {
+            assert!(
+                matches!(
+                    router.route(&key, &connections, &theirs, kind, false, true, NOW),
+                    Route::Reject(Rejection::Draining)
+                ),
+                "{kind:?}"
+            );
+        }
+        for kind in [RequestKind::Send, RequestKind::Delete] {
+            assert!(
+                matches!(
+                    router.route(&key, &connections, &theirs, kind, false, true, NOW),
+                    Route::Forward(_)
+                ),
+                "{kind:?}"
+            );
+        }
+        // Its own lost connections are still a plain 404.
+        let mine = token(&key, "me", NOW);
+        assert!(matches!(
+            router.route(
+                &key,
+                &connections,
+                &mine,
+                RequestKind::Poll,
+                false,
+                true,
+                NOW
+            ),
+            Route::Reject(Rejection::Gone)
         ));
     }
 

@@ -3,6 +3,7 @@
 //! straight to chosen instances.
 
 mod backplane;
+mod draining;
 mod failover;
 mod launcher;
 mod load_balancer;
