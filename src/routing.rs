@@ -31,6 +31,25 @@
 //!      cluster's size, which heartbeats over the bus tell ([`Peers`]);
 //!    - else 404, as ASP.NET answers (`No Connection with that ID`).
 //!
+//! Tokens are single-use across the cluster, as on one ASP.NET server (404 for a token
+//! whose connection ended, 409 for a second transport of a live connection), through
+//! cluster-wide claims kept by the bus ([`crate::bus::claims`]), checked only where a
+//! request would otherwise start something or answer 404 — never for a request served
+//! here on an already-started connection:
+//!
+//! - the first transport request of a connection, wherever it starts (served here, the
+//!   owner included, or adopted): [`Router::admit`] takes the claim; held by another
+//!   instance → 409, closed → 404;
+//! - a send or DELETE for a connection negotiated here that has not started here
+//!   ([`Router::claimed_elsewhere`], which reads the claim): it started elsewhere → 409,
+//!   ended → 404 (and the copy negotiated here is dropped);
+//! - a token this instance would answer 404 for ("gone", step 3): [`Router::gone`] reads
+//!   the claim; held by another instance (which adopted it) → 409.
+//!
+//! Stateful-reconnect tokens take no claims: their session moves ([`Route::Pull`]), and is
+//! in one place by construction. Without a shared bus, or with its broker unreachable,
+//! the claim is unknown and the request is served as before.
+//!
 //! Why this order: adoption costs nothing; direct costs one TCP hop; the bus costs one
 //! broker round trip per message but needs no path between instances; re-forwarding
 //! costs about N requests per miss and, with a random balancer, still misses sometimes.
@@ -53,7 +72,7 @@ use actix_web::http::header::{HeaderMap, ACCEPT, CONNECTION, UPGRADE};
 use actix_web::http::Method;
 
 use crate::bus::peers::Peers;
-use crate::bus::Bus;
+use crate::bus::{Bus, Claim};
 use crate::connection::{Connection, Connections};
 use crate::metrics::Rejection;
 use crate::protocol::negotiate::TransportKind;
@@ -429,6 +448,72 @@ impl Router {
             owner: peer,
             connection_id: claims.connection_id,
         }))
+    }
+
+    /// Whether the first transport request of the connection `claims` names (token
+    /// `token`) may start on this instance, by its cluster-wide claim on `bus`: `Ok(true)`
+    /// when this instance now holds the claim (it refreshes it, and closes it when the
+    /// connection ends), `Ok(false)` when there is no claim to hold (stateful tokens, an
+    /// in-process bus, an unreachable broker: served as without claims), or the refusal
+    /// ([`Router::refusal`]).
+    pub async fn admit(
+        &self,
+        bus: &dyn Bus,
+        token: &str,
+        claims: &TokenClaims,
+    ) -> Result<bool, Rejection> {
+        if is_stateful(token) {
+            return Ok(false);
+        }
+        let claim = bus.claim(&claims.connection_id).await;
+        match self.refusal(&claim) {
+            Some(why) => Err(why),
+            None => Ok(matches!(claim, Claim::Held(holder) if holder == self.instance)),
+        }
+    }
+
+    /// Why a request for a connection that has not started here must not reach it here
+    /// (`key` signed `token`): it started elsewhere or ended, by its claim on `bus`
+    /// (read, not taken). `None` when nothing is known against it.
+    pub async fn claimed_elsewhere(
+        &self,
+        bus: &dyn Bus,
+        key: &ClusterKey,
+        token: &str,
+    ) -> Option<Rejection> {
+        if is_stateful(token) {
+            return None;
+        }
+        let claims = key.verify(token).ok()?;
+        self.refusal(&bus.lookup_claim(&claims.connection_id).await)
+    }
+
+    /// What a request for a connection this instance does not hold (and would answer 404
+    /// for, `why`) is told: the claim's refusal if there is one (409 while another instance
+    /// serves it, which adopted it), else `why`. Only for [`Rejection::Gone`]: the other
+    /// refusals never name a live connection (a forged token, a probe, no route,
+    /// draining).
+    pub async fn gone(
+        &self,
+        bus: &dyn Bus,
+        key: &ClusterKey,
+        token: &str,
+        why: Rejection,
+    ) -> Rejection {
+        if why != Rejection::Gone {
+            return why;
+        }
+        self.claimed_elsewhere(bus, key, token).await.unwrap_or(why)
+    }
+
+    /// What a claim forbids here: [`Rejection::InUse`] (409) while another instance
+    /// serves the connection, [`Rejection::Reused`] (404) once it ended.
+    fn refusal(&self, claim: &Claim) -> Option<Rejection> {
+        match claim {
+            Claim::Held(holder) if *holder != self.instance => Some(Rejection::InUse),
+            Claim::Closed => Some(Rejection::Reused),
+            Claim::Held(_) | Claim::Free | Claim::Unknown => None,
+        }
     }
 
     /// Decides where the request of `kind` for `token`, which `key` signed, goes;

@@ -8,6 +8,7 @@ mod failover;
 mod launcher;
 mod load_balancer;
 pub(crate) mod routing;
+mod tokens;
 
 use serde_json::{json, Value};
 

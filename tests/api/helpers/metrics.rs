@@ -21,7 +21,18 @@ const DOCUMENTED_LABELS: &[(&str, &[&str])] = &[
     ),
     ("mode", &["direct", "bus", "load_balancer"]),
     ("outcome", &["served", "not_found", "failed", "retried"]),
-    ("reason", &["bad_token", "gone", "probe_miss", "no_route"]),
+    (
+        "reason",
+        &[
+            "bad_token",
+            "gone",
+            "probe_miss",
+            "no_route",
+            "draining",
+            "reused",
+            "in_use",
+        ],
+    ),
     (
         "transport",
         &["websockets", "server_sent_events", "long_polling"],
