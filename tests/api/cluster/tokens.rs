@@ -10,33 +10,10 @@ use serde_json::json;
 use crate::helpers::metrics::rejections;
 use crate::helpers::*;
 
-/// The status every kind of request for `token` gets from `node` (WebSocket, event
-/// stream, long poll, send, delete).
-async fn statuses(node: &Api, token: &str) -> Vec<(&'static str, StatusCode)> {
-    let ws = match ws_status(node.ws_raw(&format!("id={token}"), &[]).await) {
-        Ok(()) => StatusCode::SWITCHING_PROTOCOLS,
-        Err(status) => status,
-    };
-    let sse = match node.sse_raw(token, &[]).await {
-        Ok(_) => StatusCode::OK,
-        Err(reply) => reply.status,
-    };
-    vec![
-        ("websockets", ws),
-        ("server_sent_events", sse),
-        ("long_polling", node.poll(token).await.status),
-        (
-            "send",
-            node.post(token, frame(&json!({"type": 6}))).await.status,
-        ),
-        ("delete", node.delete(token).await.status),
-    ]
-}
-
 /// Asserts `token` is spent on every node: 404 for everything.
 async fn assert_spent_everywhere(cluster: &TestCluster, token: &str) {
     for (index, node) in cluster.nodes.iter().enumerate() {
-        for (kind, status) in statuses(node, token).await {
+        for (kind, status) in node.every_kind_status(token).await {
             assert_eq!(
                 status,
                 StatusCode::NOT_FOUND,
@@ -147,4 +124,30 @@ async fn after_the_adoption_window_the_owner_answers_409_for_a_connection_anothe
     // The client kept its connection all along (its pings keep it).
     let me = ws.call("WhoAmI", json!([])).await;
     assert_eq!(me["instance"], cluster.ids[1], "{me}");
+}
+
+#[actix_web::test]
+async fn with_redis_down_a_fresh_websocket_is_still_adopted_and_the_outage_logged_once() {
+    let mut cluster = spawn_cluster(2, |_| {}).await;
+    cluster.cluster.stop_redis();
+    let b = &cluster.nodes[1];
+    eventually(SETTLE_TIMEOUT, "node-2 to see Redis gone", || async {
+        (b.healthz().await["status"] == "degraded").then_some(())
+    })
+    .await;
+
+    // Claims cannot be taken: served as without them, every time.
+    for round in 0..3 {
+        let (_, token) = cluster.nodes[0].negotiate().await;
+        let mut ws = open(b, &token, "a WebSocket adopted without Redis").await;
+        let me = ws.call("WhoAmI", json!([])).await;
+        assert_eq!(me["instance"], cluster.ids[1], "round {round}: {me}");
+    }
+    let log = std::fs::read_to_string(cluster.cluster.dir.join(format!("{}.log", cluster.ids[1])))
+        .expect("node-2's log");
+    assert_eq!(
+        log.matches("connection claims unavailable").count(),
+        1,
+        "logged once"
+    );
 }
