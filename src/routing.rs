@@ -601,7 +601,8 @@ mod tests {
     const NOW: u64 = 1_800_000_000;
 
     /// A bus that says it reaches other instances and is up: all the router asks of it.
-    struct SharedBus;
+    /// The claim it answers for every connection.
+    struct SharedBus(Claim);
 
     impl Bus for SharedBus {
         fn name(&self) -> &'static str {
@@ -621,6 +622,12 @@ mod tests {
             _: Vec<crate::bus::Topic>,
         ) -> futures_util::future::BoxFuture<'_, ()> {
             Box::pin(async {})
+        }
+        fn claim(&self, _: &ConnectionId) -> futures_util::future::BoxFuture<'_, Claim> {
+            Box::pin(async { self.0.clone() })
+        }
+        fn lookup_claim(&self, _: &ConnectionId) -> futures_util::future::BoxFuture<'_, Claim> {
+            Box::pin(async { self.0.clone() })
         }
     }
 
@@ -657,7 +664,7 @@ mod tests {
             routes,
             Some(Duration::from_secs(15)),
             peers,
-            Some(Arc::new(SharedBus)),
+            Some(Arc::new(SharedBus(Claim::Unknown))),
         );
         (router, connections, key)
     }
@@ -912,6 +919,57 @@ mod tests {
             ),
             Route::Reject(Rejection::Gone)
         ));
+    }
+
+    #[tokio::test]
+    async fn claims_decide_whether_a_connection_starts_here_and_what_a_miss_is_told() {
+        let (router, _, key) = setup(None, 10);
+        let claims = TokenClaims {
+            owner: InstanceId::parse("other").unwrap(),
+            connection_id: ConnectionId::random(),
+            issued_at: NOW,
+        };
+        let token = key.mint(&claims);
+        let token = token.as_str();
+        let held = |id: &str| Claim::Held(InstanceId::parse(id).unwrap());
+        let admit = |claim: Claim, token: String| {
+            let (router, claims) = (&router, &claims);
+            async move { router.admit(&SharedBus(claim), &token, claims).await }
+        };
+        assert_eq!(admit(held("me"), token.into()).await, Ok(true));
+        assert_eq!(
+            admit(held("third"), token.into()).await,
+            Err(Rejection::InUse)
+        );
+        assert_eq!(
+            admit(Claim::Closed, token.into()).await,
+            Err(Rejection::Reused)
+        );
+        assert_eq!(
+            admit(Claim::Unknown, token.into()).await,
+            Ok(false),
+            "Redis down"
+        );
+        // Stateful tokens take no claims: their session moves instead.
+        let stateful = key.mint_stateful(&claims).as_str().to_owned();
+        assert_eq!(admit(held("third"), stateful.clone()).await, Ok(false));
+
+        let gone = |claim: Claim, why: Rejection| {
+            let (router, key) = (&router, &key);
+            async move { router.gone(&SharedBus(claim), key, token, why).await }
+        };
+        assert_eq!(gone(held("third"), Rejection::Gone).await, Rejection::InUse);
+        assert_eq!(
+            gone(Claim::Closed, Rejection::Gone).await,
+            Rejection::Reused
+        );
+        assert_eq!(gone(held("me"), Rejection::Gone).await, Rejection::Gone);
+        assert_eq!(gone(Claim::Free, Rejection::Gone).await, Rejection::Gone);
+        assert_eq!(
+            gone(held("third"), Rejection::ProbeMiss).await,
+            Rejection::ProbeMiss,
+            "only a token this instance would call gone asks"
+        );
     }
 
     #[test]
