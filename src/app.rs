@@ -158,6 +158,7 @@ impl App {
             tokio::spawn(host.clone().drain(events, discovery, frames));
             let connections = Arc::new(Connections::new(host, metrics.clone(), session.clone()));
             tokio::spawn(connections.clone().run_sweeper());
+            tokio::spawn(connections.clone().run_claim_refresher());
             hubs.push(Arc::new(HubEndpoint {
                 key: hub_key(&secret, &path),
                 path,

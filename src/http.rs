@@ -118,6 +118,25 @@ pub enum ApiError {
     /// The hub does not offer this transport.
     #[error("{} transport is not supported by this hub", .0.name())]
     TransportNotAllowed(TransportKind),
+    /// This instance is shutting down and starts no new long-lived request (503 with
+    /// `Retry-After`, which the load balancer retries on another instance).
+    #[error("This instance is shutting down.")]
+    Draining,
+}
+
+impl From<Rejection> for ApiError {
+    /// What a client is told for a request routing refused.
+    fn from(why: Rejection) -> Self {
+        match why {
+            Rejection::Draining => Self::Draining,
+            Rejection::InUse => Self::Connection(ConnectionError::AlreadyActive),
+            Rejection::BadToken
+            | Rejection::Gone
+            | Rejection::ProbeMiss
+            | Rejection::NoRoute
+            | Rejection::Reused => Self::UnknownConnection,
+        }
+    }
 }
 
 impl ResponseError for ApiError {
@@ -135,13 +154,17 @@ impl ResponseError for ApiError {
                 StatusCode::METHOD_NOT_ALLOWED
             }
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status_code())
-            .insert_header((CONTENT_TYPE, "text/plain; charset=utf-8"))
-            .body(self.to_string())
+        let mut response = HttpResponse::build(self.status_code());
+        response.insert_header((CONTENT_TYPE, "text/plain; charset=utf-8"));
+        if matches!(self, Self::Draining) {
+            response.insert_header(("Retry-After", "1"));
+        }
+        response.body(self.to_string())
     }
 }
 
@@ -264,10 +287,9 @@ async fn negotiate(
     hub: web::Data<HubEndpoint>,
 ) -> HttpResponse {
     if state.stopping.load(Ordering::Relaxed) {
-        // A client reconnecting after our Close message must land on another instance.
-        return HttpResponse::ServiceUnavailable()
-            .insert_header((CONTENT_TYPE, "text/plain; charset=utf-8"))
-            .body("This instance is shutting down.");
+        // A client reconnecting after our Close message must land on another instance
+        // (nginx.conf retries a negotiate that gets this 503 on the next one).
+        return ApiError::Draining.error_response();
     }
     let version = match negotiate::parse_negotiate_version(
         query_param(&req, "negotiateVersion").as_deref(),
@@ -340,6 +362,64 @@ impl AppState {
         (claims.connection_id, token)
     }
 
+    /// Refuses a request routing rejected: a token this instance would answer 404 for may
+    /// name a connection another instance serves (409) or one that ended (404), as the
+    /// cluster-wide claims tell ([`Router::gone`]). Counted.
+    async fn refuse(&self, hub: &HubEndpoint, token: &str, why: Rejection) -> ApiError {
+        let bus = hub.connections.host().bus();
+        let why = self.router.gone(&**bus, &hub.key, token, why).await;
+        self.metrics.rejected(why);
+        why.into()
+    }
+
+    /// Takes the cluster-wide claim for the first transport request of `connection`
+    /// (negotiated here, or adopted) before it starts here ([`Router::admit`]).
+    async fn admit(
+        &self,
+        hub: &HubEndpoint,
+        token: &str,
+        connection: &Connection,
+    ) -> Result<(), ApiError> {
+        let Ok(claims) = hub.key.verify(token) else {
+            return Ok(()); // Routing verified it already.
+        };
+        let bus = hub.connections.host().bus();
+        match self.router.admit(&**bus, token, &claims).await {
+            Ok(true) => {
+                connection.set_claim(claims.connection_id);
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(why) => {
+                self.metrics.rejected(why);
+                Err(why.into())
+            }
+        }
+    }
+
+    /// A send or DELETE for a connection negotiated here that has not started here: if its
+    /// claim says it started elsewhere or ended, it never will start here (dropped) and
+    /// the request is refused ([`Router::claimed_elsewhere`]).
+    async fn check_unstarted(
+        &self,
+        hub: &HubEndpoint,
+        token: &str,
+        connection: &Connection,
+    ) -> Result<(), ApiError> {
+        if connection.transport().is_some() {
+            return Ok(());
+        }
+        let bus = hub.connections.host().bus();
+        match self.router.claimed_elsewhere(&**bus, &hub.key, token).await {
+            Some(why) => {
+                hub.connections.dispose(connection);
+                self.metrics.rejected(why);
+                Err(why.into())
+            }
+            None => Ok(()),
+        }
+    }
+
     fn is_probe(&self, req: &HttpRequest) -> bool {
         let marker = req
             .headers()
@@ -364,8 +444,9 @@ impl AppState {
             &hub.key,
             &hub.connections,
             token,
+            kind,
             probe,
-            kind == RequestKind::WebSocket,
+            self.stopping.load(Ordering::Relaxed),
             now,
         )
     }
@@ -437,14 +518,36 @@ async fn hub_get(
         return serve(&req, payload, &state, &hub, kind, connection).await;
     };
     match state.route(&req, &hub, &token, kind) {
+        // The first transport request of a connection negotiated here: it must win the
+        // connection's claim, so that no other instance adopts it meanwhile (and this one
+        // does not start a connection another adopted or closed). Later requests of a
+        // started connection never ask.
+        Route::Local(connection) if connection.transport().is_none() => {
+            if let Err(refused) = state.admit(&hub, &token, &connection).await {
+                // It started elsewhere or ended: it never starts here.
+                hub.connections.dispose(&connection);
+                return Err(refused.into());
+            }
+            let served = serve(&req, payload, &state, &hub, kind, connection.clone()).await;
+            if served.is_err() && connection.transport().is_none() {
+                hub.connections.release_claim(&connection);
+            }
+            served
+        }
         Route::Local(connection) => serve(&req, payload, &state, &hub, kind, connection).await,
         Route::Adopt(claims) => {
+            let connection = hub.connections.create(
+                claims.connection_id,
+                ConnectionToken::from_trusted(token.clone()),
+            );
+            if let Err(refused) = state.admit(&hub, &token, &connection).await {
+                hub.connections.dispose(&connection);
+                return Err(refused.into());
+            }
             state.metrics.adopted();
-            let connection = hub
-                .connections
-                .create(claims.connection_id, ConnectionToken::from_trusted(token));
             let served = serve(&req, payload, &state, &hub, kind, connection.clone()).await;
             if served.is_err() {
+                hub.connections.release_claim(&connection);
                 hub.connections.dispose(&connection);
             }
             served
@@ -503,10 +606,7 @@ async fn hub_get(
             forwarder.forward_websocket(&req, payload, &plan).await
         }
         Route::Forward(plan) => Ok(forwarder.forward(&req, Bytes::new(), kind, &plan).await),
-        Route::Reject(why) => {
-            state.metrics.rejected(why);
-            Err(ApiError::UnknownConnection.into())
-        }
+        Route::Reject(why) => Err(state.refuse(&hub, &token, why).await.into()),
     }
 }
 
@@ -530,12 +630,12 @@ async fn hub_post(
     }
     let route = state.route(&req, &hub, &token, RequestKind::Send);
     if let Route::Reject(why) = route {
-        state.metrics.rejected(why);
-        return Err(ApiError::UnknownConnection);
+        return Err(state.refuse(&hub, &token, why).await);
     }
     let body = read_body(payload, max_body_size(&state.settings)).await?;
     match route {
         Route::Local(connection) => {
+            state.check_unstarted(&hub, &token, &connection).await?;
             receive_post(&connection, body).await?;
             Ok(HttpResponse::Ok().finish())
         }
@@ -556,6 +656,7 @@ async fn hub_delete(
     let token = connection_token(&req).ok_or(ApiError::MissingId)?;
     match state.route(&req, &hub, &token, RequestKind::Delete) {
         Route::Local(connection) => {
+            state.check_unstarted(&hub, &token, &connection).await?;
             if connection.transport()
                 != Some(crate::protocol::negotiate::TransportKind::LongPolling)
             {
@@ -567,10 +668,7 @@ async fn hub_delete(
         Route::Forward(plan) => Ok(forwarder
             .forward(&req, Bytes::new(), RequestKind::Delete, &plan)
             .await),
-        Route::Reject(why) => {
-            state.metrics.rejected(why);
-            Err(ApiError::UnknownConnection)
-        }
+        Route::Reject(why) => Err(state.refuse(&hub, &token, why).await),
         Route::Adopt(_) | Route::Pull(_) => Err(ApiError::UnknownConnection),
     }
 }

@@ -49,7 +49,7 @@ impl ForwardOutcome {
     }
 }
 
-/// Why a request for a connection was answered 404 without forwarding.
+/// Why a request for a connection was refused without forwarding (404, or 409 / 503).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Rejection {
     /// The token did not verify.
@@ -60,6 +60,14 @@ pub enum Rejection {
     ProbeMiss,
     /// Forwarding is off (no load balancer, no owner address, or a budget of 0).
     NoRoute,
+    /// This instance drains, and the request would start a long-lived relay here (503).
+    Draining,
+    /// The token's connection ended (its claim is the closed marker): 404, as ASP.NET
+    /// answers a token used again.
+    Reused,
+    /// Another instance serves the connection (holds its claim): 409, as ASP.NET answers a
+    /// second transport for a live connection.
+    InUse,
 }
 
 impl Rejection {
@@ -69,6 +77,9 @@ impl Rejection {
             Self::Gone => "gone",
             Self::ProbeMiss => "probe_miss",
             Self::NoRoute => "no_route",
+            Self::Draining => "draining",
+            Self::Reused => "reused",
+            Self::InUse => "in_use",
         }
     }
 }

@@ -10,7 +10,12 @@
 //!      session may have moved away and back;
 //! 3. the token names this instance, which no longer has it → 404 at once;
 //! 4. the request is an internal probe → 404 at once: probes are never re-forwarded;
-//! 5. otherwise the owner is elsewhere, and the routes `ROUTES` enables are tried in one
+//! 5. this instance is draining and the request would start a long-lived relay or adoption
+//!    (a WebSocket, an event stream, a long poll) → 503 with `Retry-After` at once
+//!    ([`Rejection::Draining`]): the process exits soon and would cut it, while the load
+//!    balancer can send it to a live instance (nginx.conf's `proxy_next_upstream`). Short
+//!    sends and DELETEs are still forwarded: they finish well before the exit;
+//! 6. otherwise the owner is elsewhere, and the routes `ROUTES` enables are tried in one
 //!    fixed order, cheapest first:
 //!    - `adopt`: a WebSocket for a fresh token is served here, 0 extra hops (nothing else
 //!      will ever look for it; stateful-reconnect tokens, whose client comes back, are
@@ -25,6 +30,25 @@
 //!      (davidfowl/SmartLoadBalancer), up to a budget ([`ForwardBudget`]) sized from the
 //!      cluster's size, which heartbeats over the bus tell ([`Peers`]);
 //!    - else 404, as ASP.NET answers (`No Connection with that ID`).
+//!
+//! Tokens are single-use across the cluster, as on one ASP.NET server (404 for a token
+//! whose connection ended, 409 for a second transport of a live connection), through
+//! cluster-wide claims kept by the bus ([`crate::bus::claims`]), checked only where a
+//! request would otherwise start something or answer 404 — never for a request served
+//! here on an already-started connection:
+//!
+//! - the first transport request of a connection, wherever it starts (served here, the
+//!   owner included, or adopted): [`Router::admit`] takes the claim; held by another
+//!   instance → 409, closed → 404;
+//! - a send or DELETE for a connection negotiated here that has not started here
+//!   ([`Router::claimed_elsewhere`], which reads the claim): it started elsewhere → 409,
+//!   ended → 404 (and the copy negotiated here is dropped);
+//! - a token this instance would answer 404 for ("gone", step 3): [`Router::gone`] reads
+//!   the claim; held by another instance (which adopted it) → 409.
+//!
+//! Stateful-reconnect tokens take no claims: their session moves ([`Route::Pull`]), and is
+//! in one place by construction. Without a shared bus, or with its broker unreachable,
+//! the claim is unknown and the request is served as before.
 //!
 //! Why this order: adoption costs nothing; direct costs one TCP hop; the bus costs one
 //! broker round trip per message but needs no path between instances; re-forwarding
@@ -48,7 +72,7 @@ use actix_web::http::header::{HeaderMap, ACCEPT, CONNECTION, UPGRADE};
 use actix_web::http::Method;
 
 use crate::bus::peers::Peers;
-use crate::bus::Bus;
+use crate::bus::{Bus, Claim};
 use crate::connection::{Connection, Connections};
 use crate::metrics::Rejection;
 use crate::protocol::negotiate::TransportKind;
@@ -426,16 +450,86 @@ impl Router {
         }))
     }
 
-    /// Decides where the request for `token`, which `key` signed, goes.
+    /// Whether the first transport request of the connection `claims` names (token
+    /// `token`) may start on this instance, by its cluster-wide claim on `bus`: `Ok(true)`
+    /// when this instance now holds the claim (it refreshes it, and closes it when the
+    /// connection ends), `Ok(false)` when there is no claim to hold (stateful tokens, an
+    /// in-process bus, an unreachable broker: served as without claims), or the refusal
+    /// ([`Router::refusal`]).
+    pub async fn admit(
+        &self,
+        bus: &dyn Bus,
+        token: &str,
+        claims: &TokenClaims,
+    ) -> Result<bool, Rejection> {
+        if is_stateful(token) {
+            return Ok(false);
+        }
+        let claim = bus.claim(&claims.connection_id).await;
+        match self.refusal(&claim) {
+            Some(why) => Err(why),
+            None => Ok(matches!(claim, Claim::Held(holder) if holder == self.instance)),
+        }
+    }
+
+    /// Why a request for a connection that has not started here must not reach it here
+    /// (`key` signed `token`): it started elsewhere or ended, by its claim on `bus`
+    /// (read, not taken). `None` when nothing is known against it.
+    pub async fn claimed_elsewhere(
+        &self,
+        bus: &dyn Bus,
+        key: &ClusterKey,
+        token: &str,
+    ) -> Option<Rejection> {
+        if is_stateful(token) {
+            return None;
+        }
+        let claims = key.verify(token).ok()?;
+        self.refusal(&bus.lookup_claim(&claims.connection_id).await)
+    }
+
+    /// What a request for a connection this instance does not hold (and would answer 404
+    /// for, `why`) is told: the claim's refusal if there is one (409 while another instance
+    /// serves it, which adopted it), else `why`. Only for [`Rejection::Gone`]: the other
+    /// refusals never name a live connection (a forged token, a probe, no route,
+    /// draining).
+    pub async fn gone(
+        &self,
+        bus: &dyn Bus,
+        key: &ClusterKey,
+        token: &str,
+        why: Rejection,
+    ) -> Rejection {
+        if why != Rejection::Gone {
+            return why;
+        }
+        self.claimed_elsewhere(bus, key, token).await.unwrap_or(why)
+    }
+
+    /// What a claim forbids here: [`Rejection::InUse`] (409) while another instance
+    /// serves the connection, [`Rejection::Reused`] (404) once it ended.
+    fn refusal(&self, claim: &Claim) -> Option<Rejection> {
+        match claim {
+            Claim::Held(holder) if *holder != self.instance => Some(Rejection::InUse),
+            Claim::Closed => Some(Rejection::Reused),
+            Claim::Held(_) | Claim::Free | Claim::Unknown => None,
+        }
+    }
+
+    /// Decides where the request of `kind` for `token`, which `key` signed, goes;
+    /// `draining` once this instance's shutdown has begun.
+    #[allow(clippy::too_many_arguments)]
     pub fn route(
         &self,
         key: &ClusterKey,
         connections: &Connections,
         token: &str,
+        kind: RequestKind,
         probe: bool,
-        websocket: bool,
+        draining: bool,
         now_secs: u64,
     ) -> Route {
+        let websocket = kind == RequestKind::WebSocket;
         let Ok(claims) = key.verify(token) else {
             return Route::Reject(Rejection::BadToken);
         };
@@ -453,6 +547,14 @@ impl Router {
         }
         if probe {
             return Route::Reject(Rejection::ProbeMiss);
+        }
+        // A relay or an adopted socket started now would be cut when this process exits
+        // (`SHUTDOWN_TIMEOUT` at most): refused with 503, which nginx.conf retries on the
+        // next instance. A POST send or a DELETE is still forwarded: it is one short
+        // exchange that ends long before the exit, and refusing it would lose a message
+        // nginx must not resend (a POST may have been processed).
+        if draining && kind.transport().is_some() {
+            return Route::Reject(Rejection::Draining);
         }
         let fresh = self
             .adoption_window
@@ -499,7 +601,8 @@ mod tests {
     const NOW: u64 = 1_800_000_000;
 
     /// A bus that says it reaches other instances and is up: all the router asks of it.
-    struct SharedBus;
+    /// The claim it answers for every connection.
+    struct SharedBus(Claim);
 
     impl Bus for SharedBus {
         fn name(&self) -> &'static str {
@@ -519,6 +622,12 @@ mod tests {
             _: Vec<crate::bus::Topic>,
         ) -> futures_util::future::BoxFuture<'_, ()> {
             Box::pin(async {})
+        }
+        fn claim(&self, _: &ConnectionId) -> futures_util::future::BoxFuture<'_, Claim> {
+            Box::pin(async { self.0.clone() })
+        }
+        fn lookup_claim(&self, _: &ConnectionId) -> futures_util::future::BoxFuture<'_, Claim> {
+            Box::pin(async { self.0.clone() })
         }
     }
 
@@ -555,7 +664,7 @@ mod tests {
             routes,
             Some(Duration::from_secs(15)),
             peers,
-            Some(Arc::new(SharedBus)),
+            Some(Arc::new(SharedBus(Claim::Unknown))),
         );
         (router, connections, key)
     }
@@ -570,6 +679,17 @@ mod tests {
         .to_owned()
     }
 
+    /// Routes a request that is no probe, on an instance that is not draining.
+    fn plain(
+        router: &Router,
+        connections: &Connections,
+        key: &ClusterKey,
+        token: &str,
+        kind: RequestKind,
+    ) -> Route {
+        router.route(key, connections, token, kind, false, false, NOW)
+    }
+
     #[test]
     fn forged_tokens_are_rejected_without_forwarding() {
         let (router, connections, key) = setup(Some("http://lb"), 10);
@@ -579,11 +699,17 @@ mod tests {
             NOW,
         );
         assert!(matches!(
-            router.route(&key, &connections, &forged, false, false, NOW),
+            plain(&router, &connections, &key, &forged, RequestKind::Poll),
             Route::Reject(Rejection::BadToken)
         ));
         assert!(matches!(
-            router.route(&key, &connections, "random", false, true, NOW),
+            plain(
+                &router,
+                &connections,
+                &key,
+                "random",
+                RequestKind::WebSocket
+            ),
             Route::Reject(Rejection::BadToken)
         ));
     }
@@ -593,12 +719,20 @@ mod tests {
         let (router, connections, key) = setup(Some("http://lb"), 10);
         let mine = token(&key, "me", NOW);
         assert!(matches!(
-            router.route(&key, &connections, &mine, false, false, NOW),
+            plain(&router, &connections, &key, &mine, RequestKind::Poll),
             Route::Reject(Rejection::Gone)
         ));
         let theirs = token(&key, "other", NOW);
         assert!(matches!(
-            router.route(&key, &connections, &theirs, true, false, NOW),
+            router.route(
+                &key,
+                &connections,
+                &theirs,
+                RequestKind::Poll,
+                true,
+                false,
+                NOW
+            ),
             Route::Reject(Rejection::ProbeMiss)
         ));
     }
@@ -607,7 +741,7 @@ mod tests {
     fn other_owners_are_reached_through_the_load_balancer() {
         let (router, connections, key) = setup(Some("http://lb"), 10);
         let theirs = token(&key, "other", NOW);
-        let Route::Forward(plan) = router.route(&key, &connections, &theirs, false, false, NOW)
+        let Route::Forward(plan) = plain(&router, &connections, &key, &theirs, RequestKind::Poll)
         else {
             panic!("not forwarded");
         };
@@ -642,7 +776,13 @@ mod tests {
                     routes,
                     Some(peers),
                 );
-                match router.route(&key, &connections, &theirs(&key), false, false, NOW) {
+                match plain(
+                    &router,
+                    &connections,
+                    &key,
+                    &theirs(&key),
+                    RequestKind::Poll,
+                ) {
                     Route::Forward(plan) => Some(plan),
                     _ => None,
                 }
@@ -675,7 +815,7 @@ mod tests {
         );
         let fresh = token(&key, "other", NOW);
         assert!(matches!(
-            router.route(&key, &connections, &fresh, false, true, NOW),
+            plain(&router, &connections, &key, &fresh, RequestKind::WebSocket),
             Route::Forward(_)
         ));
     }
@@ -719,7 +859,7 @@ mod tests {
             setup_with(Some("http://lb"), ForwardBudget::Fixed(0), routes, None);
         let theirs = token(&key, "other", NOW);
         assert!(matches!(
-            router.route(&key, &connections, &theirs, false, false, NOW),
+            plain(&router, &connections, &key, &theirs, RequestKind::Poll),
             Route::Reject(Rejection::NoRoute)
         ));
     }
@@ -729,14 +869,107 @@ mod tests {
         let (router, connections, key) = setup(Some("http://lb"), 10);
         let fresh = token(&key, "other", NOW - 3);
         assert!(matches!(
-            router.route(&key, &connections, &fresh, false, true, NOW),
+            plain(&router, &connections, &key, &fresh, RequestKind::WebSocket),
             Route::Adopt(_)
         ));
         let stale = token(&key, "other", NOW - 60);
         assert!(matches!(
-            router.route(&key, &connections, &stale, false, true, NOW),
+            plain(&router, &connections, &key, &stale, RequestKind::WebSocket),
             Route::Forward(_)
         ));
+    }
+
+    #[test]
+    fn a_draining_instance_starts_no_relay_but_still_forwards_short_requests() {
+        let (router, connections, key) = setup(Some("http://lb"), 10);
+        let theirs = token(&key, "other", NOW);
+        for kind in [
+            RequestKind::WebSocket,
+            RequestKind::EventStream,
+            RequestKind::Poll,
+        ] {
+            assert!(
+                matches!(
+                    router.route(&key, &connections, &theirs, kind, false, true, NOW),
+                    Route::Reject(Rejection::Draining)
+                ),
+                "{kind:?}"
+            );
+        }
+        for kind in [RequestKind::Send, RequestKind::Delete] {
+            assert!(
+                matches!(
+                    router.route(&key, &connections, &theirs, kind, false, true, NOW),
+                    Route::Forward(_)
+                ),
+                "{kind:?}"
+            );
+        }
+        // Its own lost connections are still a plain 404.
+        let mine = token(&key, "me", NOW);
+        assert!(matches!(
+            router.route(
+                &key,
+                &connections,
+                &mine,
+                RequestKind::Poll,
+                false,
+                true,
+                NOW
+            ),
+            Route::Reject(Rejection::Gone)
+        ));
+    }
+
+    #[tokio::test]
+    async fn claims_decide_whether_a_connection_starts_here_and_what_a_miss_is_told() {
+        let (router, _, key) = setup(None, 10);
+        let claims = TokenClaims {
+            owner: InstanceId::parse("other").unwrap(),
+            connection_id: ConnectionId::random(),
+            issued_at: NOW,
+        };
+        let token = key.mint(&claims);
+        let token = token.as_str();
+        let held = |id: &str| Claim::Held(InstanceId::parse(id).unwrap());
+        let admit = |claim: Claim, token: String| {
+            let (router, claims) = (&router, &claims);
+            async move { router.admit(&SharedBus(claim), &token, claims).await }
+        };
+        assert_eq!(admit(held("me"), token.into()).await, Ok(true));
+        assert_eq!(
+            admit(held("third"), token.into()).await,
+            Err(Rejection::InUse)
+        );
+        assert_eq!(
+            admit(Claim::Closed, token.into()).await,
+            Err(Rejection::Reused)
+        );
+        assert_eq!(
+            admit(Claim::Unknown, token.into()).await,
+            Ok(false),
+            "Redis down"
+        );
+        // Stateful tokens take no claims: their session moves instead.
+        let stateful = key.mint_stateful(&claims).as_str().to_owned();
+        assert_eq!(admit(held("third"), stateful.clone()).await, Ok(false));
+
+        let gone = |claim: Claim, why: Rejection| {
+            let (router, key) = (&router, &key);
+            async move { router.gone(&SharedBus(claim), key, token, why).await }
+        };
+        assert_eq!(gone(held("third"), Rejection::Gone).await, Rejection::InUse);
+        assert_eq!(
+            gone(Claim::Closed, Rejection::Gone).await,
+            Rejection::Reused
+        );
+        assert_eq!(gone(held("me"), Rejection::Gone).await, Rejection::Gone);
+        assert_eq!(gone(Claim::Free, Rejection::Gone).await, Rejection::Gone);
+        assert_eq!(
+            gone(held("third"), Rejection::ProbeMiss).await,
+            Rejection::ProbeMiss,
+            "only a token this instance would call gone asks"
+        );
     }
 
     #[test]

@@ -18,8 +18,10 @@
 //!   (`REDIS_CLUSTER_URLS`), hash-tagged channels documented there and in the README.
 //!
 //! Peer discovery (which instance has which direct URL) is not a bus method: it is its
-//! own component, [`peers::Peers`], that uses a bus as its carrier.
+//! own component, [`peers::Peers`], that uses a bus as its carrier. Connection claims
+//! ([`claims`]) are bus methods: they live in the broker the bus owns the connections to.
 
+pub mod claims;
 pub mod peers;
 pub mod redis;
 pub mod redis_cluster;
@@ -35,6 +37,7 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::protocol::message::Outcome;
 use crate::protocol::token::{ConnectionId, InstanceId};
+pub use claims::Claim;
 
 /// The recipients of one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -305,6 +308,37 @@ pub trait Bus: Send + Sync {
     /// (or after a bounded wait while it is unreachable): an instance that stops waits on
     /// it so that its goodbye is not lost with the process.
     fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    /// Takes the cluster-wide claim of `connection` for this instance as its first
+    /// transport request starts here (see [`claims`]): [`Claim::Held`] by this instance
+    /// when it got it (or had it), by another when that one serves the connection,
+    /// [`Claim::Closed`] when the connection ended. [`Claim::Unknown`] when the bus keeps no
+    /// claims (the in-process bus: one instance, whose connection registry already answers
+    /// 404 and 409 itself) or cannot reach its broker.
+    fn claim(&self, _connection: &ConnectionId) -> BoxFuture<'_, Claim> {
+        Box::pin(async { Claim::Unknown })
+    }
+
+    /// Reads the claim of `connection` without taking it ([`Claim::Free`] if nobody has it).
+    fn lookup_claim(&self, _connection: &ConnectionId) -> BoxFuture<'_, Claim> {
+        Box::pin(async { Claim::Unknown })
+    }
+
+    /// Ends this instance's claim of `connection`: with `closed_for`, it becomes the closed
+    /// marker for that long (the token is spent everywhere); without, it is released.
+    fn end_claim(
+        &self,
+        _connection: &ConnectionId,
+        _closed_for: Option<std::time::Duration>,
+    ) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    /// Refreshes this instance's claims of `connections` (every
+    /// [`claims::CLAIM_REFRESH`]), in one pipelined burst.
+    fn refresh_claims(&self, _connections: Vec<ConnectionId>) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }
 }

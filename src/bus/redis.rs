@@ -13,6 +13,9 @@
 //! | `{p}:internal:return:<instanceId>` | clients' results for the instance that asked (client invocations travel on the connection's channel) |
 //! | `{p}:instance:<instanceId>` | frames for one instance only (relayed requests and their answers), raw bytes |
 //!
+//! One key per started connection, `{p}:claim:<connectionId>`: the instance serving it, or
+//! `!closed` once it ended (see [`claims`]).
+//!
 //! An instance subscribes to `all`, the internal channels, and the connection, group and
 //! user channels it was told to (those of its own connections, as ASP.NET's Redis
 //! backplane does), so a message to a group crosses to just the instances that have
@@ -42,6 +45,7 @@ use redis::aio::PubSubSink;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::claims::{Claim, ClaimStore};
 use super::{
     Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, Progress, Topic,
     WireCall, WireReply,
@@ -178,6 +182,10 @@ impl Channels {
     fn returns(&self, instance: &InstanceId) -> String {
         format!("{}:internal:return:{instance}", self.prefix)
     }
+    /// The key of a connection's claim ([`claims`]).
+    fn claim(&self, connection: &ConnectionId) -> String {
+        format!("{}:claim:{connection}", self.prefix)
+    }
     fn topic(&self, topic: &Topic) -> String {
         match topic {
             Topic::Connection(id) => format!("{}:connection:{id}", self.prefix),
@@ -243,9 +251,11 @@ struct Shared {
     publish_tx: mpsc::Sender<(String, Bytes)>,
     /// Messages queued versus taken by Redis ([`Bus::flush`]).
     progress: Progress,
-    /// A connection for queries (`PUBSUB NUMSUB`), opened on first use and again after
-    /// an error.
+    /// A connection for queries (`PUBSUB NUMSUB`, claims), opened on first use and again
+    /// after an error.
     queries: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    /// Whether claims work (logged on each change).
+    claims: ClaimStore,
     metrics: Arc<Metrics>,
 }
 
@@ -276,6 +286,7 @@ impl RedisBus {
             own_channel: channels.topic(&Topic::Instance(instance.clone())),
             instance_channels: channels.instance_prefix(),
             channels,
+            claims: ClaimStore::new(instance.clone()),
             instance,
             subscribed: AtomicBool::new(false),
             publishing: AtomicBool::new(false),
@@ -314,6 +325,33 @@ impl RedisBus {
             self.shared.metrics.backplane_published(false);
             log::warn!("bus publish queue full; message dropped");
         }
+    }
+
+    /// The connection for queries (`PUBSUB NUMSUB`, claims), opened on first use and
+    /// again after an error; `None` while Redis cannot be reached.
+    async fn query_connection(&self) -> Option<redis::aio::MultiplexedConnection> {
+        let mut slot = self.shared.queries.lock().await;
+        if slot.is_none() {
+            let connecting = self.shared.client.get_multiplexed_async_connection();
+            *slot = tokio::time::timeout(REDIS_TIMEOUT, connecting)
+                .await
+                .ok()?
+                .ok();
+        }
+        slot.clone()
+    }
+
+    /// A query failed or was slow: the next one opens a new connection.
+    async fn query_failed(&self) {
+        *self.shared.queries.lock().await = None;
+    }
+
+    /// Drops the query connection when a claim could not be read.
+    async fn checked(&self, claim: Claim) -> Claim {
+        if claim == Claim::Unknown {
+            self.query_failed().await;
+        }
+        claim
     }
 
     fn current_sink(&self) -> Option<PubSubSink> {
@@ -632,25 +670,64 @@ impl Bus for RedisBus {
     fn is_heard(&self, topic: Topic) -> BoxFuture<'_, Option<bool>> {
         let channel = self.shared.channels.topic(&topic);
         Box::pin(async move {
-            let mut slot = self.shared.queries.lock().await;
-            if slot.is_none() {
-                let connecting = self.shared.client.get_multiplexed_async_connection();
-                *slot = tokio::time::timeout(REDIS_TIMEOUT, connecting)
-                    .await
-                    .ok()?
-                    .ok();
-            }
-            let connection = slot.as_mut()?;
+            let mut connection = self.query_connection().await?;
             let mut command = redis::cmd("PUBSUB");
             command.arg("NUMSUB").arg(&channel);
-            let asked = command.query_async::<(String, u64)>(connection);
+            let asked = command.query_async::<(String, u64)>(&mut connection);
             match tokio::time::timeout(REDIS_TIMEOUT, asked).await {
                 Ok(Ok((_, listeners))) => Some(listeners > 0),
                 _ => {
-                    *slot = None; // Broken or slow: open a new one next time.
+                    self.query_failed().await;
                     None
                 }
             }
+        })
+    }
+
+    fn claim(&self, connection: &ConnectionId) -> BoxFuture<'_, Claim> {
+        let key = self.shared.channels.claim(connection);
+        Box::pin(async move {
+            let claim = self
+                .shared
+                .claims
+                .claim(self.query_connection().await, &key)
+                .await;
+            self.checked(claim).await
+        })
+    }
+
+    fn lookup_claim(&self, connection: &ConnectionId) -> BoxFuture<'_, Claim> {
+        let key = self.shared.channels.claim(connection);
+        Box::pin(async move {
+            let claim = self
+                .shared
+                .claims
+                .lookup(self.query_connection().await, &key)
+                .await;
+            self.checked(claim).await
+        })
+    }
+
+    fn end_claim(
+        &self,
+        connection: &ConnectionId,
+        closed_for: Option<Duration>,
+    ) -> BoxFuture<'_, ()> {
+        let key = self.shared.channels.claim(connection);
+        Box::pin(async move {
+            let redis = self.query_connection().await;
+            self.shared.claims.end(redis, &key, closed_for).await
+        })
+    }
+
+    fn refresh_claims(&self, connections: Vec<ConnectionId>) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let keys: Vec<String> = connections
+                .iter()
+                .map(|id| self.shared.channels.claim(id))
+                .collect();
+            let redis = self.query_connection().await;
+            self.shared.claims.refresh(redis, &keys).await
         })
     }
 

@@ -18,6 +18,9 @@
 //! | `{{p}:user:<id>}` | messages to a user's connections |
 //! | `{{p}:return:<instanceId>}` | clients' results for the instance that asked |
 //!
+//! One key per started connection, `{{p}:connection:<id>}:claim` (in its connection's
+//! slot): the instance serving it, or `!closed` once it ended (see [`claims`]).
+//!
 //! `all` sits on one fixed tag rather than being published once per shard: every instance
 //! subscribes to it anyway, so one shard carries it at the cost of one publish, and
 //! the order of one sender's broadcasts stays simple. The price: while the master owning
@@ -53,6 +56,7 @@ use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, PushInfo, PushKi
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
+use super::claims::{Claim, ClaimStore};
 use super::{
     Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, Progress, Topic,
     WireCall, WireReply,
@@ -183,6 +187,12 @@ impl Channels {
     /// An instance's return channel, for clients' results (on a shard of its own).
     fn returns(&self, instance: &InstanceId) -> String {
         format!("{{{}:return:{instance}}}", self.namespace)
+    }
+
+    /// The key of a connection's claim ([`claims`]): hash-tagged as the connection's
+    /// channel, so it lives in that slot.
+    fn claim(&self, connection: &ConnectionId) -> String {
+        format!("{{{}:connection:{connection}}}:claim", self.namespace)
     }
 
     fn topic(&self, topic: &Topic) -> String {
@@ -572,6 +582,8 @@ struct Shared {
     progress: Progress,
     events: mpsc::Sender<Event>,
     metrics: Arc<Metrics>,
+    /// Whether claims work (logged on each change).
+    claims: ClaimStore,
 }
 
 /// A bus over Redis Cluster sharded pub/sub.
@@ -614,6 +626,7 @@ impl RedisClusterBus {
         ];
         let shared = Arc::new(Shared {
             channels,
+            claims: ClaimStore::new(instance.clone()),
             instance,
             connection: Mutex::new(None),
             wanted: Mutex::new(fixed.iter().cloned().collect()),
@@ -858,6 +871,45 @@ impl RedisClusterBus {
 impl Bus for RedisClusterBus {
     fn name(&self) -> &'static str {
         "redis-cluster"
+    }
+
+    fn claim(&self, connection: &ConnectionId) -> BoxFuture<'_, Claim> {
+        let key = self.shared.channels.claim(connection);
+        Box::pin(async move {
+            let claim = self.shared.claims.claim(self.connection(), &key).await;
+            claim
+        })
+    }
+
+    fn lookup_claim(&self, connection: &ConnectionId) -> BoxFuture<'_, Claim> {
+        let key = self.shared.channels.claim(connection);
+        Box::pin(async move {
+            let claim = self.shared.claims.lookup(self.connection(), &key).await;
+            claim
+        })
+    }
+
+    fn end_claim(
+        &self,
+        connection: &ConnectionId,
+        closed_for: Option<Duration>,
+    ) -> BoxFuture<'_, ()> {
+        let key = self.shared.channels.claim(connection);
+        Box::pin(async move {
+            let redis = self.connection();
+            self.shared.claims.end(redis, &key, closed_for).await
+        })
+    }
+
+    fn refresh_claims(&self, connections: Vec<ConnectionId>) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let keys: Vec<String> = connections
+                .iter()
+                .map(|id| self.shared.channels.claim(id))
+                .collect();
+            let redis = self.connection();
+            self.shared.claims.refresh(redis, &keys).await
+        })
     }
 
     fn flush(&self) -> BoxFuture<'_, ()> {

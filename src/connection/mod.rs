@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{watch, OwnedMutexGuard};
 
+use crate::bus::claims::{CLAIM_REFRESH, CLAIM_TTL};
 use crate::hub::host::{Caller, HubHost};
 use crate::hub::RequestHead;
 use crate::metrics::Metrics;
@@ -106,6 +107,11 @@ pub struct Connection {
     pending: AtomicBool,
     /// Closed before its queues were made: they never will be needed.
     closed_early: AtomicBool,
+    /// The id under which this instance holds the connection's cluster-wide claim
+    /// ([`crate::bus::claims`]), if it does: the token's connection id, which for a
+    /// negotiate-version-0 connection is not its public id (that is the token itself,
+    /// which must not become a Redis key).
+    claim: Mutex<Option<ConnectionId>>,
 }
 
 /// A transport request holding a connection; dropping it marks the connection idle.
@@ -150,7 +156,22 @@ impl Connection {
             finished: AtomicBool::new(false),
             pending: AtomicBool::new(true),
             closed_early: AtomicBool::new(false),
+            claim: Mutex::new(None),
         }
+    }
+
+    /// This instance now holds the connection's cluster-wide claim, under `id`.
+    pub fn set_claim(&self, id: ConnectionId) {
+        *self.claim.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
+    }
+
+    /// Forgets the claim (returning its id) so that it is neither refreshed nor closed.
+    fn take_claim(&self) -> Option<ConnectionId> {
+        self.claim.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn claim_id(&self) -> Option<ConnectionId> {
+        self.claim.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -434,14 +455,66 @@ impl Connections {
             .cloned()
     }
 
-    /// Closes a connection and forgets it at once.
+    /// Closes a connection and forgets it at once. If this instance held its claim, the
+    /// claim becomes the closed marker: the token is spent on every instance.
     pub fn dispose(&self, connection: &Connection) {
+        self.end_claim(connection, Some(self.closed_marker_ttl()));
         connection.close(Closing::silent());
         connection.settle(&self.metrics);
         self.by_token
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(connection.token.as_str());
+    }
+
+    /// A transport could not start after all: the claim taken for it is released, so the
+    /// client may try again anywhere.
+    pub fn release_claim(&self, connection: &Connection) {
+        self.end_claim(connection, None);
+    }
+
+    /// Ends the claim this instance holds of `connection`, if any (in the background:
+    /// nothing waits for Redis).
+    fn end_claim(&self, connection: &Connection, closed_for: Option<Duration>) {
+        let Some(id) = connection.take_claim() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let bus = self.host.bus().clone();
+        runtime.spawn(async move { bus.end_claim(&id, closed_for).await });
+    }
+
+    /// How long a closed marker lives: as long as the token could still be adopted by
+    /// another instance (the adoption window is the disconnect timeout, counted from
+    /// negotiation, which is before the close), plus a claim's lifetime as margin for
+    /// clocks. After that the owner's own answer (404) is the truth again.
+    fn closed_marker_ttl(&self) -> Duration {
+        self.config.disconnect_timeout + CLAIM_TTL
+    }
+
+    /// Refreshes the claims of the connections held here every [`CLAIM_REFRESH`], all in
+    /// one burst, forever (only with a bus that keeps claims).
+    pub async fn run_claim_refresher(self: Arc<Self>) {
+        if !self.host.bus().is_shared() {
+            return;
+        }
+        let mut tick = tokio::time::interval(CLAIM_REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let held: Vec<ConnectionId> = self
+                .by_token
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .filter_map(|connection| connection.claim_id())
+                .collect();
+            if !held.is_empty() {
+                self.host.bus().refresh_claims(held).await;
+            }
+        }
     }
 
     /// Connections registered (negotiated or running).

@@ -700,3 +700,51 @@ async fn when_the_master_of_all_dies_broadcasts_stay_local_and_groups_elsewhere_
     sender.call("Send", json!(["broadcast again"])).await;
     member.recv_call("Send", &|m| m == "broadcast again").await;
 }
+
+#[actix_web::test]
+async fn tokens_are_single_use_across_a_redis_cluster_with_the_claim_in_its_connections_slot() {
+    use awc::http::StatusCode;
+    use awc::ws;
+
+    use crate::helpers::{assert_refused, RECV_TIMEOUT, SETTLE_TIMEOUT};
+
+    let redis = RedisCluster::start().await;
+    let a = spawn_instance(&redis, "node-a").await;
+    let b = spawn_instance(&redis, "node-b").await;
+    let (id, token) = a.negotiate().await;
+    let mut ws = a
+        .ws_raw(&format!("id={token}"), &[])
+        .await
+        .expect("the WebSocket on its owner");
+    ws.handshake().await;
+
+    // node-b would adopt the fresh token: node-a serves it.
+    assert_refused(
+        b.ws_raw(&format!("id={token}"), &[]).await,
+        StatusCode::CONFLICT,
+    );
+    // The claim shares its slot with the connection's channel (one shard for both).
+    let key = format!("{{{NAMESPACE}:connection:{id}}}:claim");
+    let port = redis.nodes[0].port;
+    let slot = |name: String| async move {
+        redis_cli(port, &["CLUSTER", "KEYSLOT", &name])
+            .await
+            .expect("KEYSLOT")
+    };
+    assert_eq!(
+        slot(key.clone()).await,
+        slot(format!("{{{NAMESPACE}:connection:{id}}}")).await
+    );
+
+    ws.send_message(ws::Message::Close(Some(ws::CloseCode::Normal.into())))
+        .await;
+    ws.wait_closed(RECV_TIMEOUT).await;
+    eventually(SETTLE_TIMEOUT, "the connection to end", || async {
+        (a.poll(&token).await.status == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
+    assert_refused(
+        b.ws_raw(&format!("id={token}"), &[]).await,
+        StatusCode::NOT_FOUND,
+    );
+}

@@ -226,7 +226,7 @@ pub fn render_nginx_conf(
     }
     let servers: String = upstreams
         .iter()
-        .map(|port| format!("        server 127.0.0.1:{port} max_fails=1 fail_timeout=2s;\n"))
+        .map(|port| format!("        server 127.0.0.1:{port} max_fails=0;\n"))
         .collect();
     // A proxy_pass variable whose value names an `upstream` group uses that group (round
     // robin, keep-alive) instead of the resolver. The `zone` shares one rotation among all
@@ -237,11 +237,13 @@ pub fn render_nginx_conf(
     // instances' own keep-alive (actix-web closes an idle connection after 5 s): otherwise
     // nginx reuses a connection the instance is closing, counts the error against that
     // instance and stops sending it anything for `fail_timeout` (10 s), which funnels a
-    // loaded cluster's clients onto a few instances. `fail_timeout` is 2 s, not nginx's
-    // 10 s: an instance restarting refuses connections for a moment, and nginx then skips
-    // it for `fail_timeout` after it is back; in a rolling restart quicker than that every
-    // instance ends up skipped at once ("no live upstreams", 502), and a stateful client
-    // whose one resume attempt gets that 502 loses its session.
+    // loaded cluster's clients onto a few instances. `max_fails=0` turns that marking off
+    // altogether: nginx.conf retries a draining instance's 503 on the next instance, and
+    // such a retry counts as a failure, which would keep a restarted instance out for
+    // 10 s — during a rolling restart, until no instance was left ("no live upstreams",
+    // 502, and a stateful client whose one resume attempt gets that 502 loses its
+    // session). A stopped instance costs only a refused connection on loopback, then the
+    // next one is tried.
     let group = format!(
         "\n    upstream stickless {{\n        zone stickless 64k;\n{servers}        keepalive 32;\n        keepalive_timeout 4s;\n    }}\n    map $host $stickless_upstream {{\n        default stickless;\n    }}\n"
     );
@@ -449,7 +451,7 @@ mod tests {
         let conf = render_nginx_conf(&template, 9000, &[9001, 9002], Path::new("/tmp/x")).unwrap();
         assert!(conf.contains("listen 127.0.0.1:9000;"));
         assert!(conf.contains(
-            "upstream stickless {\n        zone stickless 64k;\n        server 127.0.0.1:9001 max_fails=1 fail_timeout=2s;\n        server 127.0.0.1:9002 max_fails=1 fail_timeout=2s;\n        keepalive 32;\n        keepalive_timeout 4s;\n    }"
+            "upstream stickless {\n        zone stickless 64k;\n        server 127.0.0.1:9001 max_fails=0;\n        server 127.0.0.1:9002 max_fails=0;\n        keepalive 32;\n        keepalive_timeout 4s;\n    }"
         ));
         assert!(conf.contains("default stickless;"));
         // Docker's DNS is not there outside a container.

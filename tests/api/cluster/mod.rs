@@ -3,10 +3,12 @@
 //! straight to chosen instances.
 
 mod backplane;
+mod draining;
 mod failover;
 mod launcher;
 mod load_balancer;
 pub(crate) mod routing;
+mod tokens;
 
 use serde_json::{json, Value};
 

@@ -239,6 +239,29 @@ fn unique() -> u128 {
 }
 
 /// A real token with one character of its signature changed: it names the same owner
+impl Api {
+    /// The status every kind of request for `token` gets here: WebSocket (101 if it was
+    /// accepted), event stream, long poll, send, delete.
+    pub async fn every_kind_status(&self, token: &str) -> Vec<(&'static str, StatusCode)> {
+        let ws = match super::ws_status(self.ws_raw(&format!("id={token}"), &[]).await) {
+            Ok(()) => StatusCode::SWITCHING_PROTOCOLS,
+            Err(status) => status,
+        };
+        let sse = match self.sse_raw(token, &[]).await {
+            Ok(_) => StatusCode::OK,
+            Err(reply) => reply.status,
+        };
+        let ping = super::frame(&serde_json::json!({"type": 6}));
+        vec![
+            ("websockets", ws),
+            ("server_sent_events", sse),
+            ("long_polling", self.poll(token).await.status),
+            ("send", self.post(token, ping).await.status),
+            ("delete", self.delete(token).await.status),
+        ]
+    }
+}
+
 /// and connection, but it no longer verifies.
 pub fn tampered(token: &str) -> String {
     let mut tampered = token.to_owned();

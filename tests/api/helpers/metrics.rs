@@ -21,7 +21,18 @@ const DOCUMENTED_LABELS: &[(&str, &[&str])] = &[
     ),
     ("mode", &["direct", "bus", "load_balancer"]),
     ("outcome", &["served", "not_found", "failed", "retried"]),
-    ("reason", &["bad_token", "gone", "probe_miss", "no_route"]),
+    (
+        "reason",
+        &[
+            "bad_token",
+            "gone",
+            "probe_miss",
+            "no_route",
+            "draining",
+            "reused",
+            "in_use",
+        ],
+    ),
     (
         "transport",
         &["websockets", "server_sent_events", "long_polling"],
@@ -166,7 +177,8 @@ pub struct Forwarding {
     pub attempts: f64,
     /// Probes that reached an instance without the connection.
     pub probe_miss: f64,
-    /// Requests for a connection its owner no longer holds.
+    /// Requests for a connection its owner no longer holds (`gone`, or `reused` when its
+    /// claim says it ended).
     pub gone: f64,
     /// Tokens that did not verify.
     pub bad_token: f64,
@@ -182,7 +194,8 @@ impl Forwarding {
             forwards: metric_value(text, "stickless_forward_attempts_count"),
             attempts: metric_value(text, "stickless_forward_attempts_sum"),
             probe_miss: metric_value(text, &rejections("probe_miss")),
-            gone: metric_value(text, &rejections("gone")),
+            gone: metric_value(text, &rejections("gone"))
+                + metric_value(text, &rejections("reused")),
             bad_token: metric_value(text, &rejections("bad_token")),
             no_route: metric_value(text, &rejections("no_route")),
         }

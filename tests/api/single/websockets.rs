@@ -112,3 +112,32 @@ async fn a_closed_websocket_connection_cannot_be_reopened() {
     })
     .await;
 }
+
+#[actix_web::test]
+async fn on_one_instance_a_live_token_gets_409_for_a_second_socket_and_a_closed_one_404_for_all() {
+    // The in-process bus keeps no claims: the instance's own registry answers.
+    let app = spawn_app().await;
+    let (_, token) = app.negotiate().await;
+    let mut ws = app.ws_raw(&format!("id={token}"), &[]).await.expect("ws");
+    ws.handshake().await;
+    assert_refused(
+        app.ws_raw(&format!("id={token}"), &[]).await,
+        StatusCode::CONFLICT,
+    );
+    let me = ws.call("WhoAmI", json!([])).await;
+    assert_eq!(
+        me["transport"], "WebSockets",
+        "the first socket is unaffected"
+    );
+
+    ws.send_message(ws::Message::Close(Some(ws::CloseCode::Normal.into())))
+        .await;
+    ws.wait_closed(RECV_TIMEOUT).await;
+    eventually(SETTLE_TIMEOUT, "the connection to end", || async {
+        (app.poll(&token).await.status == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
+    for (kind, status) in app.every_kind_status(&token).await {
+        assert_eq!(status, StatusCode::NOT_FOUND, "{kind} with a spent token");
+    }
+}
