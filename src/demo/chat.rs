@@ -18,7 +18,7 @@ use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::presence::{History, Member, Presence};
+use crate::presence::{History, Member, Presence, Store};
 use crate::{ClientStream, Hub, HubBuilder, HubContext, HubError, Settings, State};
 
 /// Longest display name, in characters.
@@ -181,11 +181,11 @@ fn room_key(room: &str) -> String {
 
 /// The chat hub, its presence and history in Redis when `settings` name one.
 pub fn hub(settings: &Settings) -> HubBuilder {
-    let redis = settings.redis_url.as_deref();
+    let store = Store::of(settings);
     Hub::builder("chat")
         .state(Chat {
-            presence: Presence::new("chat", redis),
-            history: History::new("chat", redis),
+            presence: Presence::new("chat", store),
+            history: History::new("chat", store),
         })
         .on_disconnected(left)
         .method(

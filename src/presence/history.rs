@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use serde_json::Value;
 
-use super::store::RedisStore;
+use super::store::{RedisStore, Store};
 use super::{lock, StoreError};
 
 /// Messages kept per conversation.
@@ -22,11 +22,12 @@ pub struct History {
 }
 
 impl History {
-    /// History for the hub named `hub`, in Redis at `redis_url` when given.
-    pub fn new(hub: &str, redis_url: Option<&str>) -> Self {
+    /// History for the hub named `hub`, kept in `store` (each conversation is one key,
+    /// so it fits a Redis Cluster as it is).
+    pub fn new(hub: &str, store: Store<'_>) -> Self {
         Self {
             prefix: format!("stickless:{hub}:history"),
-            redis: redis_url.map(RedisStore::new),
+            redis: store.redis(),
             local: Mutex::default(),
         }
     }
@@ -84,7 +85,7 @@ mod tests {
 
     #[tokio::test]
     async fn keeps_the_newest_hundred_of_each_conversation_oldest_first() {
-        let history = History::new("t", None);
+        let history = History::new("t", Store::InProcess);
         for i in 0..150 {
             history.push("lobby", &Value::from(i)).await.unwrap();
         }

@@ -12,19 +12,20 @@
 //! - [`History`]: the last [`HISTORY_LEN`] messages of each conversation, in a capped
 //!   Redis list (`LPUSH` + `LTRIM`) or in process.
 //!
-//! Redis keys (`{p}` = `stickless:<hub>`):
+//! Redis keys (`<hub>` is the hub's name; the braces are a Redis Cluster hash tag, which
+//! keeps a hub's presence keys in one slot):
 //!
 //! | key | holds |
 //! |---|---|
-//! | `{p}:presence:instances` | sorted set: instance id → time of its last heartbeat (ms) |
-//! | `{p}:presence:instance:<id>` | hash: connection id → member JSON, of that instance |
-//! | `{p}:history:<conversation>` | list: the newest messages first, at most 100 |
+//! | `{stickless:<hub>:presence}:instances` | sorted set: instance id → time of its last heartbeat (ms) |
+//! | `{stickless:<hub>:presence}:instance:<id>` | hash: connection id → member JSON, of that instance |
+//! | `stickless:<hub>:history:<conversation>` | list: the newest messages first, at most 100 |
 
 mod history;
 mod store;
 
 pub use history::{History, HISTORY_LEN};
-pub use store::StoreError;
+pub use store::{Store, StoreError};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -162,16 +163,19 @@ impl Keys {
 }
 
 impl Presence {
-    /// Presence for the hub named `hub`, in Redis at `redis_url` when it is given (the
-    /// setting `REDIS_URL`), in this process otherwise. Nothing is opened until first use.
-    pub fn new(hub: &str, redis_url: Option<&str>) -> Self {
-        let redis = redis_url.map(|url| {
-            let prefix = format!("stickless:{hub}:presence");
+    /// Presence for the hub named `hub`, kept in `store`. Nothing is opened until first
+    /// use.
+    pub fn new(hub: &str, store: Store<'_>) -> Self {
+        let redis = store.redis().map(|redis| {
+            // One hash tag for every key of a hub's presence: a heartbeat or a member
+            // listing touches several in one pipeline, which a Redis Cluster runs only
+            // within one slot.
+            let prefix = format!("{{stickless:{hub}:presence}}");
             let keys = Keys {
                 instances: format!("{prefix}:instances"),
                 prefix,
             };
-            (RedisStore::new(url), keys)
+            (redis, keys)
         });
         Self {
             inner: Arc::new(Inner {
@@ -448,7 +452,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_rename_names_the_old_name_and_leaving_twice_is_one_event() {
-        let presence = Presence::new("t", None);
+        let presence = Presence::new("t", Store::InProcess);
         lock(&presence.inner.local).insert("a".into(), member("a", "Ann"));
         let renamed = presence.rename("a", "Bea").await.unwrap();
         assert_eq!(renamed.kind, PresenceKind::Renamed);

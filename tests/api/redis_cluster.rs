@@ -748,3 +748,51 @@ async fn tokens_are_single_use_across_a_redis_cluster_with_the_claim_in_its_conn
         StatusCode::NOT_FOUND,
     );
 }
+
+#[actix_web::test]
+async fn the_chat_demo_keeps_presence_and_history_on_a_redis_cluster() {
+    let redis = RedisCluster::start().await;
+    let chat_instance = |name: &'static str| {
+        let redis = &redis;
+        async move {
+            let mut settings = test_settings();
+            settings.redis_cluster_urls = redis.urls();
+            settings.cluster_secret = Some(SECRET.into());
+            settings.instance_id = Some(InstanceId::parse(name).expect("an instance id"));
+            let chat = demo::chat::hub(&settings);
+            let app = start(App::new(settings).hub("/chat", chat)).await;
+            wait_for_status(&app.api, "ok").await;
+            app
+        }
+    };
+    let a = chat_instance("node-a").await;
+    let b = chat_instance("node-b").await;
+    let mut ann = WsClient::connect(&a).await;
+    let mut bob = LpClient::connect(&b).await;
+    ann.call("Join", json!(["Ann"])).await;
+    bob.call("Join", json!(["Bob"])).await;
+    ann.call("SendMessage", json!(["hello from node-a"])).await;
+
+    // Each instance lists the other's member: presence lives on the cluster, not in the
+    // instance (its keys share one slot, so its multi-key pipelines run there).
+    let names = |online: Value| -> Vec<String> {
+        let mut names: Vec<String> = online
+            .as_array()
+            .expect("Online returns a list")
+            .iter()
+            .filter_map(|m| m["name"].as_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(bob.call("Online", json!([])).await), ["Ann", "Bob"]);
+    assert_eq!(names(ann.call("Online", json!([])).await), ["Ann", "Bob"]);
+    // The lobby's history, written on node-a, is read on node-b.
+    let history = bob.call("History", json!([null])).await;
+    assert!(
+        history
+            .as_array()
+            .is_some_and(|h| h.iter().any(|m| m["text"] == "hello from node-a")),
+        "{history}"
+    );
+}
