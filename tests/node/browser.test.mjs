@@ -16,7 +16,7 @@ import assert from "node:assert/strict";
 import { existsSync, mkdirSync } from "node:fs";
 import path from "node:path";
 import { chromium } from "playwright-core";
-import { REPO_ROOT, startServer, startCluster, http, nonce, instancePids } from "./helpers.mjs";
+import { REPO_ROOT, startServer, clusterForSuite, http, nonce, instancePids } from "./helpers.mjs";
 
 const BROWSER = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
 const ARTIFACTS = path.join(REPO_ROOT, "target", "test-artifacts");
@@ -399,18 +399,9 @@ describe("chat page in Chromium, while its server is down for a minute", () => {
 
 describe("chat page in Chromium, through a cluster of 2 behind nginx (load-balancer routing only)", () => {
   let cluster;
-  before(
-    async () => {
-      cluster = await startCluster({ instances: 2, directRouting: false });
-    },
-    { timeout: 120000 },
-  );
-  after(
-    async () => {
-      if (cluster) await cluster.stop({ timeoutMs: 30000 });
-    },
-    { timeout: 60000 },
-  );
+  clusterForSuite({ instances: 2, directRouting: false }, (started) => {
+    cluster = started;
+  });
 
   test("a page per transport connects and every page sees every page's message", { timeout: 90000 }, async () => {
     const ids = cluster.instances.map((i) => i.id);

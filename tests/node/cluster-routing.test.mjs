@@ -15,13 +15,13 @@
 // Then SIGTERM failover against a real cluster: clients with automatic reconnect move to
 // another instance; the stopping instance answers negotiate and /healthz with 503.
 
-import { describe, test, before, after, afterEach } from "node:test";
+import { describe, test, afterEach } from "node:test";
 import assert from "node:assert/strict";
 import {
   TRANSPORTS,
   RS,
   HubConnectionState,
-  startCluster,
+  clusterForSuite,
   connect,
   stopAllConnections,
   record,
@@ -94,27 +94,13 @@ for (const { instances, directRouting } of CONFIGS) {
   describe(`cluster of ${instances} behind round-robin nginx, ${directRouting ? "direct routing" : "load-balancer routing only"}`, () => {
     let cluster;
     let urls;
-    before(
-      async () => {
-        // The route under test alone (the bus route would otherwise serve what the load
-        // balancer or the direct hop should).
-        cluster = await startCluster({
-          instances,
-          directRouting,
-          instanceEnv: { ROUTES: directRouting ? "adopt,direct" : "adopt,load-balancer" },
-        });
-        urls = cluster.instances.map((i) => i.url);
-        assert.equal(new Set(cluster.instances.map((i) => i.id)).size, instances);
-      },
-      { timeout: 120000 },
-    );
-    after(
-      async () => {
-        await stopAllConnections();
-        if (cluster) await cluster.stop({ timeoutMs: 30000 });
-      },
-      { timeout: 60000 },
-    );
+    // The route under test alone (the bus route would otherwise serve what the load
+    // balancer or the direct hop should).
+    const instanceEnv = { ROUTES: directRouting ? "adopt,direct" : "adopt,load-balancer" };
+    clusterForSuite({ instances, directRouting, instanceEnv }, (started) => {
+      cluster = started;
+      urls = cluster.instances.map((i) => i.url);
+    });
     afterEach(stopAllConnections, { timeout: 20000 });
 
     for (const transport of TRANSPORTS) {
@@ -164,26 +150,14 @@ for (const { instances, directRouting } of CONFIGS) {
 describe("SIGTERM failover in a cluster of 3 (official clients with automatic reconnect)", () => {
   let cluster;
   const firstLandings = [];
-  before(
-    async () => {
-      // SHUTDOWN_TIMEOUT keeps the stopping instance up while a hand-driven long polling
-      // connection has not collected its Close message, so its 503s can be checked without
-      // racing its exit (a deadline, not a timing claim); DISCONNECT_TIMEOUT keeps that
-      // connection meanwhile.
-      cluster = await startCluster({
-        instances: 3,
-        instanceEnv: { SHUTDOWN_TIMEOUT: "10s", DISCONNECT_TIMEOUT: "60s" },
-      });
-    },
-    { timeout: 120000 },
-  );
-  after(
-    async () => {
-      await stopAllConnections();
-      if (cluster) await cluster.stop({ timeoutMs: 30000 });
-    },
-    { timeout: 60000 },
-  );
+  // SHUTDOWN_TIMEOUT keeps the stopping instance up while a hand-driven long polling
+  // connection has not collected its Close message, so its 503s can be checked without
+  // racing its exit (a deadline, not a timing claim); DISCONNECT_TIMEOUT keeps that
+  // connection meanwhile.
+  const instanceEnv = { SHUTDOWN_TIMEOUT: "10s", DISCONNECT_TIMEOUT: "60s" };
+  clusterForSuite({ instances: 3, instanceEnv }, (started) => {
+    cluster = started;
+  });
 
   test("clients on the stopped instance move to another; the others stay; 503 while stopping", { timeout: 120000 }, async () => {
     const ids = cluster.instances.map((i) => i.id);

@@ -5,12 +5,12 @@
 // Needs target/debug/stickless-cluster (or STICKLESS_CLUSTER_BIN), redis-server and nginx.
 // Run: npm run test:cluster
 
-import { describe, test, before, after, afterEach } from "node:test";
+import { describe, test, afterEach } from "node:test";
 import assert from "node:assert/strict";
 import {
   TRANSPORTS,
   RS,
-  startCluster,
+  clusterForSuite,
   connect,
   stopAllConnections,
   record,
@@ -31,23 +31,10 @@ const CLIENTS = 6;
 let cluster;
 let ids;
 
-before(
-  async () => {
-    cluster = await startCluster({ instances: 3 });
-    ids = cluster.instances.map((i) => i.id);
-    assert.equal(ids.length, 3, `cluster reported ${JSON.stringify(cluster.instances)}`);
-    assert.equal(new Set(ids).size, 3, `instance ids are not distinct: ${JSON.stringify(ids)}`);
-  },
-  { timeout: 120000 },
-);
-
-after(
-  async () => {
-    await stopAllConnections();
-    if (cluster) await cluster.stop({ timeoutMs: 30000 });
-  },
-  { timeout: 60000 },
-);
+clusterForSuite({ instances: 3 }, (started) => {
+  cluster = started;
+  ids = cluster.instances.map((i) => i.id);
+});
 
 /** Connects `n` clients (sequentially, so round-robin spreads them) and asks each WhoAmI. */
 async function connectMany(n, opts) {

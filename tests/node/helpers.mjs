@@ -7,6 +7,8 @@ import { existsSync, readFileSync, readdirSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { setTimeout as delay } from "node:timers/promises";
+import { before, after } from "node:test";
+import assert from "node:assert/strict";
 import {
   HubConnectionBuilder,
   HubConnectionState,
@@ -273,6 +275,31 @@ export async function startCluster({ instances = 2, directRouting = true, instan
       return r;
     },
   };
+}
+
+/**
+ * The suite's cluster: started (`startCluster(options)`) before the tests of the enclosing
+ * `describe` (or file), checked to have distinct instance ids, handed to `onStarted`; after
+ * them every client is stopped, then the cluster.
+ */
+export function clusterForSuite(options, onStarted, { startTimeoutMs = 120000, stopTimeoutMs = 30000 } = {}) {
+  let cluster;
+  before(
+    async () => {
+      cluster = await startCluster(options);
+      const ids = cluster.instances.map((i) => i.id);
+      assert.equal(new Set(ids).size, options.instances ?? 2, `instance ids are not distinct: ${JSON.stringify(ids)}`);
+      await onStarted(cluster);
+    },
+    { timeout: startTimeoutMs },
+  );
+  after(
+    async () => {
+      await stopAllConnections();
+      if (cluster) await cluster.stop({ timeoutMs: stopTimeoutMs });
+    },
+    { timeout: stopTimeoutMs * 2 },
+  );
 }
 
 // ---------------------------------------------------------------------------

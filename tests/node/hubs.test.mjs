@@ -7,11 +7,11 @@
 // Needs target/debug/stickless-cluster (or STICKLESS_CLUSTER_BIN), redis-server and nginx.
 // Run: node --test --test-force-exit tests/node/hubs.test.mjs
 
-import { describe, test, before, after, afterEach } from "node:test";
+import { describe, test, afterEach } from "node:test";
 import assert from "node:assert/strict";
 import {
   TRANSPORTS,
-  startCluster,
+  clusterForSuite,
   connect,
   stopAllConnections,
   record,
@@ -31,22 +31,10 @@ const NOTIFICATIONS = "/notifications";
 let cluster;
 let ids;
 
-before(
-  async () => {
-    cluster = await startCluster({ instances: 3 });
-    ids = cluster.instances.map((i) => i.id);
-    assert.equal(new Set(ids).size, 3, `cluster reported ${JSON.stringify(cluster.instances)}`);
-  },
-  { timeout: 120000 },
-);
-
-after(
-  async () => {
-    await stopAllConnections();
-    if (cluster) await cluster.stop({ timeoutMs: 30000 });
-  },
-  { timeout: 60000 },
-);
+clusterForSuite({ instances: 3 }, (started) => {
+  cluster = started;
+  ids = cluster.instances.map((i) => i.id);
+});
 
 afterEach(async () => {
   await stopAllConnections();

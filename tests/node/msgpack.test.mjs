@@ -14,7 +14,7 @@ import { HubConnectionBuilder, HttpTransportType } from "@microsoft/signalr";
 import { MessagePackHubProtocol } from "@microsoft/signalr-protocol-msgpack";
 import {
   startServer,
-  startCluster,
+  clusterForSuite,
   connect,
   stopAllConnections,
   record,
@@ -110,19 +110,10 @@ describe("MessagePack, one instance", () => {
 
 describe("MessagePack, 3-instance cluster behind nginx", () => {
   let cluster;
-  before(
-    async () => {
-      cluster = await startCluster({ instances: 3 });
-    },
-    { timeout: 120000 },
-  );
-  after(
-    async () => {
-      await stopAll();
-      if (cluster) await cluster.stop({ timeoutMs: 30000 });
-    },
-    { timeout: 60000 },
-  );
+  after(stopAll);
+  clusterForSuite({ instances: 3 }, (started) => {
+    cluster = started;
+  });
   afterEach(stopAll);
 
   for (const transport of BINARY_TRANSPORTS) {

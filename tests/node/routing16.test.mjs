@@ -17,11 +17,11 @@
 // overrides the instance count (16).
 // Run: node --test --test-force-exit tests/node/routing16.test.mjs
 
-import { describe, test, before, after } from "node:test";
+import { describe, test } from "node:test";
 import assert from "node:assert/strict";
 import {
   TRANSPORTS,
-  startCluster,
+  clusterForSuite,
   connect,
   stopAllConnections,
   record,
@@ -73,15 +73,16 @@ for (const config of CONFIGURATIONS) {
   describe(`${INSTANCES} instances, route: ${config.name}`, () => {
     let cluster;
 
-    before(
-      async () => {
-        cluster = await startCluster({
-          instances: INSTANCES,
-          directRouting: config.directRouting,
-          instanceEnv: config.instanceEnv,
-          timeoutMs: 180000,
-        });
-        assert.equal(cluster.instances.length, INSTANCES);
+    const options = {
+      instances: INSTANCES,
+      directRouting: config.directRouting,
+      instanceEnv: config.instanceEnv,
+      timeoutMs: 180000,
+    };
+    clusterForSuite(
+      options,
+      async (started) => {
+        cluster = started;
         // Heartbeats: every instance knows the cluster's size before clients come.
         const deadline = Date.now() + 30000;
         for (const inst of cluster.instances) {
@@ -93,15 +94,7 @@ for (const config of CONFIGURATIONS) {
           }
         }
       },
-      { timeout: 240000 },
-    );
-
-    after(
-      async () => {
-        await stopAllConnections();
-        if (cluster) await cluster.stop({ timeoutMs: 60000 });
-      },
-      { timeout: 120000 },
+      { startTimeoutMs: 240000, stopTimeoutMs: 60000 },
     );
 
     test("every client on every transport connects, invokes and receives every broadcast", { timeout: 180000 }, async () => {

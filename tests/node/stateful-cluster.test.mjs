@@ -11,12 +11,12 @@
 // Then an instance killed with SIGKILL: its stateful clients only reconnect (a new
 // connection) within 5 seconds.
 
-import { describe, test, before, after, afterEach } from "node:test";
+import { describe, test, afterEach } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync, readdirSync } from "node:fs";
 import {
   HubConnectionState,
-  startCluster,
+  clusterForSuite,
   connect,
   stopAllConnections,
   record,
@@ -188,24 +188,13 @@ for (const config of CONFIGS) {
   describe(`stateful reconnect in a cluster of 3 behind nginx (${config.name})`, () => {
     let cluster;
 
-    before(
-      async () => {
-        cluster = await startCluster({
-          instances: 3,
-          directRouting: config.directRouting,
-          instanceEnv: config.instanceEnv,
-          timeoutMs: 120000,
-        });
+    const options = { instances: 3, directRouting: config.directRouting, instanceEnv: config.instanceEnv, timeoutMs: 120000 };
+    clusterForSuite(
+      options,
+      (started) => {
+        cluster = started;
       },
-      { timeout: 150000 },
-    );
-
-    after(
-      async () => {
-        await stopAllConnections();
-        await cluster?.stop();
-      },
-      { timeout: 60000 },
+      { startTimeoutMs: 150000 },
     );
 
     afterEach(stopAllConnections, { timeout: 15000 });
