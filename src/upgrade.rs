@@ -10,9 +10,9 @@
 //! calls the same actix-web `App` as every other request (routing, forwarding, the checks
 //! in `crate::http` and the access log stay where they are), writes the response head with
 //! actix-http's own HTTP/1 codec, then the response body as it comes. Buffers exist only
-//! while there are bytes in flight: a read allocates when the socket is readable and hands
-//! its bytes on, a write batch is let go once written. A response other than
-//! `101 Switching Protocols` closes the connection after it is written.
+//! while there are bytes in flight: a read goes to the stack and hands on an exact copy, a
+//! write batch is let go once written. A response other than `101 Switching Protocols`
+//! closes the connection after it is written.
 
 use std::convert::Infallible;
 use std::future::poll_fn;
