@@ -108,6 +108,7 @@ pub(crate) mod queue;
 pub(crate) mod routing;
 pub mod startup;
 pub(crate) mod transport;
+pub(crate) mod upgrade;
 
 pub use app::App;
 pub use clients::{Clients, Groups, InvokeError, SendError, SingleClient, Target};

@@ -7,9 +7,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use actix_cors::Cors;
-use actix_web::dev::{Server, ServerHandle, Service};
+use actix_http::{HttpService, KeepAlive};
+use actix_service::{map_config, IntoServiceFactory};
+use actix_web::dev::{AppConfig, Server, ServerHandle, Service};
 use actix_web::middleware::{Condition, DefaultHeaders, Logger};
-use actix_web::{http, web, HttpServer};
+use actix_web::{http, web};
 
 use crate::bus::BusError;
 use crate::config::ConfigError;
@@ -122,7 +124,7 @@ impl Application {
         let shutdown_secs = settings.shutdown_timeout.as_secs().max(1);
         let state = web::Data::new(state);
         let app_state = state.clone();
-        let mut server = HttpServer::new(move || {
+        let make_app = move || {
             let settings = &app_state.settings;
             let forwarder = Forwarder::new(
                 key.clone(),
@@ -169,18 +171,42 @@ impl Application {
                 );
             }
             app
-        })
-        // Signals are ours: clients get a Close message before the server stops.
-        .disable_signals()
-        // A client that closes its side ends a streaming response at once (SSE), instead
-        // of when a later write fails.
-        .h1_allow_half_closed(false)
-        .shutdown_timeout(shutdown_secs);
+        };
+        // What actix-web's `HttpServer` would build, plus the upgrade service
+        // (`crate::upgrade`): the same settings (its defaults, and ours below).
+        let builder = actix_server::Server::build();
+        let graceful = builder.graceful_shutdown_signal();
+        let mut builder = builder
+            // Signals are ours: clients get a Close message before the server stops.
+            .disable_signals()
+            .shutdown_timeout(shutdown_secs);
         if let Some(workers) = workers {
-            server = server.workers(workers);
+            builder = builder.workers(workers);
         }
-        let server = server
-            .listen(listener)
+        let local_addr = state.settings.listen_addr;
+        let server = builder
+            .listen("stickless", listener, move || {
+                let graceful = graceful.clone();
+                HttpService::build()
+                    .graceful_shutdown_signal(move || {
+                        let graceful = graceful.clone();
+                        async move { graceful.notified().await }
+                    })
+                    .keep_alive(KeepAlive::default())
+                    .client_request_timeout(Duration::from_secs(5))
+                    .client_disconnect_timeout(Duration::from_secs(1))
+                    // A client that closes its side ends a streaming response at once (SSE),
+                    // instead of when a later write fails.
+                    .h1_allow_half_closed(false)
+                    .local_addr(local_addr)
+                    .upgrade(crate::upgrade::service(make_app().into_factory()))
+                    // The request's own `Host` header names the host; nothing here reads the
+                    // configured one (`AppConfig::new` is not public).
+                    .finish(map_config(make_app().into_factory(), |_| {
+                        AppConfig::default()
+                    }))
+                    .tcp()
+            })
             .map_err(|source| StartError::Bind {
                 addr: state.settings.listen_addr,
                 source,

@@ -141,3 +141,93 @@ async fn on_one_instance_a_live_token_gets_409_for_a_second_socket_and_a_closed_
         assert_eq!(status, StatusCode::NOT_FOUND, "{kind} with a spent token");
     }
 }
+
+/// A WebSocket upgrade request written by hand, followed in the same write by `extra`.
+fn raw_upgrade(app: &TestApp, query: &str, extra: &[u8]) -> Vec<u8> {
+    let mut request = format!(
+        "GET {HUB}?{query} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        app.port
+    )
+    .into_bytes();
+    request.extend_from_slice(extra);
+    request
+}
+
+/// A masked client text frame (RFC 6455, 5.3), for payloads under 126 bytes.
+fn masked_text_frame(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    let mut frame = vec![
+        0x81,
+        0x80 | u8::try_from(payload.len()).expect("short payload"),
+    ];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+#[actix_web::test]
+async fn frames_written_right_behind_the_upgrade_request_reach_the_connection() {
+    // The upgraded connection is served apart from the HTTP/1 dispatcher (`src/upgrade.rs`):
+    // whatever the dispatcher already read behind the request head must not be lost.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app().await;
+    let (_, token) = app.negotiate().await;
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", app.port))
+        .await
+        .expect("connect");
+    let handshake = masked_text_frame(b"{\"protocol\":\"json\",\"version\":1}\x1e");
+    socket
+        .write_all(&raw_upgrade(&app, &format!("id={token}"), &handshake))
+        .await
+        .expect("write");
+    let mut received = Vec::new();
+    within(RECV_TIMEOUT, "the 101 and the handshake reply", async {
+        // The reply is the text frame `{}` + record separator, unmasked.
+        while !received.windows(5).any(|w| w == b"\x81\x03{}\x1e") {
+            let mut buf = [0u8; 1024];
+            let read = socket.read(&mut buf).await.expect("read");
+            assert!(
+                read > 0,
+                "closed early: {:?}",
+                String::from_utf8_lossy(&received)
+            );
+            received.extend_from_slice(&buf[..read]);
+        }
+    })
+    .await;
+    assert!(
+        received.starts_with(b"HTTP/1.1 101 "),
+        "{:?}",
+        String::from_utf8_lossy(&received)
+    );
+}
+
+#[actix_web::test]
+async fn a_refused_upgrade_is_answered_and_the_connection_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app().await;
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", app.port))
+        .await
+        .expect("connect");
+    socket
+        .write_all(&raw_upgrade(&app, "id=forged", b""))
+        .await
+        .expect("write");
+    let mut received = Vec::new();
+    // Read to the end: the server closes the connection after its answer.
+    within(
+        RECV_TIMEOUT,
+        "the answer and the end of the connection",
+        socket.read_to_end(&mut received),
+    )
+    .await
+    .expect("read");
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 404 "), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+}
