@@ -743,10 +743,7 @@ async fn tokens_are_single_use_across_a_redis_cluster_with_the_claim_in_its_conn
         (a.poll(&token).await.status == StatusCode::NOT_FOUND).then_some(())
     })
     .await;
-    assert_refused(
-        b.ws_raw(&format!("id={token}"), &[]).await,
-        StatusCode::NOT_FOUND,
-    );
+    crate::helpers::wait_refused(&b, &token, StatusCode::NOT_FOUND).await;
 }
 
 #[actix_web::test]

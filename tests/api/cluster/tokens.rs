@@ -34,8 +34,14 @@ async fn open(node: &Api, token: &str, what: &str) -> WsClient {
     ws
 }
 
-/// Closes `ws` and waits until the instance that served it answers 404 for its token.
-async fn close_and_wait_spent(ws: &mut WsClient, served_by: &Api, token: &str) {
+/// Closes `ws` and waits until the instance that served it answers 404 for its token, and
+/// every instance refuses a WebSocket for it with 404 (the closed marker is in Redis).
+async fn close_and_wait_spent(
+    ws: &mut WsClient,
+    served_by: &Api,
+    token: &str,
+    cluster: &TestCluster,
+) {
     ws.send_message(ws::Message::Close(Some(ws::CloseCode::Normal.into())))
         .await;
     ws.wait_closed(RECV_TIMEOUT).await;
@@ -43,6 +49,9 @@ async fn close_and_wait_spent(ws: &mut WsClient, served_by: &Api, token: &str) {
         (served_by.poll(token).await.status == StatusCode::NOT_FOUND).then_some(())
     })
     .await;
+    for node in &cluster.nodes {
+        wait_refused(node, token, StatusCode::NOT_FOUND).await;
+    }
 }
 
 #[actix_web::test]
@@ -64,7 +73,7 @@ async fn a_second_websocket_on_another_instance_gets_409_and_a_closed_token_404_
     let me = ws.call("WhoAmI", json!([])).await;
     assert_eq!(me["instance"], cluster.ids[0], "{me}");
 
-    close_and_wait_spent(&mut ws, a, &token).await;
+    close_and_wait_spent(&mut ws, a, &token, &cluster).await;
     assert_spent_everywhere(&cluster, &token).await;
     assert!(
         b.metric(&rejections("reused")).await >= 1.0,
@@ -92,7 +101,7 @@ async fn an_adopted_connection_is_in_use_everywhere_also_on_its_owner_and_spent_
     let me = ws.call("WhoAmI", json!([])).await;
     assert_eq!(me["instance"], cluster.ids[1], "{me}");
 
-    close_and_wait_spent(&mut ws, b, &token).await;
+    close_and_wait_spent(&mut ws, b, &token, &cluster).await;
     assert_spent_everywhere(&cluster, &token).await;
 }
 

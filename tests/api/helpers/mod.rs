@@ -31,7 +31,7 @@ pub use hub_client::HubClient;
 pub use long_polling::LpClient;
 pub use records::{close_error, frame, is_call, is_completion, is_type, HANDSHAKE, HUB, RS};
 pub use sse::SseClient;
-pub use websocket::{assert_refused, ws_status, WsClient, WsEvent};
+pub use websocket::{assert_refused, wait_refused, ws_status, WsClient, WsEvent};
 
 /// Upper bound for one ordinary request/response.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);

@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::http::{Api, MAX_BODY};
 use super::hub_client::{HubClient, Inbox};
 use super::records::{parse_records, HUB};
-use super::{within, REQUEST_TIMEOUT};
+use super::{eventually, within, REQUEST_TIMEOUT, SETTLE_TIMEOUT};
 
 impl Api {
     /// Opens a WebSocket to `/chat?{query}` (no SignalR handshake yet).
@@ -49,6 +49,21 @@ pub fn assert_refused(result: Result<WsClient, WsClientError>, status: StatusCod
         Some(status),
         "the upgrade's answer"
     );
+}
+
+/// Waits until a WebSocket for `token` on `api` is refused with `status`, failing at once
+/// if one is accepted. For a connection that just ended: the instance that served it
+/// forgets it at once and turns its cluster-wide claim into the closed marker a Redis
+/// round trip later, so for that moment another instance still sees the claim held (409).
+pub async fn wait_refused(api: &Api, token: &str, status: StatusCode) {
+    let what = format!("a WebSocket for the token refused with {status}");
+    eventually(SETTLE_TIMEOUT, &what, || async {
+        match ws_status(api.ws_raw(&format!("id={token}"), &[]).await) {
+            Ok(()) => panic!("a WebSocket for the token was accepted"),
+            Err(got) => (got == status).then_some(()),
+        }
+    })
+    .await;
 }
 
 /// The status of a refused WebSocket upgrade (`Ok` if it was accepted).
