@@ -144,25 +144,26 @@ impl Puller<'_> {
         // Right after a (re)start this instance may not know every peer yet.
         self.peers.settled().await;
         let mut asked: Vec<InstanceId> = vec![self.me.clone()];
-        let mut round = vec![owner.clone()];
+        let mut candidates = vec![owner.clone()];
         for _ in 0..2 {
-            round.extend(self.peers.live_instances());
+            candidates.extend(self.peers.live_instances());
             // Each instance once: the owner is usually among the live ones too.
-            let mut seen = asked.clone();
-            round.retain(|instance| {
-                let new = !seen.contains(instance);
-                if new {
-                    seen.push(instance.clone());
-                }
-                new
-            });
+            let round: Vec<InstanceId> = candidates
+                .drain(..)
+                .filter(|instance| {
+                    let new = !asked.contains(instance);
+                    if new {
+                        asked.push(instance.clone());
+                    }
+                    new
+                })
+                .collect();
             if round.is_empty() {
                 continue;
             }
             if let Some(moved) = self.ask_all(&path, &round).await {
                 return Some(moved);
             }
-            asked.append(&mut round);
         }
         None
     }
@@ -243,7 +244,8 @@ impl Puller<'_> {
             }
             true
         };
-        let complete = tokio::time::timeout(ASK_TIMEOUT, collect).await == Ok(true);
+        // Bounded by the caller (`ask_all`), accept wait and all.
+        let complete = collect.await;
         (complete && ok).then(|| body.freeze())
     }
 }

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::{Announcement, Bus, Envelope};
@@ -43,7 +43,7 @@ pub struct Peers {
     /// Set once this instance said goodbye: it announces itself no more.
     left: AtomicBool,
     /// When this instance first announced itself (or was made, until it does).
-    greeted: Mutex<Option<Instant>>,
+    greeted: OnceLock<Instant>,
     made: Instant,
 }
 
@@ -55,7 +55,7 @@ impl Peers {
             advertise_url,
             known: Mutex::new(HashMap::new()),
             left: AtomicBool::new(false),
-            greeted: Mutex::new(None),
+            greeted: OnceLock::new(),
             made: Instant::now(),
         }
     }
@@ -65,12 +65,7 @@ impl Peers {
     /// them all even right after a (re)start. Returns at once for an instance that has
     /// been up for a while.
     pub async fn settled(&self) {
-        let since = self
-            .greeted
-            .lock()
-            .ok()
-            .and_then(|greeted| *greeted)
-            .unwrap_or(self.made);
+        let since = self.greeted.get().copied().unwrap_or(self.made);
         tokio::time::sleep_until((since + SETTLE).into()).await;
     }
 
@@ -134,9 +129,7 @@ impl Peers {
 
     /// Announces this instance on `bus`, asking the others to answer.
     pub async fn connected(&self, bus: &dyn Bus) {
-        if let Ok(mut greeted) = self.greeted.lock() {
-            greeted.get_or_insert_with(Instant::now);
-        }
+        self.greeted.get_or_init(Instant::now);
         self.announce(bus, false).await;
     }
 

@@ -875,18 +875,12 @@ impl Bus for RedisClusterBus {
 
     fn claim(&self, connection: &ConnectionId) -> BoxFuture<'_, Claim> {
         let key = self.shared.channels.claim(connection);
-        Box::pin(async move {
-            let claim = self.shared.claims.claim(self.connection(), &key).await;
-            claim
-        })
+        Box::pin(async move { self.shared.claims.claim(self.connection(), &key).await })
     }
 
     fn lookup_claim(&self, connection: &ConnectionId) -> BoxFuture<'_, Claim> {
         let key = self.shared.channels.claim(connection);
-        Box::pin(async move {
-            let claim = self.shared.claims.lookup(self.connection(), &key).await;
-            claim
-        })
+        Box::pin(async move { self.shared.claims.lookup(self.connection(), &key).await })
     }
 
     fn end_claim(
