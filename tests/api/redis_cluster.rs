@@ -24,12 +24,10 @@ const NODE_TIMEOUT_MS: &str = "2000";
 /// Upper bound for the cluster to form or a node to come back.
 const CLUSTER_DEADLINE: Duration = Duration::from_secs(30);
 
-/// A free loopback port (the OS picks it; it is released at once for the child to bind).
+/// A free loopback port for a master, from the launcher (below the kernel's ephemeral
+/// range, so an outgoing connection cannot take it before the master binds or rebinds it).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free loopback port")
+    crate::devcluster::free_port().expect("a free loopback port")
 }
 
 /// One master: its client port, its cluster-bus port and its process.

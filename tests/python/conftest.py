@@ -8,6 +8,7 @@ redis-server. Both can restart the instance a client is on, for automatic-reconn
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -29,6 +30,25 @@ def binary(variable, default):
 
 
 def free_port():
+    """A free loopback port below the kernel's ephemeral range, picked at random.
+
+    The instance binds it later and again after each restart; a port from `bind(0)` lies in
+    the ephemeral range, where any outgoing connection (to Redis, from a test's client)
+    could take it in between. The launcher picks its ports the same way.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            floor = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        floor = 32768
+    for _ in range(200 if floor > 11000 else 0):
+        port = random.randrange(10000, floor)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

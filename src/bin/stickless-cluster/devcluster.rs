@@ -35,6 +35,9 @@ pub enum ClusterError {
     /// A process did not become ready in time.
     #[error("{0} did not become ready within {READY_TIMEOUT:?}; see its log in {1}")]
     NotReady(String, PathBuf),
+    /// A process exited while it was starting.
+    #[error("{0} exited while starting ({1}); see its log in {2}")]
+    Exited(String, std::process::ExitStatus, PathBuf),
     /// `nginx.conf` lacks what the launcher replaces.
     #[error("nginx.conf has no {0}")]
     Template(&'static str),
@@ -116,10 +119,38 @@ pub struct Cluster {
     nginx: Option<Child>,
 }
 
-/// A free TCP port on loopback (another process could take it before it is used, which
-/// on a test machine is rare enough).
+/// A free TCP port on loopback for a process the launcher starts later.
+///
+/// Ports come from below the kernel's ephemeral range (`ip_local_port_range`), picked at
+/// random and checked bindable: a port asked of the kernel with `bind(:0)` lies in that
+/// range, and so does the local port of every outgoing connection, so in the moments
+/// between this check and the process's own bind (a whole cluster's start-up, or an
+/// instance's restart) another process's connection to Redis or a test's client could take
+/// it. Below the range only another launcher's random pick can, which the set of ports
+/// this process handed out and the readiness checks (the right instance id, a live child)
+/// catch. Falls back to `bind(:0)` where the range leaves no room below it.
 pub fn free_port() -> std::io::Result<u16> {
+    use std::sync::Mutex;
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let floor = ephemeral_floor().unwrap_or(32768);
+    const LOWEST: u16 = 10000;
+    if floor > LOWEST + 1000 {
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..200 {
+            let port = rand::random_range(LOWEST..floor);
+            if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                handed_out.push(port);
+                return Ok(port);
+            }
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The lowest port of the kernel's ephemeral range, where the kernel says.
+fn ephemeral_floor() -> Option<u16> {
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
 }
 
 /// A minimal HTTP/1.1 GET, for health checks without an HTTP client: the status code
@@ -158,6 +189,33 @@ fn wait_until(what: &str, log: &Path, mut ready: impl FnMut() -> bool) -> Result
         std::thread::sleep(Duration::from_millis(50));
     }
     Err(ClusterError::NotReady(what.to_owned(), log.to_owned()))
+}
+
+/// Like [`wait_until`] for a child the launcher started: fails at once, with its log, if
+/// the child exits first (e.g. its port was taken), rather than waiting out the deadline
+/// or taking another process's answer on that port for its own.
+fn wait_for_child(
+    what: &str,
+    log: &Path,
+    child: &mut Option<Child>,
+    mut ready: impl FnMut() -> bool,
+) -> Result<(), ClusterError> {
+    let mut exited = None;
+    let result = wait_until(what, log, || {
+        if let Some(status) = child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            exited = Some(status);
+            return true;
+        }
+        ready()
+    });
+    match exited {
+        Some(status) => Err(ClusterError::Exited(
+            what.to_owned(),
+            status,
+            log.to_owned(),
+        )),
+        None => result,
+    }
 }
 
 /// A log file in the cluster's folder, appended to: a restarted instance keeps the lines
@@ -323,7 +381,7 @@ impl Cluster {
             .stderr(log);
         self.redis = Some(spawn(&mut command, "redis-server")?);
         let address = SocketAddr::from(([127, 0, 0, 1], self.redis_port));
-        wait_until("redis-server", &path, || {
+        wait_for_child("redis-server", &path, &mut self.redis, || {
             let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(200))
             else {
                 return false;
@@ -372,10 +430,13 @@ impl Cluster {
         let child = spawn(&mut command, &self.options.bin.display().to_string())?;
         self.instances[index].child = Some(child);
         let address = SocketAddr::from(([127, 0, 0, 1], self.instances[index].port));
-        let id = self.instances[index].id.clone();
-        wait_until(&id, &path, || {
+        let instance = &mut self.instances[index];
+        // The answer must name this instance: on a port taken by another process, a
+        // `/healthz` answer from someone else's instance must not count as ready.
+        let named = format!("\"instance\":\"{}\"", instance.id);
+        wait_for_child(&instance.id, &path, &mut instance.child, || {
             http_get(address, "/healthz", Duration::from_millis(500))
-                .is_ok_and(|(status, _)| status == 200)
+                .is_ok_and(|(status, body)| status == 200 && body.contains(&named))
         })
     }
 
@@ -406,7 +467,7 @@ impl Cluster {
             .stderr(log);
         self.nginx = Some(spawn(&mut command, "nginx")?);
         let address = SocketAddr::from(([127, 0, 0, 1], self.lb_port));
-        wait_until("nginx", &path, || {
+        wait_for_child("nginx", &path, &mut self.nginx, || {
             http_get(address, "/healthz", Duration::from_millis(500))
                 .is_ok_and(|(status, _)| status == 200)
         })
