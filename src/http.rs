@@ -474,7 +474,7 @@ async fn serve(
     }
     // For WebSockets the upgrade is checked first, so a bad upgrade binds nothing.
     let upgraded = match kind {
-        RequestKind::WebSocket => Some(actix_ws::handle(req, payload)?),
+        RequestKind::WebSocket => Some(websocket::handshake(req)?),
         _ => None,
     };
     let activation = connection.activate(transport).map_err(ApiError::from)?;
@@ -483,15 +483,18 @@ async fn serve(
             .start(&connection, transport, user, RequestHead::of(req));
     }
     Ok(match upgraded {
-        Some((response, session, messages)) => {
+        Some(handshake) => {
             if !activation.first && connection.outbox().is_stateful() {
                 state.metrics.stateful_resumed();
             }
             let max_frame = max_body_size(&state.settings);
-            actix_web::rt::spawn(websocket::serve(
-                connection, activation, session, messages, max_frame,
-            ));
-            response
+            websocket::respond(
+                handshake,
+                payload.into_inner(),
+                connection,
+                activation,
+                max_frame,
+            )
         }
         None if kind == RequestKind::EventStream => sse::stream(connection, activation),
         None => long_polling::poll(connection, activation, state.settings.poll_timeout).await,

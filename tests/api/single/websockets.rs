@@ -3,6 +3,7 @@
 use awc::error::WsClientError;
 use awc::http::StatusCode;
 use awc::ws;
+use bytes::Bytes;
 use serde_json::json;
 
 use crate::helpers::*;
@@ -230,4 +231,62 @@ async fn a_refused_upgrade_is_answered_and_the_connection_closed() {
         text.to_ascii_lowercase().contains("connection: close"),
         "{text}"
     );
+}
+
+#[actix_web::test]
+async fn fragmented_messages_are_joined_and_broken_frames_get_their_close_codes() {
+    let app = spawn_app_with(|s| s.max_message_size = 1024).await;
+    let limit = 8 * 1024; // The frame limit: eight times the message limit.
+    let mut bystander = WsClient::connect(&app).await;
+
+    // A record split over three continuation frames is one message (RFC 6455, 5.4).
+    let mut ws = WsClient::connect(&app).await;
+    let record = format!(
+        "{}\u{1e}",
+        json!({"type": 1, "invocationId": "split", "target": "WhoAmI", "arguments": []})
+    );
+    let (a, rest) = record.split_at(10);
+    let (b, c) = rest.split_at(10);
+    for item in [
+        actix_http::ws::Item::FirstText(Bytes::copy_from_slice(a.as_bytes())),
+        actix_http::ws::Item::Continue(Bytes::copy_from_slice(b.as_bytes())),
+        actix_http::ws::Item::Last(Bytes::copy_from_slice(c.as_bytes())),
+    ] {
+        ws.send_message(ws::Message::Continuation(item)).await;
+    }
+    let completion = ws
+        .recv("the split invocation's completion", &|r| {
+            r["invocationId"] == "split"
+        })
+        .await;
+    assert_eq!(completion["result"]["transport"], "WebSockets");
+
+    // Continuations adding up to more than the frame limit: 1009.
+    let chunk = Bytes::from(vec![b' '; limit / 2 + 1]);
+    ws.send_message(ws::Message::Continuation(actix_http::ws::Item::FirstText(
+        chunk.clone(),
+    )))
+    .await;
+    ws.try_send_message(ws::Message::Continuation(actix_http::ws::Item::Last(chunk)))
+        .await;
+    let reason = ws.wait_closed(RECV_TIMEOUT).await;
+    assert_eq!(reason.map(|r| r.code), Some(ws::CloseCode::Size));
+
+    // A text message that is not UTF-8: 1007 (awc sends only valid text in a Text
+    // message; a text continuation carries raw bytes).
+    let mut ws = WsClient::connect(&app).await;
+    ws.send_message(ws::Message::Continuation(actix_http::ws::Item::FirstText(
+        Bytes::from_static(b"\xff\xfe"),
+    )))
+    .await;
+    ws.try_send_message(ws::Message::Continuation(actix_http::ws::Item::Last(
+        Bytes::new(),
+    )))
+    .await;
+    let reason = ws.wait_closed(RECV_TIMEOUT).await;
+    assert_eq!(reason.map(|r| r.code), Some(ws::CloseCode::Invalid));
+
+    // The other connection was never touched.
+    let me = bystander.call("WhoAmI", json!([])).await;
+    assert_eq!(me["transport"], "WebSockets");
 }
