@@ -571,6 +571,9 @@ async fn hub_get(
                     request.clone(),
                 )
                 .await;
+            // What this instance published before it began receiving for the session must
+            // reach the old owner before that one's fence (`HubHost::fence`).
+            hub.connections.host().flush().await;
             let puller = Puller {
                 me: &state.instance,
                 peers: state.router.peers(),

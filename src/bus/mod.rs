@@ -239,6 +239,18 @@ pub enum Envelope {
     Invoke(ClientInvocation),
     /// A client's result, for the instance that asked.
     Reply(ClientReply),
+    /// A marker this instance sends itself on the topic of `audience`: when it comes
+    /// back ([`Event::Fenced`]), every message published on that topic before it was sent
+    /// has been handed to this instance's event stream already, because the broker keeps
+    /// the order of one topic's messages and the bus hands them on in that order. Other
+    /// instances ignore it. Used before a stateful session moves away, so that it leaves
+    /// with everything published before the move began (see `Connections::hand_over`).
+    Fence {
+        /// Whose topic the marker travels on.
+        audience: Audience,
+        /// Which fence.
+        id: u64,
+    },
     /// Bytes for one instance only, carried on its [`Topic::Instance`] topic; the bus
     /// neither reads nor reorders them (one sender's frames to one instance arrive in the
     /// order they were published). They must be self-delimiting: a bus may join payloads
@@ -261,6 +273,8 @@ pub enum Event {
     Received(Envelope),
     /// The bus (re)connected and its subscriptions are live: a moment to announce.
     Connected,
+    /// A fence this instance published came back ([`Envelope::Fence`]).
+    Fenced(u64),
 }
 
 /// The inbound side of a bus: everything other instances published for this one.

@@ -161,6 +161,8 @@ enum Wire {
         #[serde(flatten)]
         reply: WireReply,
     },
+    /// A fence its sender sends itself ([`Envelope::Fence`]).
+    Fence { origin: String, id: u64 },
 }
 
 /// Channel names of one hub.
@@ -541,6 +543,10 @@ impl RedisBus {
                 shared.metrics.backplane_received();
                 Envelope::Reply(reply.into_reply(shared.instance.clone()))
             }
+            Wire::Fence { origin, id } => {
+                // Only its sender reads it.
+                return (origin == shared.instance.as_str()).then_some(Event::Fenced(id));
+            }
         };
         Some(Event::Received(envelope))
     }
@@ -657,6 +663,9 @@ impl Bus for RedisBus {
             Envelope::ToInstance { to, payload } => {
                 self.enqueue_bytes(channels.topic(&Topic::Instance(to)), payload);
                 return Box::pin(async {});
+            }
+            Envelope::Fence { audience, id } => {
+                (channels.of(&audience).0, Wire::Fence { origin, id })
             }
         };
         self.enqueue(channel, &wire);

@@ -120,6 +120,8 @@ enum Header {
         #[serde(flatten)]
         reply: WireReply,
     },
+    /// A fence its sender sends itself ([`Envelope::Fence`]).
+    Fence { origin: String, id: u64 },
 }
 
 /// An [`Audience`] as it travels: the channel alone does not say `except`.
@@ -220,6 +222,10 @@ impl Channels {
                 self.topic(&Topic::Connection(invocation.connection.clone()))
             }
             Envelope::Reply(reply) => self.returns(&reply.to),
+            Envelope::Fence { audience, .. } => self.of(&Envelope::Message {
+                audience: audience.clone(),
+                record: Bytes::new(),
+            }),
         }
     }
 }
@@ -276,6 +282,7 @@ fn encode(origin: &InstanceId, envelope: &Envelope) -> Result<Vec<u8>, serde_jso
             },
             None,
         ),
+        Envelope::Fence { id, .. } => (Header::Fence { origin, id: *id }, None),
     };
     let mut payload = serde_json::to_vec(&header)?;
     payload.push(b'\n');
@@ -299,8 +306,9 @@ enum DecodeError {
     Origin,
 }
 
-/// Decodes a payload; `Ok(None)` for this instance's own messages.
-fn decode(me: &InstanceId, payload: &[u8]) -> Result<Option<Envelope>, DecodeError> {
+/// Decodes a payload; `Ok(None)` for this instance's own messages (but not its fences)
+/// and for other instances' fences.
+fn decode(me: &InstanceId, payload: &[u8]) -> Result<Option<Decoded>, DecodeError> {
     let split = payload
         .iter()
         .position(|b| *b == b'\n')
@@ -314,12 +322,17 @@ fn decode(me: &InstanceId, payload: &[u8]) -> Result<Option<Envelope>, DecodeErr
         | Header::Hello { origin, .. }
         | Header::ToInstance { origin, .. }
         | Header::Invoke { origin, .. }
-        | Header::Reply { origin, .. } => origin,
+        | Header::Reply { origin, .. }
+        | Header::Fence { origin, .. } => origin,
     };
     if origin == me.as_str() {
-        return Ok(None);
+        // Its own messages were delivered here already; its fences are what it waits for.
+        return Ok(match header {
+            Header::Fence { id, .. } => Some(Decoded::Fenced(id)),
+            _ => None,
+        });
     }
-    Ok(Some(match header {
+    Ok(Some(Decoded::Envelope(match header {
         Header::Message { audience, .. } => Envelope::Message {
             audience: audience.into_audience(),
             record: Bytes::copy_from_slice(record),
@@ -360,7 +373,18 @@ fn decode(me: &InstanceId, payload: &[u8]) -> Result<Option<Envelope>, DecodeErr
         Header::Reply { to, reply, .. } => Envelope::Reply(
             reply.into_reply(InstanceId::parse(&to).map_err(|_| DecodeError::Origin)?),
         ),
-    }))
+        // Another instance's fence: only its sender reads it.
+        Header::Fence { .. } => return Ok(None),
+    })))
+}
+
+/// What a payload from the cluster is.
+#[derive(Debug)]
+enum Decoded {
+    /// Another instance's envelope.
+    Envelope(Envelope),
+    /// One of this instance's fences came back.
+    Fenced(u64),
 }
 
 /// The (channel, payload) of a sharded message push; `None` for any other push.
@@ -768,15 +792,20 @@ impl RedisClusterBus {
             let Some((channel, payload)) = sharded_message(push) else {
                 continue;
             };
-            match decode(&shared.instance, &payload) {
-                Ok(Some(envelope)) => {
+            let event = match decode(&shared.instance, &payload) {
+                Ok(Some(Decoded::Envelope(envelope))) => {
                     shared.metrics.backplane_received();
-                    if shared.events.send(Event::Received(envelope)).await.is_err() {
-                        return; // The hub host is gone.
-                    }
+                    Event::Received(envelope)
                 }
-                Ok(None) => {}
-                Err(error) => log::warn!("bus: ignoring a malformed message on {channel}: {error}"),
+                Ok(Some(Decoded::Fenced(id))) => Event::Fenced(id),
+                Ok(None) => continue,
+                Err(error) => {
+                    log::warn!("bus: ignoring a malformed message on {channel}: {error}");
+                    continue;
+                }
+            };
+            if shared.events.send(event).await.is_err() {
+                return; // The hub host is gone.
             }
         }
     }
@@ -1043,9 +1072,28 @@ mod tests {
         ];
         for envelope in envelopes {
             let payload = encode(&other, &envelope).expect("encodes");
-            assert_eq!(decode(&me, &payload).expect("decodes"), Some(envelope));
-            assert_eq!(decode(&other, &payload).expect("decodes"), None);
+            assert!(matches!(
+                decode(&me, &payload).expect("decodes"),
+                Some(Decoded::Envelope(got)) if got == envelope
+            ));
+            assert!(decode(&other, &payload).expect("decodes").is_none());
         }
+    }
+
+    #[test]
+    fn a_fence_comes_back_to_its_sender_only() {
+        let me = InstanceId::parse("node-1").unwrap();
+        let other = InstanceId::parse("node-2").unwrap();
+        let fence = Envelope::Fence {
+            audience: Audience::All { except: vec![] },
+            id: 42,
+        };
+        let payload = encode(&me, &fence).expect("encodes");
+        assert!(matches!(
+            decode(&me, &payload).expect("decodes"),
+            Some(Decoded::Fenced(42))
+        ));
+        assert!(decode(&other, &payload).expect("decodes").is_none());
     }
 
     #[test]

@@ -598,6 +598,9 @@ impl Connections {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(token);
+        // The instance it moves to receives for it already: what was published before
+        // that is delivered here first, so it leaves in the replay buffer.
+        self.host.fence(&connection.id).await;
         let groups = self.host.detach(&connection.id).await;
         // Completions of invocations still running go into the replay buffer that moves
         // (a client's `invoke` would otherwise never complete). Server-to-client streams

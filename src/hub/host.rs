@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::oneshot;
+
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
@@ -65,6 +67,18 @@ pub struct HubHost {
     results: Arc<ClientResults>,
     instance: InstanceId,
     detailed_errors: bool,
+    fences: Fences,
+}
+
+/// How long [`HubHost::fence`] waits for its markers to come back (the broker is down, or
+/// far behind): then the session moves without the guarantee, as it did without a fence.
+const FENCE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The fences this host waits for: id → markers still out, and whom to tell.
+#[derive(Default)]
+struct Fences {
+    next: std::sync::atomic::AtomicU64,
+    waiting: std::sync::Mutex<std::collections::HashMap<u64, (usize, oneshot::Sender<()>)>>,
 }
 
 fn completion(invocation_id: String, outcome: Outcome) -> HubMessage {
@@ -87,6 +101,7 @@ impl HubHost {
             )),
             instance,
             detailed_errors: false,
+            fences: Fences::default(),
         }
     }
 
@@ -259,6 +274,76 @@ impl HubHost {
         }
     }
 
+    /// Waits until every message published to `connection` or to everyone before this
+    /// call was delivered here: a marker sent on each of those topics comes back through
+    /// the bus after them, and the bus's events are delivered in order ([`HubHost::drain`]).
+    /// A stateful session that moves away calls this before it stops receiving here: the
+    /// instance it moves to started receiving for it before it asked, so a message published
+    /// before that is in the buffer that moves, and one published after reaches the new
+    /// instance (the two overlap, see `Outbox::complete_move`). The other instance may have
+    /// had it from the broker before this one, by any margin, so without the fence a
+    /// message could miss both. False when the markers did not come back in time.
+    pub async fn fence(&self, connection: &ConnectionId) -> bool {
+        if !self.bus.is_shared() {
+            return true; // One instance: nothing travels between instances.
+        }
+        let audiences = [
+            Audience::All { except: vec![] },
+            Audience::Connection(connection.clone()),
+        ];
+        let id = self
+            .fences
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (done, came_back) = oneshot::channel();
+        self.fences
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, (audiences.len(), done));
+        for audience in audiences {
+            self.bus.publish(Envelope::Fence { audience, id }).await;
+        }
+        let passed = matches!(
+            tokio::time::timeout(FENCE_TIMEOUT, came_back).await,
+            Ok(Ok(()))
+        );
+        if !passed {
+            self.fences
+                .waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            log::debug!("fence for {}: not back in time", connection.for_log());
+        }
+        passed
+    }
+
+    /// Resolves once what this instance published so far is with the broker (bounded):
+    /// an instance about to pull a session flushes first, so that the messages it
+    /// delivered here before it began receiving for the session are delivered by the
+    /// session's old instance before that one's fence ([`HubHost::fence`]).
+    pub async fn flush(&self) {
+        self.bus.flush().await;
+    }
+
+    /// One marker of fence `id` came back.
+    fn fenced(&self, id: u64) {
+        let mut waiting = self
+            .fences
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((left, _)) = waiting.get_mut(&id) {
+            *left -= 1;
+            if *left == 0 {
+                if let Some((_, done)) = waiting.remove(&id) {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
     /// Forgets a connection without the disconnect hook (it moved to another instance);
     /// returns the groups it was in. Once this returns, no delivery reaches its outbox.
     pub async fn detach(&self, id: &ConnectionId) -> Vec<String> {
@@ -391,6 +476,10 @@ impl HubHost {
                         peers.connected(&*self.bus).await;
                     }
                 }
+                // Everything before it was delivered above, in order.
+                Event::Fenced(id) => self.fenced(id),
+                // A bus hands a fence back as `Fenced`, never as an envelope.
+                Event::Received(Envelope::Fence { .. }) => {}
             }
         }
     }
