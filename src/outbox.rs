@@ -21,12 +21,12 @@
 //! buffer, and [`Outbox::resume`] hands the next socket the `Sequence` record and the
 //! replay (HubProtocol.md, "Stateful Reconnect").
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::queue;
 
@@ -82,7 +82,13 @@ struct Shared {
     id: ConnectionId,
     metrics: Arc<Metrics>,
     tx: queue::Sender<Bytes>,
-    closing: watch::Sender<Option<Closing>>,
+    /// Why it closes, once it does (the first reason given wins).
+    closing: Mutex<Option<Closing>>,
+    /// `closing` is set: read on every push without taking the lock.
+    is_closing: AtomicBool,
+    /// Wakes whoever waits in [`Outbox::closed`]. A `Notify` rather than a `watch`
+    /// channel: a watch keeps eight of them, and every connection has one of these.
+    closed: Notify,
     last_queued_ms: AtomicU64,
     protocol: OnceLock<HubProtocol>,
     stateful: Mutex<Option<Stateful>>,
@@ -134,12 +140,13 @@ impl Outbox {
         metrics: Arc<Metrics>,
     ) -> (Self, queue::Receiver<Bytes>) {
         let (tx, rx) = queue::channel(capacity);
-        let (closing, _) = watch::channel(None);
         let shared = Shared {
             id,
             metrics,
             tx,
-            closing,
+            closing: Mutex::new(None),
+            is_closing: AtomicBool::new(false),
+            closed: Notify::new(),
             last_queued_ms: AtomicU64::new(now_millis()),
             protocol: OnceLock::new(),
             stateful: Mutex::new(None),
@@ -368,23 +375,43 @@ impl Outbox {
 
     /// Asks the connection to close. The first reason given wins.
     pub fn close(&self, closing: Closing) {
-        self.0.closing.send_if_modified(|current| {
+        {
+            let mut current = self.0.closing.lock().unwrap_or_else(|e| e.into_inner());
             if current.is_some() {
-                return false;
+                return;
             }
             *current = Some(closing);
-            true
-        });
+            self.0.is_closing.store(true, Ordering::Release);
+        }
+        self.0.closed.notify_waiters();
     }
 
     /// Whether a close was asked for.
     pub fn is_closing(&self) -> bool {
-        self.0.closing.borrow().is_some()
+        self.0.is_closing.load(Ordering::Acquire)
     }
 
-    /// A receiver that sees the close reason once one is set.
-    pub fn closing(&self) -> watch::Receiver<Option<Closing>> {
-        self.0.closing.subscribe()
+    /// Why the connection closes, once a close was asked for.
+    pub fn closing(&self) -> Option<Closing> {
+        self.0
+            .closing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits until a close is asked for and returns its reason.
+    pub async fn closed(&self) -> Closing {
+        loop {
+            // Registered before the check, so a close right after it still wakes us.
+            let notified = self.0.closed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(reason) = self.closing() {
+                return reason;
+            }
+            notified.await;
+        }
     }
 
     /// When a record was last queued, in [`now_millis`] time.
@@ -408,15 +435,6 @@ fn seam(held: &[&Bytes], staged: &[Bytes]) -> usize {
         .unwrap_or(0)
 }
 
-/// Waits until `closing` holds a reason and returns it.
-pub async fn closed(closing: &mut watch::Receiver<Option<Closing>>) -> Closing {
-    match closing.wait_for(Option::is_some).await {
-        Ok(reason) => reason.clone().unwrap_or_else(Closing::silent),
-        // The outbox itself is gone, which only happens once the connection is over.
-        Err(_) => Closing::silent(),
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -432,7 +450,7 @@ pub(crate) mod tests {
         assert_eq!(outbox.push(Bytes::from_static(b"a")), Pushed::Queued);
         assert_eq!(outbox.push(Bytes::from_static(b"b")), Pushed::Overflowed);
         assert!(outbox.is_closing());
-        let reason = outbox.closing().borrow().clone().unwrap();
+        let reason = outbox.closing().unwrap();
         assert!(reason.is_error);
         assert_eq!(outbox.push(Bytes::from_static(b"c")), Pushed::Closed);
         let metrics = outbox.0.metrics.render(true, 1);
@@ -479,7 +497,7 @@ pub(crate) mod tests {
         outbox.enable_stateful(3, None);
         assert_eq!(outbox.push(Bytes::from_static(b"ab")), Pushed::Queued);
         assert_eq!(outbox.push(Bytes::from_static(b"cd")), Pushed::Overflowed);
-        let reason = outbox.closing().borrow().clone().unwrap();
+        let reason = outbox.closing().unwrap();
         let Some(HubMessage::Close {
             error: Some(error),
             allow_reconnect: true,
@@ -528,6 +546,6 @@ pub(crate) mod tests {
         let (outbox, _rx) = outbox(1);
         outbox.close(Closing::silent());
         outbox.close(Closing::with_message(Some("x".into()), false));
-        assert_eq!(*outbox.closing().borrow(), Some(Closing::silent()));
+        assert_eq!(outbox.closing(), Some(Closing::silent()));
     }
 }

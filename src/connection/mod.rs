@@ -23,7 +23,7 @@ use crate::hub::host::{Caller, HubHost};
 use crate::hub::RequestHead;
 use crate::metrics::Metrics;
 use crate::outbox::ReplayState;
-use crate::outbox::{closed, Closing, Outbox};
+use crate::outbox::{Closing, Outbox};
 use crate::protocol::hub_protocol::HubProtocol;
 use crate::protocol::negotiate::TransportKind;
 use crate::protocol::stateful::InboundSequence;
@@ -318,10 +318,9 @@ impl Connection {
 
     /// Hands bytes from the client to the session, waiting while its inbound queue is full.
     pub async fn receive(&self, bytes: Bytes) -> Result<(), ConnectionError> {
-        let mut closing = self.outbox().closing();
         tokio::select! {
             sent = self.queues().inbound_tx.send(bytes) => sent.map_err(|_| ConnectionError::Gone),
-            _ = closed(&mut closing) => Err(ConnectionError::Gone),
+            _ = self.outbox().closed() => Err(ConnectionError::Gone),
         }
     }
 

@@ -42,7 +42,7 @@ use crate::hub::host::{Caller, Invoked};
 use crate::hub::stream::{Fed, Feed, Feeding, Uploads};
 use crate::hub::HubContext;
 use crate::metrics::Metrics;
-use crate::outbox::{closed, now_millis, Closing, Outbox, Pushed};
+use crate::outbox::{now_millis, Closing, Outbox, Pushed};
 use crate::protocol::framing::RecordBuffer;
 use crate::protocol::handshake::{self, Agreed, HandshakeError};
 use crate::protocol::hub_protocol::{HubProtocol, MessageReader};
@@ -111,7 +111,6 @@ pub(super) async fn run(
     let metrics = &connections.metrics;
     let detailed = connections.host.detailed_errors();
     let outbox = connection.outbox().clone();
-    let mut closing = outbox.closing();
     let mut records = RecordBuffer::new(config.max_message_size);
     metrics.connection_opened(caller.transport);
     log::debug!(
@@ -123,7 +122,7 @@ pub(super) async fn run(
     let handshake = tokio::select! {
         result = read_handshake(&mut inbound, &mut records, caller.transport) => result,
         _ = tokio::time::sleep(config.handshake_timeout) => Some(Err(HandshakeError::TimedOut)),
-        _ = closed(&mut closing) => None,
+        _ = outbox.closed() => None,
     };
     match handshake {
         Some(Ok(agreed)) => {
@@ -145,15 +144,7 @@ pub(super) async fn run(
             }
             connections.host.connect(&caller, outbox.clone()).await;
             let reader = MessageReader::after_handshake(agreed.protocol, records);
-            converse(
-                &connections,
-                &connection,
-                &caller,
-                inbound,
-                reader,
-                &mut closing,
-            )
-            .await;
+            converse(&connections, &connection, &caller, inbound, reader).await;
         }
         Some(Err(error)) => {
             log::debug!(
@@ -177,19 +168,10 @@ pub(super) async fn run_moved(
     inbound: queue::Receiver<Bytes>,
 ) {
     let outbox = connection.outbox().clone();
-    let mut closing = outbox.closing();
     connections.metrics.connection_opened(caller.transport);
     let records = RecordBuffer::new(connections.config.max_message_size);
     let reader = MessageReader::after_handshake(outbox.protocol(), records);
-    converse(
-        &connections,
-        &connection,
-        &caller,
-        inbound,
-        reader,
-        &mut closing,
-    )
-    .await;
+    converse(&connections, &connection, &caller, inbound, reader).await;
     finish(&connections, &connection, &caller);
 }
 
@@ -201,7 +183,6 @@ async fn converse(
     caller: &Caller,
     mut inbound: queue::Receiver<Bytes>,
     mut reader: MessageReader,
-    closing: &mut tokio::sync::watch::Receiver<Option<Closing>>,
 ) {
     let outbox = connection.outbox();
     let config = &connections.config;
@@ -220,7 +201,7 @@ async fn converse(
         ping: outbox.protocol().ping_record(),
         detailed: connections.host.detailed_errors(),
     };
-    session.run(&mut inbound, &mut reader, closing).await;
+    session.run(&mut inbound, &mut reader).await;
     for (_, stream) in session.streams.drain() {
         stream.task.abort();
     }
@@ -295,12 +276,7 @@ enum Next {
 }
 
 impl Session<'_> {
-    async fn run(
-        &mut self,
-        inbound: &mut queue::Receiver<Bytes>,
-        reader: &mut MessageReader,
-        closing: &mut tokio::sync::watch::Receiver<Option<Closing>>,
-    ) {
+    async fn run(&mut self, inbound: &mut queue::Receiver<Bytes>, reader: &mut MessageReader) {
         let config = &self.connections.config;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut running: Option<BoxFuture<'static, ()>> = None;
@@ -343,7 +319,7 @@ impl Session<'_> {
                         return;
                     }
                 }
-                _ = closed(closing) => return,
+                _ = self.outbox.closed() => return,
             }
         }
     }

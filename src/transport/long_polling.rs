@@ -20,7 +20,6 @@ use bytes::Bytes;
 
 use super::{batch, final_batch};
 use crate::connection::{Activation, Connection};
-use crate::outbox::closed;
 
 fn respond(mut response: actix_web::HttpResponseBuilder, body: Bytes) -> HttpResponse {
     response
@@ -52,10 +51,9 @@ pub async fn poll(
         queue = connection.outbound() => queue,
         _ = newer_poll(&mut polls) => return respond(HttpResponse::NoContent(), Bytes::new()),
     };
-    let mut closing = connection.outbox().closing();
     let response = tokio::select! {
         biased;
-        reason = closed(&mut closing) => {
+        reason = connection.outbox().closed() => {
             let close = connection
                 .outbox()
                 .close_record(&reason)

@@ -11,11 +11,12 @@ use std::sync::Arc;
 use actix_web::http::header::{CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, PRAGMA};
 use actix_web::HttpResponse;
 use bytes::Bytes;
-use tokio::sync::{watch, OwnedMutexGuard};
+use tokio::sync::OwnedMutexGuard;
 
 use super::{batch, final_batch};
 use crate::connection::{Activation, Connection};
-use crate::outbox::{closed, Closing};
+use crate::outbox::Closing;
+
 use crate::protocol::sse;
 use crate::queue;
 
@@ -40,7 +41,6 @@ enum Phase {
 struct Stream {
     phase: Phase,
     queue: Option<OwnedMutexGuard<queue::Receiver<Bytes>>>,
-    closing: watch::Receiver<Option<Closing>>,
     guard: EndOnDrop,
 }
 
@@ -58,11 +58,12 @@ impl Stream {
             self.queue = Some(self.guard.connection.outbound().await);
         }
         let queue = self.queue.as_mut()?;
+        let outbox = self.guard.connection.outbox();
         tokio::select! {
             biased;
-            reason = closed(&mut self.closing) => {
+            reason = outbox.closed() => {
                 self.phase = Phase::Done;
-                let close = self.guard.connection.outbox().close_record(&reason);
+                let close = outbox.close_record(&reason);
                 let rest = final_batch(queue, close.as_ref());
                 (!rest.is_empty()).then(|| sse::event(&rest))
             }
@@ -76,7 +77,6 @@ pub fn stream(connection: Arc<Connection>, activation: Activation) -> HttpRespon
     let state = Stream {
         phase: Phase::Preamble,
         queue: None,
-        closing: connection.outbox().closing(),
         guard: EndOnDrop {
             connection,
             _activation: activation,

@@ -37,7 +37,7 @@ use futures_util::Stream;
 use tokio::sync::OwnedMutexGuard;
 
 use crate::connection::{Activation, Connection};
-use crate::outbox::{closed, Closing};
+use crate::outbox::Closing;
 use crate::protocol::hub_protocol::TransferFormat;
 use crate::queue;
 
@@ -340,7 +340,6 @@ async fn serve(
     };
     let queue = attached.queue.as_mut().expect("just set");
     let outbox = connection.outbox();
-    let mut closing = outbox.closing();
     // A stateful client coming back: the server's Sequence, then every record the client
     // has not acknowledged, before anything else (HubProtocol.md, "Stateful Reconnect").
     if !first {
@@ -353,7 +352,7 @@ async fn serve(
         writer.drained().await;
         tokio::select! {
             _ = generation.changed() => break None,
-            reason = closed(&mut closing) => {
+            reason = outbox.closed() => {
                 let format = outbox.transfer_format();
                 let rest = super::final_batch(queue, None);
                 if !rest.is_empty() {
