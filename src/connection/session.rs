@@ -142,7 +142,8 @@ pub(super) async fn run(
                 outbox.enable_stateful(config.stateful_buffer_size, None);
                 *connection.sequence() = Some(InboundSequence::default());
             }
-            connections.host.connect(&caller, outbox.clone()).await;
+            // Boxed: see the end of `converse`.
+            Box::pin(connections.host.connect(&caller, outbox.clone())).await;
             let reader = MessageReader::after_handshake(agreed.protocol, records);
             converse(&connections, &connection, &caller, inbound, reader).await;
         }
@@ -208,10 +209,13 @@ async fn converse(
     for task in session.uploading.drain(..) {
         task.abort();
     }
+    drop(session);
+    // Boxed, like the connect hook's future: awaited once, they would otherwise size the
+    // session's task, which lives as long as the connection.
     if connection.has_moved() {
-        connections.host.detach(&caller.connection_id).await;
+        Box::pin(connections.host.detach(&caller.connection_id)).await;
     } else {
-        connections.host.disconnect(caller).await;
+        Box::pin(connections.host.disconnect(caller)).await;
     }
 }
 

@@ -350,7 +350,7 @@ async fn serve(
     }
     let close: Option<CloseReason> = loop {
         writer.drained().await;
-        tokio::select! {
+        let from_client = tokio::select! {
             _ = generation.changed() => break None,
             reason = outbox.closed() => {
                 let format = outbox.transfer_format();
@@ -366,16 +366,19 @@ async fn serve(
                 break Some(CloseReason { code, description: None });
             }
             record = queue.recv() => match record {
-                Some(record) => writer.record(record, outbox.transfer_format()),
+                Some(record) => {
+                    writer.record(record, outbox.transfer_format());
+                    continue;
+                }
                 None => break None,
             },
             message = reader.next() => match message {
                 // The session rejects whatever is not a record of its protocol.
-                Some(Ok(Incoming::Text(bytes) | Incoming::Binary(bytes))) => {
-                    // An error means closing: the close branch finishes the socket.
-                    let _ = connection.receive(bytes).await;
+                Some(Ok(Incoming::Text(bytes) | Incoming::Binary(bytes))) => bytes,
+                Some(Ok(Incoming::Ping(bytes))) => {
+                    writer.frame(Message::Pong(bytes));
+                    continue;
                 }
-                Some(Ok(Incoming::Ping(bytes))) => writer.frame(Message::Pong(bytes)),
                 Some(Ok(Incoming::Close(reason))) => {
                     // Answer the client's close with its own code, completing the handshake.
                     break Some(reason.unwrap_or(CloseReason { code: CloseCode::Normal, description: None }));
@@ -391,7 +394,11 @@ async fn serve(
                 }
                 None => break None,
             },
-        }
+        };
+        // Outside the select, whose futures are gone by now: the socket's future is as
+        // large as the larger of the two, not their sum. An error means closing: the next
+        // round's close branch finishes the socket.
+        let _ = connection.receive(from_client).await;
     };
     attached.closing = close.is_some();
     drop(attached);
