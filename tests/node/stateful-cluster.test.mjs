@@ -25,7 +25,7 @@ import {
   waitUntil,
   instancePids,
 } from "./helpers.mjs";
-import { SteadySender, assertExactlyOnceInOrder } from "./stateful-helpers.mjs";
+import { SteadySender, TcpProxy, assertExactlyOnceInOrder } from "./stateful-helpers.mjs";
 
 const T = 180000;
 const STATEFUL_CLIENTS = 6;
@@ -249,3 +249,65 @@ for (const config of CONFIGS) {
     });
   });
 }
+
+// A session that moves must leave with every message published before its new instance began
+// receiving for it, however far its old instance lags behind Redis. The old instance is
+// paused (SIGSTOP) while messages are published and the client resumes on the other
+// instance, then continued: it has the messages in its Redis socket and the handover request
+// in its HTTP socket at once. Without its fence it may hand the session over first, and those
+// messages reach neither instance's copy of the session.
+describe("a moving session takes every message published before the move (paused old instance)", () => {
+  let cluster;
+  clusterForSuite(
+    { instances: 2, directRouting: true, instanceEnv: { SHUTDOWN_TIMEOUT: "2s" }, timeoutMs: 60000 },
+    (started) => {
+      cluster = started;
+    },
+  );
+  afterEach(stopAllConnections, { timeout: 15000 });
+
+  test("every message reaches the resumed client exactly once, in order", { timeout: T }, async () => {
+    const [oldInstance, newInstance] = cluster.instances;
+    const port = (url) => Number(new URL(url).port);
+    const proxy = await TcpProxy.start(port(oldInstance.url));
+    let paused;
+    try {
+      const client = await connect(proxy.url, { builder: (b) => b.withStatefulReconnect(), label: "moving" });
+      const id = client.connectionId;
+      assert.equal((await client.invoke("WhoAmI")).instance, oldInstance.id);
+      const sender = await connect(newInstance.url, { label: "sender" });
+      const run = nonce("fence");
+      const rec = record(client, "Send", (m) => typeof m === "string" && m.startsWith(`${run}:`));
+      const confirmed = [];
+      const send = async (n) => {
+        await sender.invoke("Send", `${run}:${n}`);
+        confirmed.push(n);
+      };
+      for (let n = 0; n < 5; n++) await send(n);
+      await rec.next(5, 10000);
+
+      // The old instance stops reading; these reach Redis and its socket, not it.
+      paused = instancePids(cluster).get(oldInstance.id);
+      process.kill(paused, "SIGSTOP");
+      for (let n = 5; n < 25; n++) await send(n);
+
+      // The client's socket breaks; it resumes through the proxy, now on the other instance,
+      // which begins receiving for the session and asks the paused one for it.
+      const accepted = proxy.accepted;
+      proxy.targetPort = port(newInstance.url);
+      proxy.dropAll();
+      await proxy.waitForAccepted(accepted + 1, 10000);
+      await new Promise((r) => setTimeout(r, 300));
+      process.kill(paused, "SIGCONT");
+      paused = undefined;
+
+      for (let n = 25; n < 30; n++) await send(n);
+      await assertExactlyOnceInOrder(rec, [{ prefix: `${run}:`, confirmed }]);
+      assert.equal(client.connectionId, id, "the client kept its connection");
+      assert.equal((await client.invoke("WhoAmI")).instance, newInstance.id, "the session moved");
+    } finally {
+      if (paused) process.kill(paused, "SIGCONT");
+      await proxy.close();
+    }
+  });
+});

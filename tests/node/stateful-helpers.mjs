@@ -6,7 +6,10 @@ import net from "node:net";
 import assert from "node:assert/strict";
 import { waitUntil } from "./helpers.mjs";
 
-/** A loopback TCP proxy to `targetPort`; `dropAll()` destroys every socket pair. */
+/**
+ * A loopback TCP proxy to `targetPort` (which may be changed: new sockets go to the new
+ * port); `dropAll()` destroys every socket pair.
+ */
 export class TcpProxy {
   static async start(targetPort) {
     const proxy = new TcpProxy(targetPort);
@@ -19,11 +22,12 @@ export class TcpProxy {
   }
 
   constructor(targetPort) {
+    this.targetPort = targetPort;
     this.accepted = 0;
     this.pairs = new Set();
     this.server = net.createServer((client) => {
       this.accepted++;
-      const upstream = net.connect(targetPort, "127.0.0.1");
+      const upstream = net.connect(this.targetPort, "127.0.0.1");
       const pair = { client, upstream };
       this.pairs.add(pair);
       const end = () => {
