@@ -10,7 +10,11 @@
 //! - An instance takes the claim when a connection's first transport request starts there
 //!   (one atomic script, [`CLAIM_SCRIPT`]: take it if free, else say who holds it). It
 //!   lives [`CLAIM_TTL`] and the holder refreshes it every [`CLAIM_REFRESH`] for all its
-//!   connections at once (pipelined), so a crashed instance leaves nothing behind for long.
+//!   connections, so a crashed instance leaves nothing behind for long: on one Redis a few
+//!   hundred claims per script call ([`REFRESH_SCRIPT`]), on Redis Cluster (a slot per
+//!   claim) a bounded number of calls at a time. Never thousands of calls at once: those
+//!   queue on the connection that new connections' claims also use, and made them wait past
+//!   their timeout (seen at 10,000 connections).
 //! - When the connection ends, the holder turns its claim into the closed marker, which
 //!   lives as long as the token could still be adopted (the caller's TTL), so that the
 //!   token gets 404 on every instance.
@@ -50,6 +54,26 @@ if held == ARGV[1] then
 end
 return held
 ";
+
+/// [`CLAIM_SCRIPT`]'s rule for every key of `KEYS` at once: instance `ARGV[1]`'s claims
+/// live `ARGV[2]` ms more (taken again if Redis lost them); a claim another instance holds,
+/// or a closed marker, is left alone. Returns how many keys it saw.
+pub const REFRESH_SCRIPT: &str = r"
+for _, key in ipairs(KEYS) do
+  local held = redis.call('GET', key)
+  if not held then
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+  elseif held == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+  end
+end
+return #KEYS
+";
+
+/// Claims one [`REFRESH_SCRIPT`] call refreshes (one Redis).
+const REFRESH_CHUNK: usize = 256;
+/// Claim refreshes in flight at once on Redis Cluster, where every claim is in its own slot.
+const REFRESH_IN_FLIGHT: usize = 32;
 
 /// Ends instance `ARGV[1]`'s claim `KEYS[1]`: with a TTL in `ARGV[2]` (ms) it becomes the
 /// closed marker `ARGV[3]`, without one it is deleted. A claim another instance holds is
@@ -113,10 +137,23 @@ impl ClaimStore {
     fn record(&self, outcome: Result<Claim, String>) -> Claim {
         match outcome {
             Ok(claim) => {
+                self.worked(Ok(()));
+                claim
+            }
+            Err(error) => {
+                self.worked(Err(error));
+                Claim::Unknown
+            }
+        }
+    }
+
+    /// Logs when claims stop working and when they work again.
+    fn worked(&self, outcome: Result<(), String>) {
+        match outcome {
+            Ok(()) => {
                 if self.down.swap(false, Ordering::Relaxed) {
                     log::info!("bus: connection claims work again");
                 }
-                claim
             }
             Err(error) => {
                 if !self.down.swap(true, Ordering::Relaxed) {
@@ -125,7 +162,6 @@ impl ClaimStore {
                          without the cluster-wide single-use check until they are back"
                     );
                 }
-                Claim::Unknown
             }
         }
     }
@@ -189,9 +225,9 @@ impl ClaimStore {
         self.record(outcome.map(|_| Claim::Free));
     }
 
-    /// Refreshes this instance's claims `keys`, all requests in flight at once on the
-    /// multiplexed `connection` (one pipelined burst; on a cluster each key goes to its
-    /// own shard).
+    /// Refreshes this instance's claims `keys` on one Redis: [`REFRESH_CHUNK`] keys per
+    /// script call, one call after another, so a claim taken meanwhile waits for one call
+    /// at most.
     pub async fn refresh<C: ConnectionLike + Clone + Send>(
         &self,
         connection: Option<C>,
@@ -200,10 +236,36 @@ impl ClaimStore {
         let Some(connection) = connection else {
             return;
         };
-        let claims = keys
-            .iter()
-            .map(|key| self.claim(Some(connection.clone()), key));
-        futures_util::future::join_all(claims).await;
+        for chunk in keys.chunks(REFRESH_CHUNK) {
+            let mut command = redis::cmd("EVAL");
+            command.arg(REFRESH_SCRIPT).arg(chunk.len());
+            for key in chunk {
+                command.arg(key);
+            }
+            command
+                .arg(self.instance.as_str())
+                .arg(CLAIM_TTL.as_millis() as u64);
+            let outcome = self.run::<C, i64>(Some(connection.clone()), command).await;
+            self.worked(outcome.map(drop));
+        }
+    }
+
+    /// Refreshes this instance's claims `keys` on Redis Cluster, where each lives in its
+    /// own slot: one [`CLAIM_SCRIPT`] call per claim, [`REFRESH_IN_FLIGHT`] at a time.
+    pub async fn refresh_each<C: ConnectionLike + Clone + Send>(
+        &self,
+        connection: Option<C>,
+        keys: &[String],
+    ) {
+        let Some(connection) = connection else {
+            return;
+        };
+        for chunk in keys.chunks(REFRESH_IN_FLIGHT) {
+            let claims = chunk
+                .iter()
+                .map(|key| self.claim(Some(connection.clone()), key));
+            futures_util::future::join_all(claims).await;
+        }
     }
 }
 

@@ -351,7 +351,7 @@ pub trait Bus: Send + Sync {
     }
 
     /// Refreshes this instance's claims of `connections` (every
-    /// [`claims::CLAIM_REFRESH`]), in one pipelined burst.
+    /// [`claims::CLAIM_REFRESH`]), a bounded number of claims per round trip.
     fn refresh_claims(&self, _connections: Vec<ConnectionId>) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }

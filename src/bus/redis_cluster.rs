@@ -931,7 +931,7 @@ impl Bus for RedisClusterBus {
                 .map(|id| self.shared.channels.claim(id))
                 .collect();
             let redis = self.connection();
-            self.shared.claims.refresh(redis, &keys).await
+            self.shared.claims.refresh_each(redis, &keys).await
         })
     }
 

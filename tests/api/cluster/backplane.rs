@@ -141,28 +141,9 @@ async fn wait_status(cluster: &TestCluster, which: &[usize], status: &str) {
     .await;
 }
 
-/// Runs `redis-cli` against the cluster's Redis and returns its answer.
-fn redis_cli(cluster: &TestCluster, args: &[&str]) -> String {
-    let port = cluster
-        .cluster
-        .redis_url
-        .rsplit(':')
-        .next()
-        .expect("a port")
-        .to_owned();
-    let output = std::process::Command::new("redis-cli")
-        .env_clear()
-        .args(["-p", &port])
-        .args(args)
-        .output()
-        .expect("redis-cli runs");
-    assert!(output.status.success(), "redis-cli {args:?}");
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 /// How many Redis connections subscribe to `channel`.
 fn subscribers(cluster: &TestCluster, channel: &str) -> u64 {
-    let answer = redis_cli(cluster, &["PUBSUB", "NUMSUB", channel]);
+    let answer = cluster.redis_cli(&["PUBSUB", "NUMSUB", channel]);
     let mut lines = answer.lines();
     assert_eq!(lines.next(), Some(channel), "{answer}");
     lines

@@ -3,6 +3,8 @@
 //! the first one is unaffected), and once the connection ended its token gets 404 on
 //! every instance, for every kind of request — through the cluster-wide claims in Redis.
 
+use std::time::Duration;
+
 use awc::http::StatusCode;
 use awc::ws;
 use serde_json::json;
@@ -159,4 +161,53 @@ async fn with_redis_down_a_fresh_websocket_is_still_adopted_and_the_outage_logge
         1,
         "logged once"
     );
+}
+
+#[actix_web::test]
+async fn an_instance_keeps_the_claims_of_its_connections_alive() {
+    // More connections than one refresh call carries (256), all on one instance.
+    let cluster = spawn_cluster(2, |_| {}).await;
+    // An HTTP client keeps at most 100 connections to one host: 80 sockets per client.
+    let apis: Vec<Api> = (0..4)
+        .map(|_| Api::new(cluster.cluster.instances[0].url.clone()))
+        .collect();
+    let mut clients = Vec::new();
+    for i in 0..300 {
+        clients.push(WsClient::connect(&apis[i / 80]).await);
+    }
+    let pattern = "stickless:chat:claim:*";
+    // Every claim loses 6 s of its 30: 24 s left, longer than the wait below, so a claim
+    // that is not refreshed stays short rather than expiring out of sight.
+    let shortened = cluster.redis_cli(&[
+        "EVAL",
+        "local n = 0 for _, k in ipairs(redis.call('KEYS', ARGV[1])) do \
+         redis.call('PEXPIRE', k, 24000) n = n + 1 end return n",
+        "0",
+        pattern,
+    ]);
+    let shortened: usize = shortened.trim().parse().expect("a count");
+    assert!(shortened >= 300, "only {shortened} claims in Redis");
+    // The next refresh (every 10 s) gives each its 30 s again.
+    eventually(Duration::from_secs(13), "every claim refreshed", || async {
+        let low = cluster.redis_cli(&[
+            "EVAL",
+            "local low = 0 for _, k in ipairs(redis.call('KEYS', ARGV[1])) do \
+             if redis.call('PTTL', k) < 25000 then low = low + 1 end end return low",
+            "0",
+            pattern,
+        ]);
+        (low.trim() == "0").then_some(())
+    })
+    .await;
+    // And they still say who holds them.
+    let held = cluster.redis_cli(&[
+        "EVAL",
+        "local n = 0 for _, k in ipairs(redis.call('KEYS', ARGV[1])) do \
+         if redis.call('GET', k) == ARGV[2] then n = n + 1 end end return n",
+        "0",
+        pattern,
+        &cluster.ids[0],
+    ]);
+    assert_eq!(held.trim().parse::<usize>().expect("a count"), shortened);
+    drop(clients);
 }

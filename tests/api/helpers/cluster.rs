@@ -109,6 +109,25 @@ impl TestCluster {
         self.running[index] = false;
     }
 
+    /// Runs `redis-cli` against the cluster's Redis and returns its answer.
+    pub fn redis_cli(&self, args: &[&str]) -> String {
+        let port = self
+            .cluster
+            .redis_url
+            .rsplit(':')
+            .next()
+            .expect("a port")
+            .to_owned();
+        let output = std::process::Command::new("redis-cli")
+            .env_clear()
+            .args(["-p", &port])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        assert!(output.status.success(), "redis-cli {args:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// Sends a signal to instance `index`: `TERM` starts its graceful shutdown, `STOP`
     /// pauses it, `CONT` resumes it.
     pub fn signal(&self, index: usize, signal: &str) {
