@@ -162,11 +162,6 @@ impl Application {
                         .custom_request_replace("request", access_log_request_line)
                         .log_target("stickless::access"),
                 )
-                // Outermost: every request's future is boxed. actix-http's connection task
-                // is sized for the largest state of its dispatcher, which holds this future
-                // inline; boxed, an HTTP connection (and so every WebSocket, whose task it
-                // is) reserves a pointer instead of room for the largest handler's future.
-                .wrap_fn(|req, srv| -> LocalBoxFuture<'static, _> { Box::pin(srv.call(req)) })
                 .configure(routes(&app_state.hubs));
             if let Some(own) = &app_state.routes {
                 app = app.configure(|cfg| own(cfg));

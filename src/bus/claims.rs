@@ -58,7 +58,7 @@ return held
 /// [`CLAIM_SCRIPT`]'s rule for every key of `KEYS` at once: instance `ARGV[1]`'s claims
 /// live `ARGV[2]` ms more (taken again if Redis lost them); a claim another instance holds,
 /// or a closed marker, is left alone. Returns how many keys it saw.
-pub const REFRESH_SCRIPT: &str = r"
+const REFRESH_SCRIPT: &str = r"
 for _, key in ipairs(KEYS) do
   local held = redis.call('GET', key)
   if not held then

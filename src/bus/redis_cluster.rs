@@ -206,15 +206,22 @@ impl Channels {
         }
     }
 
+    /// Where messages to `audience` (and fences on its topic) go.
+    fn audience(&self, audience: &Audience) -> String {
+        match audience {
+            Audience::All { .. } => self.all(),
+            Audience::Connection(id) => self.topic(&Topic::Connection(id.clone())),
+            Audience::Group { name, .. } => self.topic(&Topic::Group(name.clone())),
+            Audience::User(user) => self.topic(&Topic::User(user.clone())),
+        }
+    }
+
     /// Where an envelope goes.
     fn of(&self, envelope: &Envelope) -> String {
         match envelope {
-            Envelope::Message { audience, .. } => match audience {
-                Audience::All { .. } => self.all(),
-                Audience::Connection(id) => self.topic(&Topic::Connection(id.clone())),
-                Audience::Group { name, .. } => self.topic(&Topic::Group(name.clone())),
-                Audience::User(user) => self.topic(&Topic::User(user.clone())),
-            },
+            Envelope::Message { audience, .. } | Envelope::Fence { audience, .. } => {
+                self.audience(audience)
+            }
             Envelope::Group(command) => self.topic(&Topic::Connection(command.connection.clone())),
             Envelope::Announcement(_) => self.instances(),
             Envelope::ToInstance { to, .. } => self.topic(&Topic::Instance(to.clone())),
@@ -222,10 +229,6 @@ impl Channels {
                 self.topic(&Topic::Connection(invocation.connection.clone()))
             }
             Envelope::Reply(reply) => self.returns(&reply.to),
-            Envelope::Fence { audience, .. } => self.of(&Envelope::Message {
-                audience: audience.clone(),
-                record: Bytes::new(),
-            }),
         }
     }
 }

@@ -282,10 +282,10 @@ impl HubHost {
     /// before that is in the buffer that moves, and one published after reaches the new
     /// instance (the two overlap, see `Outbox::complete_move`). The other instance may have
     /// had it from the broker before this one, by any margin, so without the fence a
-    /// message could miss both. False when the markers did not come back in time.
-    pub async fn fence(&self, connection: &ConnectionId) -> bool {
+    /// message could miss both. After [`FENCE_TIMEOUT`] it returns anyway (logged).
+    pub async fn fence(&self, connection: &ConnectionId) {
         if !self.bus.is_shared() {
-            return true; // One instance: nothing travels between instances.
+            return; // One instance: nothing travels between instances.
         }
         let audiences = [
             Audience::All { except: vec![] },
@@ -304,11 +304,10 @@ impl HubHost {
         for audience in audiences {
             self.bus.publish(Envelope::Fence { audience, id }).await;
         }
-        let passed = matches!(
+        if !matches!(
             tokio::time::timeout(FENCE_TIMEOUT, came_back).await,
             Ok(Ok(()))
-        );
-        if !passed {
+        ) {
             self.fences
                 .waiting
                 .lock()
@@ -316,7 +315,6 @@ impl HubHost {
                 .remove(&id);
             log::debug!("fence for {}: not back in time", connection.for_log());
         }
-        passed
     }
 
     /// Resolves once what this instance published so far is with the broker (bounded):
