@@ -68,18 +68,21 @@ async function notificationsClient(transport, i) {
 
 /**
  * Connects `n` clients with `make(i)` so that the first three are on three different
- * instances. nginx's round robin is deterministic: when one client makes a multiple of
- * three requests, every client would land on the same instance; a spacer request (a
- * `/healthz` through nginx) shifts the rotation, and the misplaced client connects again.
+ * instances. A client's requests follow a fixed pattern, so under nginx's round robin a
+ * client that lands on a taken instance could keep landing there (with long polling, other
+ * clients' polls shift the rotation too, unpredictably). Before each new attempt a random
+ * number (0-2) of `/healthz` requests through nginx shifts the rotation, so each attempt
+ * has at least a one-in-three chance; 30 attempts leave a miss at (2/3)^30, about 5e-6.
  */
 async function connectSpread(n, make) {
   const clients = [];
   for (let i = 0; i < n; i++) {
     let c = await make(i);
     const wanted = Math.min(clients.length + 1, 3);
-    for (let tries = 0; tries < 6 && new Set([...clients, c].map((x) => x.instance)).size < wanted; tries++) {
+    for (let tries = 0; tries < 30 && new Set([...clients, c].map((x) => x.instance)).size < wanted; tries++) {
       await c.stop();
-      await http(`${cluster.url}/healthz`);
+      const nudges = Math.floor(Math.random() * 3);
+      for (let k = 0; k < nudges; k++) await http(`${cluster.url}/healthz`);
       c = await make(i);
     }
     clients.push(c);
