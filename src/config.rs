@@ -52,7 +52,7 @@ pub struct Settings {
     pub cluster_secret: Option<String>,
 
     /// Re-forward budget per misrouted request: `auto` sizes it from the cluster's size
-    /// for at most 0.1 % misses under a random balancer (capped at 128), or a number; 0
+    /// for at most one miss in a million under a random balancer (capped at 128), or a number; 0
     /// disables re-forwarding through the load balancer.
     #[arg(long, env = "MAX_FORWARD_ATTEMPTS", default_value = "auto")]
     pub max_forward_attempts: ForwardBudget,

@@ -49,6 +49,49 @@ pub const POLL_GRACE: Duration = Duration::from_secs(15);
 const MAX_RESPONSE_BODY: usize = 8 * 1024 * 1024;
 /// Tells how many attempts a forwarded response took.
 pub const ATTEMPTS_HEADER: &str = "x-stickless-forward-attempts";
+/// The longest pause before a retry through the balancer (see [`retry_pause`]).
+const RETRY_PAUSE_MAX: Duration = Duration::from_millis(8);
+/// The pause window grows by this much per earlier miss, up to [`RETRY_PAUSE_MAX`].
+const RETRY_PAUSE_STEP: Duration = Duration::from_millis(1);
+
+/// The pause before a request's next attempt through the balancer, after `earlier`
+/// attempts through it missed: none before the first, then a random moment of up to
+/// `earlier + 1` milliseconds (at most [`RETRY_PAUSE_MAX`]).
+///
+/// Why: under round robin, two instances that each forward a request for the other's
+/// connection at the same moment can each be handed back to themselves; if both retry the
+/// moment their miss comes back, they reach the balancer in the same order again and miss
+/// again, until both budgets run out (seen with 2 instances: 8 of 600 paired sends ended
+/// in 404 after 10 attempts each). Random pauses make the order random, so each further
+/// attempt misses with the chance a random balancer gives, which is what the `auto` budget
+/// is sized for ([`crate::routing::ForwardBudget`]). A full budget at the `auto` cap (128)
+/// waits about half a second in all, and only when the owner is never found.
+fn retry_pause(earlier: u32) -> Duration {
+    if earlier == 0 {
+        return Duration::ZERO;
+    }
+    RETRY_PAUSE_STEP
+        .saturating_mul(earlier.saturating_add(1))
+        .min(RETRY_PAUSE_MAX)
+        .mul_f64(rand::random::<f64>())
+}
+
+/// Waits `pause`, to within a few microseconds. The runtime's timer works in whole
+/// milliseconds: two pauses that round to the same tick would wake in the same order every
+/// time, which is the lockstep [`retry_pause`] is there to break. So the whole milliseconds
+/// are slept on the timer and the rest (under 1 ms) on a blocking-pool thread.
+async fn pause_precisely(pause: Duration) {
+    let whole = Duration::from_millis(pause.as_millis() as u64);
+    if !whole.is_zero() {
+        tokio::time::sleep(whole).await;
+    }
+    let rest = pause - whole;
+    if !rest.is_zero() {
+        // A blocking-pool thread is held for under 1 ms; if none can be had, the pause is
+        // just shorter.
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+    }
+}
 
 /// Headers that belong to one hop and must not be forwarded (RFC 9110 §7.6.1).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -143,6 +186,8 @@ pub(crate) fn now_secs() -> u64 {
 #[derive(Default)]
 struct Tally {
     attempts: u64,
+    /// Attempts through the load balancer so far (they pace the next one).
+    balancer_attempts: u32,
     mode: &'static str,
     not_found: bool,
     /// The owner itself said it does not hold the connection, or did not answer over
@@ -157,6 +202,16 @@ impl Tally {
         self.attempts += 1;
         self.mode = mode;
         metrics.forward_request_sent();
+    }
+
+    /// Counts the start of one more HTTP attempt; one through the balancer first waits
+    /// its [`retry_pause`].
+    async fn begin_http(&mut self, mode: &'static str, metrics: &Metrics) {
+        if mode == "load_balancer" {
+            pause_precisely(retry_pause(self.balancer_attempts)).await;
+            self.balancer_attempts += 1;
+        }
+        self.begin(mode, metrics);
     }
 }
 
@@ -292,7 +347,7 @@ impl Forwarder {
                     }
                 }
             };
-            tally.begin(mode, &self.metrics);
+            tally.begin_http(mode, &self.metrics).await;
             let mut request = self
                 .client
                 .request(
@@ -405,7 +460,7 @@ impl Forwarder {
                     }
                 }
             };
-            tally.begin(mode, &self.metrics);
+            tally.begin_http(mode, &self.metrics).await;
             let url = format!(
                 "ws{}{}",
                 base.trim_start_matches("http"),
@@ -734,6 +789,42 @@ async fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn balancer_retries_wait_a_random_moment_in_a_window_that_widens_to_a_cap() {
+        assert_eq!(
+            retry_pause(0),
+            Duration::ZERO,
+            "the first attempt goes at once"
+        );
+        for earlier in 1..200u32 {
+            let widest = (RETRY_PAUSE_STEP * (earlier + 1)).min(RETRY_PAUSE_MAX);
+            let pauses: Vec<Duration> = (0..400).map(|_| retry_pause(earlier)).collect();
+            assert!(pauses.iter().all(|p| *p <= widest), "{earlier}: {pauses:?}");
+            // Spread over the whole window, finer than the timer's millisecond: a fixed
+            // pause, or one rounded to the tick, would keep two forwarders in step.
+            let tenths: std::collections::BTreeSet<u128> = pauses
+                .iter()
+                .map(|p| p.as_micros() * 10 / widest.as_micros())
+                .collect();
+            assert_eq!(
+                tenths,
+                (0..10).collect(),
+                "after {earlier} misses: {pauses:?}"
+            );
+        }
+    }
+
+    #[actix_web::test]
+    async fn a_pause_lasts_at_least_as_long_as_asked() {
+        for asked in [300u64, 1_700, 2_050] {
+            let asked = Duration::from_micros(asked);
+            let started = std::time::Instant::now();
+            pause_precisely(asked).await;
+            let took = started.elapsed();
+            assert!(took >= asked, "asked {asked:?}, took {took:?}");
+        }
+    }
 
     #[test]
     fn direct_then_the_bus_are_tried_once_before_the_load_balancer() {
