@@ -2,7 +2,8 @@
 //! every transport, with negotiate versions 1 and 0 (whose connection id is the token),
 //! an `access_token` in the query and requests sent to the wrong instance (forwarded);
 //! then every instance's log is read and must contain neither a connection token nor the
-//! access token, while it does show the (redacted) access and forwarding lines.
+//! access token, while it does show the (redacted) access and forwarding lines. nginx's
+//! access log, written with the repo's nginx.conf, must contain neither either.
 
 use std::time::Duration;
 
@@ -74,6 +75,43 @@ async fn logs_redact_connection_tokens_v0_ids_and_access_tokens() {
         "WebSockets"
     );
     secrets.push(token);
+
+    // Through the load balancer: nginx's own access log (the repo's nginx.conf) must keep
+    // query strings out too.
+    let (_, token) = home.negotiate().await;
+    let through = cluster
+        .lb
+        .request(
+            Method::GET,
+            &format!("/chat?id={token}&access_token={ACCESS_TOKEN}"),
+            &[],
+            "",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(through.status.is_success(), "{}", through.status);
+    secrets.push(token);
+    // nginx writes a request's line once it has answered: wait for it.
+    let nginx_log = cluster.cluster.dir.join("nginx.log");
+    let mut balancer_log = String::new();
+    for _ in 0..50 {
+        balancer_log = std::fs::read_to_string(&nginx_log).unwrap_or_default();
+        if balancer_log.contains("\"GET /chat HTTP/1.1\" 200") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        balancer_log.contains("\"GET /chat HTTP/1.1\" 200"),
+        "no access log line for the poll in {}:\n{balancer_log}",
+        nginx_log.display()
+    );
+    for secret in &secrets {
+        assert!(
+            !balancer_log.contains(secret.as_str()),
+            "nginx's access log contains the secret {secret}:\n{balancer_log}"
+        );
+    }
 
     let mut logs = String::new();
     for id in &cluster.ids {

@@ -316,7 +316,7 @@ pub fn render_nginx_conf(
     );
     let d = dir.display();
     let locations = format!(
-        "http {{\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n    access_log {d}/nginx-access.log;\n"
+        "http {{\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n"
     );
     if !conf.contains("http {\n") {
         return Err(ClusterError::Template("`http {` block"));
