@@ -301,6 +301,14 @@ impl LocalClients {
             .unwrap_or_default()
     }
 
+    /// The user of a local connection, if it has one.
+    pub fn user_of(&self, id: &ConnectionId) -> Option<String> {
+        self.read()
+            .connections
+            .get(id)
+            .and_then(|member| member.user.clone())
+    }
+
     /// Forgets a connection; returns the topics this instance no longer needs.
     pub fn remove(&self, id: &ConnectionId) -> Vec<Topic> {
         let mut index = self.write();

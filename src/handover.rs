@@ -2,12 +2,16 @@
 //! (DESIGN.md, "Routing" item 6; README, "Stateful reconnect").
 //!
 //! The instance that received the WebSocket (the *puller*) first starts receiving for the
-//! connection ([`crate::connection::Connections::begin_move`]), then asks for the session:
-//! `POST {hub}?id=TOKEN&handover=1`, marked as an internal probe, sent to the token's owner
-//! first and then to every other live instance, directly (advertised URL) or relayed over
-//! the bus. The one instance that holds the session freezes it and answers 200 with its
-//! state ([`Moved`], JSON here); every other answers 404. Its registry removal is atomic,
-//! so a session is never served by two instances, and a second puller gets 404.
+//! connection ([`crate::connection::Connections::begin_move`]), then asks where the session
+//! is and which groups it is in: `POST {hub}?id=TOKEN&handover=groups`, marked as an
+//! internal probe, sent to the token's owner and every other live instance at once,
+//! directly (advertised URL) or relayed over the bus. The instance that holds it answers
+//! with the groups (nothing changes there); every other answers 404. The puller joins those
+//! groups too, then asks that instance for the session: `POST {hub}?id=TOKEN&handover=1`
+//! (and, should it have moved on meanwhile, every live instance again). The holder fences
+//! every topic the session hears (`HubHost::fence`), freezes it and answers 200 with its
+//! state ([`Moved`], JSON here). Its registry removal is atomic, so a session is never
+//! served by two instances, and a second puller gets 404.
 //!
 //! Wire form of the state: JSON with the replay records in base64url, so that MessagePack
 //! records travel as they are.
@@ -31,6 +35,8 @@ use crate::routing::PROBE_HEADER;
 
 /// The query flag of a handover request.
 pub const HANDOVER_FLAG: &str = "handover";
+/// Its value for the first step: the session's groups, nothing frozen.
+pub const HANDOVER_GROUPS: &str = "groups";
 
 /// Longest wait for one instance's answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -133,18 +139,46 @@ pub struct Puller<'a> {
 }
 
 impl Puller<'_> {
-    /// Asks the token's owner and every other live instance for the session; the state of
-    /// the one that held it (its registry removal is atomic: only one can), or `None`.
+    /// Asks the token's owner and every other live instance where the session is: the
+    /// instance that holds it and the session's groups there, or `None` if none does.
+    pub async fn locate(
+        &self,
+        hub_path: &str,
+        token: &str,
+        owner: &InstanceId,
+    ) -> Option<(InstanceId, Vec<String>)> {
+        let path = format!("{hub_path}?id={token}&{HANDOVER_FLAG}={HANDOVER_GROUPS}");
+        self.ask_around(&path, owner, |body| {
+            serde_json::from_slice::<Vec<String>>(body).map_err(HandoverError::Json)
+        })
+        .await
+    }
+
+    /// Asks `holder` (and every other live instance, in case the session moved on) for the
+    /// session; the state of the one that held it (its registry removal is atomic: only
+    /// one can), or `None`.
+    pub async fn pull(&self, hub_path: &str, token: &str, holder: &InstanceId) -> Option<Moved> {
+        let path = format!("{hub_path}?id={token}&{HANDOVER_FLAG}=1");
+        self.ask_around(&path, holder, decode)
+            .await
+            .map(|(_, moved)| moved)
+    }
+
+    /// Asks `first` and every other live instance at once; the first good answer.
     ///
     /// Instances that became known while the first round was out are asked in a second
     /// one: an instance that just started learns its peers from their answers to its
     /// first heartbeat, and the session may be held by any of them.
-    pub async fn pull(&self, hub_path: &str, token: &str, owner: &InstanceId) -> Option<Moved> {
-        let path = format!("{hub_path}?id={token}&{HANDOVER_FLAG}=1");
+    async fn ask_around<T>(
+        &self,
+        path: &str,
+        first: &InstanceId,
+        read: impl Fn(&[u8]) -> Result<T, HandoverError>,
+    ) -> Option<(InstanceId, T)> {
         // Right after a (re)start this instance may not know every peer yet.
         self.peers.settled().await;
         let mut asked: Vec<InstanceId> = vec![self.me.clone()];
-        let mut candidates = vec![owner.clone()];
+        let mut candidates = vec![first.clone()];
         for _ in 0..2 {
             candidates.extend(self.peers.live_instances());
             // Each instance once: the owner is usually among the live ones too.
@@ -161,17 +195,22 @@ impl Puller<'_> {
             if round.is_empty() {
                 continue;
             }
-            if let Some(moved) = self.ask_all(&path, &round).await {
-                return Some(moved);
+            if let Some(answer) = self.ask_all(path, &round, &read).await {
+                return Some(answer);
             }
         }
         None
     }
 
-    /// Asks `instances` at once and returns as soon as one hands the session over: a dead
-    /// instance costs one timeout, not one per candidate, so a client whose instance was
-    /// killed learns it (404) and starts anew quickly.
-    async fn ask_all(&self, path: &str, instances: &[InstanceId]) -> Option<Moved> {
+    /// Asks `instances` at once and returns as soon as one answers 200 with something
+    /// `read` accepts: a dead instance costs one timeout, not one per candidate, so a
+    /// client whose instance was killed learns it (404) and starts anew quickly.
+    async fn ask_all<T>(
+        &self,
+        path: &str,
+        instances: &[InstanceId],
+        read: &impl Fn(&[u8]) -> Result<T, HandoverError>,
+    ) -> Option<(InstanceId, T)> {
         let mut asks: FuturesUnordered<_> = instances
             .iter()
             .map(|instance| async move {
@@ -187,10 +226,10 @@ impl Puller<'_> {
             })
             .collect();
         while let Some((instance, answer)) = asks.next().await {
-            match answer.map(|body| decode(&body)) {
-                Some(Ok(moved)) => {
-                    log::debug!("session moved here from {instance}");
-                    return Some(moved);
+            match answer.map(|body| read(&body)) {
+                Some(Ok(value)) => {
+                    log::debug!("handover step {path:?} answered by {instance}");
+                    return Some((instance.clone(), value));
                 }
                 Some(Err(error)) => log::warn!("handover from {instance}: {error}"),
                 None => {}

@@ -18,7 +18,7 @@ use crate::config::Settings;
 use crate::connection::{Connection, ConnectionError, Connections};
 use crate::forwarding::relay::Relay;
 use crate::forwarding::Forwarder;
-use crate::handover::{self, Puller, HANDOVER_FLAG};
+use crate::handover::{self, Puller, HANDOVER_FLAG, HANDOVER_GROUPS};
 use crate::hub::{RequestHead, UserIdProvider};
 use crate::metrics::{Metrics, Rejection};
 use crate::protocol::negotiate::{self, NegotiateResponse, TransportKind};
@@ -580,7 +580,25 @@ async fn hub_get(
                 relay: state.relay.as_ref(),
                 key: state.router.key(),
             };
-            let moved = puller.pull(&hub.path, &token, &claims.owner).await;
+            // Where the session is, and its groups: this instance joins them before the
+            // holder fences them and lets go, so a group message cannot miss both.
+            let moved = match puller.locate(&hub.path, &token, &claims.owner).await {
+                Some((holder, groups)) => {
+                    let host = hub.connections.host();
+                    host.rejoin(&connection.id, &groups).await;
+                    let moved = puller.pull(&hub.path, &token, &holder).await;
+                    if let Some(moved) = &moved {
+                        // Groups it left in between (server code may change them).
+                        let left: Vec<String> = groups
+                            .into_iter()
+                            .filter(|group| !moved.groups.contains(group))
+                            .collect();
+                        host.leave_groups(&connection.id, &left).await;
+                    }
+                    moved
+                }
+                None => None,
+            };
             if moved.as_ref().is_some_and(|moved| moved.fresh) {
                 // Negotiated elsewhere and never started: it starts here, with its handshake.
                 hub.connections.abort_move(&connection).await;
@@ -625,8 +643,15 @@ async fn hub_post(
     forwarder: web::Data<Forwarder>,
 ) -> Result<HttpResponse, ApiError> {
     let token = connection_token(&req).ok_or(ApiError::MissingId)?;
-    if query_param(&req, HANDOVER_FLAG).is_some() && state.is_probe(&req) {
-        // Another instance pulls a stateful session its client resumed there.
+    if let Some(step) = query_param(&req, HANDOVER_FLAG).filter(|_| state.is_probe(&req)) {
+        // Another instance pulls a stateful session its client resumed there: first it
+        // asks for the session's groups (to receive for them too), then for the session.
+        if step == HANDOVER_GROUPS {
+            return Ok(match hub.connections.groups_before_handover(&token) {
+                Some(groups) => HttpResponse::Ok().json(groups),
+                None => ApiError::UnknownConnection.error_response(),
+            });
+        }
         return Ok(match hub.connections.hand_over(&token).await {
             Some(moved) => HttpResponse::Ok()
                 .content_type("application/json")

@@ -576,6 +576,24 @@ impl Connections {
         ));
     }
 
+    /// The groups of a stateful session that another instance is about to pull (so that it
+    /// can receive for them before this one fences and lets go, [`Connections::hand_over`]);
+    /// no groups for a connection negotiated here and never started. `None` if it is not
+    /// here or not a stateful session. Nothing changes here.
+    pub fn groups_before_handover(&self, token: &str) -> Option<Vec<String>> {
+        let connection = self.get(token)?;
+        if connection.moved.load(Ordering::Acquire) {
+            return None;
+        }
+        if connection.transport().is_none() {
+            return Some(Vec::new());
+        }
+        connection
+            .outbox()
+            .is_stateful()
+            .then(|| self.host.groups_of(&connection.id))
+    }
+
     /// Hands a stateful session over to another instance: it stops receiving here (no
     /// delivery reaches it once this returns), its state is taken out, its socket is
     /// dropped and its session ends without the disconnect hook. `None` if it is not here

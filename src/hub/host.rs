@@ -274,23 +274,45 @@ impl HubHost {
         }
     }
 
-    /// Waits until every message published to `connection` or to everyone before this
-    /// call was delivered here: a marker sent on each of those topics comes back through
-    /// the bus after them, and the bus's events are delivered in order ([`HubHost::drain`]).
+    /// Takes a connection out of groups here (a moving session's groups that it left on
+    /// its old instance before it moved).
+    pub async fn leave_groups(&self, id: &ConnectionId, groups: &[String]) {
+        for group in groups {
+            let _ = self.local.change_group(&*self.bus, id, group, false).await;
+        }
+    }
+
+    /// The groups a local connection is in.
+    pub fn groups_of(&self, id: &ConnectionId) -> Vec<String> {
+        self.local.groups_of(id)
+    }
+
+    /// Waits until every message published before this call to any audience `connection`
+    /// is in here (everyone, the connection itself, its user, each of its groups) was
+    /// delivered here: a marker sent on each of those topics comes back through the bus
+    /// after them, and the bus's events are delivered in order ([`HubHost::drain`]).
     /// A stateful session that moves away calls this before it stops receiving here: the
-    /// instance it moves to started receiving for it before it asked, so a message published
-    /// before that is in the buffer that moves, and one published after reaches the new
-    /// instance (the two overlap, see `Outbox::complete_move`). The other instance may have
-    /// had it from the broker before this one, by any margin, so without the fence a
-    /// message could miss both. After [`FENCE_TIMEOUT`] it returns anyway (logged).
+    /// instance it moves to started receiving for it (its groups included,
+    /// [`HubHost::groups_of`]) before it asked, so a message published before that is in
+    /// the buffer that moves, and one published after reaches the new instance (the two
+    /// overlap, see `Outbox::complete_move`). The other instance may have had it from the
+    /// broker before this one, by any margin, so without the fence a message could miss
+    /// both. After [`FENCE_TIMEOUT`] it returns anyway (logged).
     pub async fn fence(&self, connection: &ConnectionId) {
         if !self.bus.is_shared() {
             return; // One instance: nothing travels between instances.
         }
-        let audiences = [
+        let mut audiences = vec![
             Audience::All { except: vec![] },
             Audience::Connection(connection.clone()),
         ];
+        audiences.extend(self.local.user_of(connection).map(Audience::User));
+        audiences.extend(self.local.groups_of(connection).into_iter().map(|name| {
+            Audience::Group {
+                name,
+                except: vec![],
+            }
+        }));
         let id = self
             .fences
             .next

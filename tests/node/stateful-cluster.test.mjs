@@ -255,7 +255,26 @@ for (const config of CONFIGS) {
 // paused (SIGSTOP) while messages are published and the client resumes on the other
 // instance, then continued: it has the messages in its Redis socket and the handover request
 // in its HTTP socket at once. Without its fence it may hand the session over first, and those
-// messages reach neither instance's copy of the session.
+// messages reach neither instance's copy of the session. Messages to a group the session is
+// in travel on the group's own channel: the new instance must join the session's groups
+// before the old one fences them and lets go.
+const MOVING_CASES = [
+  {
+    name: "messages to everyone",
+    join: async () => {},
+    send: (sender, text) => sender.invoke("Send", text),
+    record: (client, run) => record(client, "Send", (m) => typeof m === "string" && m.startsWith(`${run}:`)),
+    text: (m) => m,
+  },
+  {
+    name: "messages to a group it is in",
+    join: (client, run) => client.invoke("JoinRoom", run),
+    send: (sender, text, run) => sender.invoke("SendToRoom", run, text),
+    record: (client, run) => record(client, "ReceiveMessage", (m) => m?.room === run && m.text?.startsWith(`${run}:`)),
+    text: (m) => m.text,
+  },
+];
+
 describe("a moving session takes every message published before the move (paused old instance)", () => {
   let cluster;
   clusterForSuite(
@@ -266,48 +285,53 @@ describe("a moving session takes every message published before the move (paused
   );
   afterEach(stopAllConnections, { timeout: 15000 });
 
-  test("every message reaches the resumed client exactly once, in order", { timeout: T }, async () => {
-    const [oldInstance, newInstance] = cluster.instances;
-    const port = (url) => Number(new URL(url).port);
-    const proxy = await TcpProxy.start(port(oldInstance.url));
-    let paused;
-    try {
-      const client = await connect(proxy.url, { builder: (b) => b.withStatefulReconnect(), label: "moving" });
-      const id = client.connectionId;
-      assert.equal((await client.invoke("WhoAmI")).instance, oldInstance.id);
-      const sender = await connect(newInstance.url, { label: "sender" });
-      const run = nonce("fence");
-      const rec = record(client, "Send", (m) => typeof m === "string" && m.startsWith(`${run}:`));
-      const confirmed = [];
-      const send = async (n) => {
-        await sender.invoke("Send", `${run}:${n}`);
-        confirmed.push(n);
-      };
-      for (let n = 0; n < 5; n++) await send(n);
-      await rec.next(5, 10000);
+  for (const c of MOVING_CASES) {
+    test(`${c.name}: every one reaches the resumed client exactly once, in order`, { timeout: T }, async () => {
+      const [oldInstance, newInstance] = cluster.instances;
+      const port = (url) => Number(new URL(url).port);
+      const proxy = await TcpProxy.start(port(oldInstance.url));
+      let paused;
+      try {
+        const client = await connect(proxy.url, { builder: (b) => b.withStatefulReconnect(), label: "moving" });
+        const id = client.connectionId;
+        assert.equal((await client.invoke("WhoAmI")).instance, oldInstance.id);
+        const sender = await connect(newInstance.url, { label: "sender" });
+        const run = nonce("fence");
+        await c.join(client, run);
+        const rec = c.record(client, run);
+        const texts = { who: "moving", get items() { return rec.items.map(([m]) => [c.text(m)]); } };
+        const confirmed = [];
+        const send = async (n) => {
+          await c.send(sender, `${run}:${n}`, run);
+          confirmed.push(n);
+        };
+        for (let n = 0; n < 5; n++) await send(n);
+        await rec.next(5, 10000);
 
-      // The old instance stops reading; these reach Redis and its socket, not it.
-      paused = instancePids(cluster).get(oldInstance.id);
-      process.kill(paused, "SIGSTOP");
-      for (let n = 5; n < 25; n++) await send(n);
+        // The old instance stops reading; these reach Redis and its socket, not it.
+        paused = instancePids(cluster).get(oldInstance.id);
+        process.kill(paused, "SIGSTOP");
+        for (let n = 5; n < 25; n++) await send(n);
 
-      // The client's socket breaks; it resumes through the proxy, now on the other instance,
-      // which begins receiving for the session and asks the paused one for it.
-      const accepted = proxy.accepted;
-      proxy.targetPort = port(newInstance.url);
-      proxy.dropAll();
-      await proxy.waitForAccepted(accepted + 1, 10000);
-      await new Promise((r) => setTimeout(r, 300));
-      process.kill(paused, "SIGCONT");
-      paused = undefined;
+        // The client's socket breaks; it resumes through the proxy, now on the other
+        // instance, which begins receiving for the session and asks the paused one for it.
+        const accepted = proxy.accepted;
+        proxy.targetPort = port(newInstance.url);
+        proxy.dropAll();
+        await proxy.waitForAccepted(accepted + 1, 10000);
+        await new Promise((r) => setTimeout(r, 300));
+        process.kill(paused, "SIGCONT");
+        paused = undefined;
 
-      for (let n = 25; n < 30; n++) await send(n);
-      await assertExactlyOnceInOrder(rec, [{ prefix: `${run}:`, confirmed }]);
-      assert.equal(client.connectionId, id, "the client kept its connection");
-      assert.equal((await client.invoke("WhoAmI")).instance, newInstance.id, "the session moved");
-    } finally {
-      if (paused) process.kill(paused, "SIGCONT");
-      await proxy.close();
-    }
-  });
+        // Sent while the session moves: they reach it on one instance or the other.
+        for (let n = 25; n < 30; n++) await send(n);
+        await assertExactlyOnceInOrder(texts, [{ prefix: `${run}:`, confirmed }]);
+        assert.equal(client.connectionId, id, "the client kept its connection");
+        assert.equal((await client.invoke("WhoAmI")).instance, newInstance.id, "the session moved");
+      } finally {
+        if (paused) process.kill(paused, "SIGCONT");
+        await proxy.close();
+      }
+    });
+  }
 });
