@@ -87,8 +87,8 @@ async fn pause_precisely(pause: Duration) {
     }
     let rest = pause - whole;
     if !rest.is_zero() {
-        // A blocking-pool thread is held for under 1 ms; if none can be had, the pause is
-        // just shorter.
+        // A blocking-pool thread is held for under 1 ms (a busy pool only makes the pause
+        // longer, which is harmless); a failed join ends the pause early, also harmless.
         let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
     }
 }
