@@ -51,12 +51,13 @@ const MAX_RESPONSE_BODY: usize = 8 * 1024 * 1024;
 pub const ATTEMPTS_HEADER: &str = "x-stickless-forward-attempts";
 /// The longest pause before a retry through the balancer (see [`retry_pause`]).
 const RETRY_PAUSE_MAX: Duration = Duration::from_millis(8);
-/// The pause window grows by this much per earlier miss, up to [`RETRY_PAUSE_MAX`].
+/// The pause window grows by this much per repeated miss, up to [`RETRY_PAUSE_MAX`].
 const RETRY_PAUSE_STEP: Duration = Duration::from_millis(1);
 
-/// The pause before a request's next attempt through the balancer, after `earlier`
-/// attempts through it missed: none before the first, then a random moment of up to
-/// `earlier + 1` milliseconds (at most [`RETRY_PAUSE_MAX`]).
+/// The pause before a request's next attempt through the balancer, after `repeats` of its
+/// misses through the balancer came from an instance that had already missed it: none
+/// while there are none, then a random moment of up to `repeats + 1` milliseconds (at
+/// most [`RETRY_PAUSE_MAX`]).
 ///
 /// Why: under round robin, two instances that each forward a request for the other's
 /// connection at the same moment can each be handed back to themselves; if both retry the
@@ -64,14 +65,17 @@ const RETRY_PAUSE_STEP: Duration = Duration::from_millis(1);
 /// again, until both budgets run out (seen with 2 instances: 8 of 600 paired sends ended
 /// in 404 after 10 attempts each). Random pauses make the order random, so each further
 /// attempt misses with the chance a random balancer gives, which is what the `auto` budget
-/// is sized for ([`crate::routing::ForwardBudget`]). A full budget at the `auto` cap (128)
-/// waits about half a second in all, and only when the owner is never found.
-fn retry_pause(earlier: u32) -> Duration {
-    if earlier == 0 {
+/// is sized for ([`crate::routing::ForwardBudget`]). Only repeated misses pause: a request
+/// that walks round the instances, as a lone one does under round robin, meets each once
+/// before it meets its owner and pays nothing; pausing after every miss made such a
+/// forward at N = 16 ten times slower. Pauses of under a millisecond did not break the
+/// lockstep (the gap between two instances' retries can be that long).
+fn retry_pause(repeats: u32) -> Duration {
+    if repeats == 0 {
         return Duration::ZERO;
     }
     RETRY_PAUSE_STEP
-        .saturating_mul(earlier.saturating_add(1))
+        .saturating_mul(repeats.saturating_add(1))
         .min(RETRY_PAUSE_MAX)
         .mul_f64(rand::random::<f64>())
 }
@@ -186,8 +190,11 @@ pub(crate) fn now_secs() -> u64 {
 #[derive(Default)]
 struct Tally {
     attempts: u64,
-    /// Attempts through the load balancer so far (they pace the next one).
-    balancer_attempts: u32,
+    /// The instances whose answer through the balancer was a miss.
+    missed_by: Vec<String>,
+    /// Misses through the balancer from an instance already in `missed_by`, or from one
+    /// that could not be told (they pace the next attempt, [`retry_pause`]).
+    repeated_misses: u32,
     mode: &'static str,
     not_found: bool,
     /// The owner itself said it does not hold the connection, or did not answer over
@@ -208,10 +215,20 @@ impl Tally {
     /// its [`retry_pause`].
     async fn begin_http(&mut self, mode: &'static str, metrics: &Metrics) {
         if mode == "load_balancer" {
-            pause_precisely(retry_pause(self.balancer_attempts)).await;
-            self.balancer_attempts += 1;
+            pause_precisely(retry_pause(self.repeated_misses)).await;
         }
         self.begin(mode, metrics);
+    }
+
+    /// An attempt through the balancer reached an instance without the connection: `by`,
+    /// if its answer said which (a WebSocket refusal does not).
+    fn missed_through_balancer(&mut self, by: Option<&[u8]>) {
+        match by.map(String::from_utf8_lossy) {
+            Some(by) if !self.missed_by.iter().any(|seen| *seen == by) => {
+                self.missed_by.push(by.into_owned())
+            }
+            _ => self.repeated_misses += 1,
+        }
     }
 }
 
@@ -370,6 +387,12 @@ impl Forwarder {
                         tally.owner_said_gone = true;
                         break; // The owner itself says the connection is gone.
                     }
+                    tally.missed_through_balancer(
+                        response
+                            .headers()
+                            .get(INSTANCE_HEADER)
+                            .map(|v| v.as_bytes()),
+                    );
                 }
                 Ok(response) => {
                     self.finish(kind, plan, &tally, ForwardOutcome::Served);
@@ -488,6 +511,8 @@ impl Forwarder {
                         tally.owner_said_gone = true;
                         break;
                     }
+                    // The refusal's headers are not kept: whose it was cannot be told.
+                    tally.missed_through_balancer(None);
                 }
                 Err(WsClientError::InvalidResponseStatus(status)) => {
                     // The owner refused the upgrade (409, 400, …): that is its answer.
@@ -792,15 +817,11 @@ mod tests {
 
     #[test]
     fn balancer_retries_wait_a_random_moment_in_a_window_that_widens_to_a_cap() {
-        assert_eq!(
-            retry_pause(0),
-            Duration::ZERO,
-            "the first attempt goes at once"
-        );
-        for earlier in 1..200u32 {
-            let widest = (RETRY_PAUSE_STEP * (earlier + 1)).min(RETRY_PAUSE_MAX);
-            let pauses: Vec<Duration> = (0..400).map(|_| retry_pause(earlier)).collect();
-            assert!(pauses.iter().all(|p| *p <= widest), "{earlier}: {pauses:?}");
+        assert_eq!(retry_pause(0), Duration::ZERO, "no repeated miss, no pause");
+        for repeats in 1..200u32 {
+            let widest = (RETRY_PAUSE_STEP * (repeats + 1)).min(RETRY_PAUSE_MAX);
+            let pauses: Vec<Duration> = (0..400).map(|_| retry_pause(repeats)).collect();
+            assert!(pauses.iter().all(|p| *p <= widest), "{repeats}: {pauses:?}");
             // Spread over the whole window, finer than the timer's millisecond: a fixed
             // pause, or one rounded to the tick, would keep two forwarders in step.
             let tenths: std::collections::BTreeSet<u128> = pauses
@@ -810,9 +831,25 @@ mod tests {
             assert_eq!(
                 tenths,
                 (0..10).collect(),
-                "after {earlier} misses: {pauses:?}"
+                "after {repeats} repeats: {pauses:?}"
             );
         }
+    }
+
+    #[test]
+    fn only_a_miss_from_an_instance_that_already_missed_counts_as_repeated() {
+        let mut tally = Tally::default();
+        tally.missed_through_balancer(Some(b"b"));
+        tally.missed_through_balancer(Some(b"c"));
+        assert_eq!(tally.repeated_misses, 0, "a walk round the instances");
+        tally.missed_through_balancer(Some(b"b"));
+        assert_eq!(tally.repeated_misses, 1);
+        tally.missed_through_balancer(None);
+        assert_eq!(
+            tally.repeated_misses, 2,
+            "an unknown instance counts as a repeat"
+        );
+        assert_eq!(tally.missed_by, ["b", "c"]);
     }
 
     #[actix_web::test]
