@@ -23,7 +23,9 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use crate::bus::{Audience, Bus, ClientInvocation, ClientReply, Envelope, GroupCommand, Topic};
+use crate::bus::{
+    Audience, Bus, ClientInvocation, ClientReply, Envelope, GroupCommand, MessageId, Topic,
+};
 use crate::outbox::{Outbox, Pushed};
 use crate::protocol::hub_protocol::{EncodedMessage, HubProtocol};
 use crate::protocol::message::{HubMessage, Outcome};
@@ -388,16 +390,21 @@ impl LocalClients {
         self.read().connections.contains_key(id)
     }
 
-    /// Queues `message` for every local recipient, each in its connection's protocol;
-    /// returns how many got it.
-    pub fn deliver(&self, audience: &Audience, message: &EncodedMessage) -> usize {
+    /// Queues `message` (hub message `id`) for every local recipient, each in its
+    /// connection's protocol; returns how many got it.
+    pub fn deliver(
+        &self,
+        audience: &Audience,
+        message: &EncodedMessage,
+        id: Option<MessageId>,
+    ) -> usize {
         let index = self.read();
-        let mut push = |id: &ConnectionId| -> usize {
-            let Some(member) = index.connections.get(id) else {
+        let mut push = |connection: &ConnectionId| -> usize {
+            let Some(member) = index.connections.get(connection) else {
                 return 0;
             };
             let record = message.record(member.outbox.protocol());
-            usize::from(member.outbox.push(record) == Pushed::Queued)
+            usize::from(member.outbox.push_delivery(record, id) == Pushed::Queued)
         };
         match audience {
             Audience::All { except } => {
@@ -616,7 +623,12 @@ impl SingleClient<'_> {
         let answer = results.expect(&connection, &id);
         if local.contains(&connection) {
             let message = EncodedMessage::new(invocation(Some(id.clone()), method, arguments));
-            if local.deliver(&Audience::Connection(connection.clone()), &message) == 0 {
+            let delivered = local.deliver(
+                &Audience::Connection(connection.clone()),
+                &message,
+                Some(MessageId::random()),
+            );
+            if delivered == 0 {
                 results.forget(&id);
                 return Err(InvokeError::Disconnected(connection));
             }
@@ -666,8 +678,9 @@ impl Target<'_> {
     /// `(a, b)` for several arguments; any other value is sent as the one argument.
     pub async fn send(self, method: &str, args: impl Serialize) -> Result<(), SendError> {
         let message = EncodedMessage::new(invocation(None, method, arguments_of(args)?));
+        let id = MessageId::random();
         let Clients { local, bus, .. } = self.clients;
-        local.deliver(&self.audience, &message);
+        local.deliver(&self.audience, &message, Some(id));
         if let Audience::Connection(id) = &self.audience {
             if local.contains(id) {
                 return Ok(());
@@ -678,6 +691,7 @@ impl Target<'_> {
         let envelope = Envelope::Message {
             audience: self.audience,
             record: message.record(HubProtocol::Json),
+            id: Some(id),
         };
         bus.publish(envelope).await;
         Ok(())
@@ -771,18 +785,23 @@ mod tests {
                 &Audience::All {
                     except: vec![a.clone()]
                 },
-                &record
+                &record,
+                None
             ),
             1
         );
-        assert_eq!(local.deliver(&Audience::User("alice".into()), &record), 1);
+        assert_eq!(
+            local.deliver(&Audience::User("alice".into()), &record, None),
+            1
+        );
         assert_eq!(
             local.deliver(
                 &Audience::Group {
                     name: "room".into(),
                     except: vec![]
                 },
-                &record
+                &record,
+                None
             ),
             1
         );
@@ -792,12 +811,13 @@ mod tests {
                     name: "none".into(),
                     except: vec![]
                 },
-                &record
+                &record,
+                None
             ),
             0
         );
         assert_eq!(
-            local.deliver(&Audience::Connection(ConnectionId::random()), &record),
+            local.deliver(&Audience::Connection(ConnectionId::random()), &record, None),
             0
         );
         let drain = |rx: &mut crate::queue::Receiver<bytes::Bytes>| {
@@ -829,7 +849,7 @@ mod tests {
             stream_ids: vec![],
         });
         assert_eq!(
-            local.deliver(&Audience::All { except: vec![] }, &message),
+            local.deliver(&Audience::All { except: vec![] }, &message, None),
             4
         );
         for (protocol, rx) in &mut receivers {

@@ -28,7 +28,7 @@ use crate::bus::peers::Peers;
 use crate::connection::Moved;
 use crate::forwarding::frame::{Frame, Open};
 use crate::forwarding::relay::{Opened, Relay};
-use crate::outbox::ReplayState;
+use crate::outbox::{MessageId, ReplayState};
 use crate::protocol::hub_protocol::HubProtocol;
 use crate::protocol::token::{ClusterKey, InstanceId};
 use crate::routing::PROBE_HEADER;
@@ -67,6 +67,10 @@ struct Wire {
     next: u64,
     limit: usize,
     records: Vec<(u64, String)>,
+    /// Message ids of records, by sequence number (absent from an instance that sends
+    /// none: the records are then told apart by bytes, `Outbox::complete_move`).
+    #[serde(default)]
+    ids: Vec<(u64, u64)>,
     processed: u64,
     acked: u64,
     fresh: bool,
@@ -86,6 +90,7 @@ pub fn encode(moved: &Moved) -> Vec<u8> {
             .iter()
             .map(|(n, r)| (*n, URL_SAFE_NO_PAD.encode(r)))
             .collect(),
+        ids: moved.replay.ids.iter().map(|(n, id)| (*n, id.0)).collect(),
         processed: moved.processed,
         acked: moved.acked,
         fresh: moved.fresh,
@@ -111,6 +116,11 @@ pub fn decode(bytes: &[u8]) -> Result<Moved, HandoverError> {
         replay: ReplayState {
             next: wire.next,
             records,
+            ids: wire
+                .ids
+                .into_iter()
+                .map(|(n, id)| (n, MessageId(id)))
+                .collect(),
             limit: wire.limit,
         },
         processed: wire.processed,
@@ -302,6 +312,7 @@ mod tests {
             replay: ReplayState {
                 next: 9,
                 records: vec![(7, Bytes::from_static(b"\x03\x91\x06")), (8, Bytes::new())],
+                ids: vec![(8, MessageId(u64::MAX))],
                 limit: 100_000,
             },
             processed: 4,

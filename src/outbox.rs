@@ -21,6 +21,7 @@
 //! buffer, and [`Outbox::resume`] hands the next socket the `Sequence` record and the
 //! replay (HubProtocol.md, "Stateful Reconnect").
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
@@ -94,15 +95,44 @@ struct Shared {
     stateful: Mutex<Option<Stateful>>,
 }
 
+/// Which hub message a delivered record carries: the same on every instance that delivers
+/// it (the sending instance picks it, and the bus carries it along), so that a moving
+/// session's two copies can tell the records both instances delivered apart from equal
+/// records that are different messages ([`Outbox::complete_move`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MessageId(pub u64);
+
+impl MessageId {
+    /// A new random id (64 random bits: two messages of one move's overlap sharing one
+    /// is a chance of about one in 10¹⁹).
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+}
+
 /// The replay side of a stateful-reconnect connection.
 #[derive(Debug)]
 struct Stateful {
     buffer: ReplayBuffer,
+    /// The message ids of the buffered records that carry one, by sequence number, oldest
+    /// first (trimmed with the buffer's acknowledgements).
+    ids: VecDeque<(u64, MessageId)>,
     /// No socket: records go to the buffer only, to be replayed on the next socket.
     detached: bool,
     /// A session moving here: records delivered here before its state arrived, in order,
-    /// to follow the moved replay buffer ([`Outbox::stage`]).
-    staged: Option<Vec<Bytes>>,
+    /// with their message ids, to follow the moved replay buffer ([`Outbox::stage`]).
+    staged: Option<Vec<(Option<MessageId>, Bytes)>>,
+}
+
+impl Stateful {
+    fn new(buffer: ReplayBuffer, ids: VecDeque<(u64, MessageId)>, detached: bool) -> Self {
+        Self {
+            buffer,
+            ids,
+            detached,
+            staged: None,
+        }
+    }
 }
 
 /// What a stateful connection's session carries when it moves to another instance.
@@ -112,6 +142,8 @@ pub struct ReplayState {
     pub next: u64,
     /// The records not acknowledged, oldest first.
     pub records: Vec<(u64, Bytes)>,
+    /// The message ids of those records that carry one, by sequence number.
+    pub ids: Vec<(u64, MessageId)>,
     /// The buffer's limit in bytes.
     pub limit: usize,
 }
@@ -164,16 +196,26 @@ impl Outbox {
     /// closed). On a stateful connection it is numbered and kept for replay first; a record
     /// that does not fit the replay buffer closes the connection with a Close message.
     pub fn push(&self, record: Bytes) -> Pushed {
+        self.push_delivery(record, None)
+    }
+
+    /// [`Outbox::push`] for a record of hub message `id`, delivered to this connection as
+    /// one of an audience (a stateful connection keeps the id with the record).
+    pub fn push_delivery(&self, record: Bytes, id: Option<MessageId>) -> Pushed {
         if self.is_closing() {
             return Pushed::Closed;
         }
         let mut stateful = self.lock_stateful();
         if let Some(staged) = stateful.as_mut().and_then(|state| state.staged.as_mut()) {
-            staged.push(record);
+            staged.push((id, record));
             return Pushed::Queued;
         }
         if let Some(state) = stateful.as_mut() {
-            if let Err(full) = state.buffer.push(record.clone()) {
+            let pushed = state.buffer.push(record.clone());
+            if let (Ok(number), Some(id)) = (&pushed, id) {
+                state.ids.push_back((*number, id));
+            }
+            if let Err(full) = pushed {
                 drop(stateful);
                 log::warn!("connection {} closed: {full}", self.0.id.for_log());
                 self.0.metrics.slow_consumer();
@@ -266,50 +308,68 @@ impl Outbox {
     /// Turns stateful reconnect on (after a version-2 handshake on a WebSocket), keeping at
     /// most `limit` unacknowledged bytes; or continues a moved session's `replay`.
     pub fn enable_stateful(&self, limit: usize, replay: Option<ReplayState>) {
-        let buffer = match replay {
-            Some(state) => ReplayBuffer::resume(state.limit, state.next, state.records),
-            None => ReplayBuffer::new(limit),
+        let state = match replay {
+            Some(state) => Stateful::new(
+                ReplayBuffer::resume(state.limit, state.next, state.records),
+                state.ids.into(),
+                false,
+            ),
+            None => Stateful::new(ReplayBuffer::new(limit), VecDeque::new(), false),
         };
-        *self.lock_stateful() = Some(Stateful {
-            buffer,
-            detached: false,
-            staged: None,
-        });
+        *self.lock_stateful() = Some(state);
     }
 
     /// Starts receiving for a session that is moving here, before its state arrives:
     /// records are kept aside, in order, until [`Outbox::complete_move`].
     pub fn stage(&self) {
-        *self.lock_stateful() = Some(Stateful {
-            buffer: ReplayBuffer::new(0),
-            detached: true,
-            staged: Some(Vec::new()),
-        });
+        let mut state = Stateful::new(ReplayBuffer::new(0), VecDeque::new(), true);
+        state.staged = Some(Vec::new());
+        *self.lock_stateful() = Some(state);
     }
 
     /// The moved session's replay buffer arrived: it continues here, followed by the
-    /// records delivered here meanwhile. Both instances delivered the records published
-    /// between this instance's staging and the old owner's freeze: those are the newest of
-    /// the old buffer and the oldest staged, and are kept once (the longest byte-equal
-    /// overlap of the old buffer's tail and the staged head). The connection stays
-    /// detached until its socket resumes. False if a staged record does not fit.
+    /// records delivered here meanwhile. Both instances delivered the messages published
+    /// between this instance's staging and the old owner's freeze: each is kept once, the
+    /// old buffer's copy. They are told by message id: a staged record whose message the
+    /// old buffer holds is dropped, whatever its bytes, and two equal records of different
+    /// messages both stay. (Only if a staged record has no id — a message from an instance
+    /// that sends none — are they told by bytes instead: the longest overlap of the old
+    /// buffer's tail and the staged head.) The connection stays detached until its socket
+    /// resumes. False if a staged record does not fit.
     pub fn complete_move(&self, replay: ReplayState) -> bool {
         let mut stateful = self.lock_stateful();
         let staged = stateful
             .as_mut()
             .and_then(|state| state.staged.take())
             .unwrap_or_default();
-        let held: Vec<&Bytes> = replay.records.iter().map(|(_, r)| r).collect();
-        let overlap = seam(&held, &staged);
-        let mut buffer = ReplayBuffer::resume(replay.limit, replay.next, replay.records);
-        let fits = staged[overlap..]
-            .iter()
-            .all(|record| buffer.push(record.clone()).is_ok());
-        *stateful = Some(Stateful {
-            buffer,
-            detached: true,
-            staged: None,
-        });
+        let fresh: Vec<(Option<MessageId>, Bytes)> = if staged.iter().all(|(id, _)| id.is_some()) {
+            let held: HashSet<MessageId> = replay.ids.iter().map(|(_, id)| *id).collect();
+            staged
+                .into_iter()
+                .filter(|(id, _)| id.is_some_and(|id| !held.contains(&id)))
+                .collect()
+        } else {
+            let held: Vec<&Bytes> = replay.records.iter().map(|(_, r)| r).collect();
+            let bytes: Vec<Bytes> = staged.iter().map(|(_, r)| r.clone()).collect();
+            let overlap = seam(&held, &bytes);
+            staged.into_iter().skip(overlap).collect()
+        };
+        let mut state = Stateful::new(
+            ReplayBuffer::resume(replay.limit, replay.next, replay.records),
+            replay.ids.into(),
+            true,
+        );
+        let mut fits = true;
+        for (id, record) in fresh {
+            match state.buffer.push(record) {
+                Ok(number) => state.ids.extend(id.map(|id| (number, id))),
+                Err(_) => {
+                    fits = false;
+                    break;
+                }
+            }
+        }
+        *stateful = Some(state);
         fits
     }
 
@@ -322,6 +382,10 @@ impl Outbox {
     pub fn ack(&self, sequence_id: u64) {
         if let Some(state) = self.lock_stateful().as_mut() {
             state.buffer.ack(sequence_id);
+            let first = state.buffer.first_unacknowledged();
+            while state.ids.front().is_some_and(|(number, _)| *number < first) {
+                state.ids.pop_front();
+            }
         }
     }
 
@@ -366,9 +430,16 @@ impl Outbox {
         let mut stateful = self.lock_stateful();
         let state = stateful.as_mut()?;
         state.detached = true;
+        let first = state.buffer.first_unacknowledged();
         Some(ReplayState {
             next: state.buffer.next_number(),
             records: state.buffer.unacknowledged().cloned().collect(),
+            ids: state
+                .ids
+                .iter()
+                .filter(|(number, _)| *number >= first)
+                .copied()
+                .collect(),
             limit: state.buffer.limit(),
         })
     }
@@ -509,7 +580,63 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_moved_session_keeps_the_records_both_instances_delivered_once() {
+    fn a_moved_session_keeps_each_message_both_instances_delivered_once_by_its_id() {
+        let (outbox, mut rx) = outbox(8);
+        outbox.stage();
+        // Staged here: c and d (the old owner has them too), then two more messages whose
+        // records equal the old buffer's last one ("t", a message sent again).
+        for (id, record) in [(3, "c"), (4, "d"), (6, "t"), (7, "t")] {
+            outbox.push_delivery(Bytes::from(record), Some(MessageId(id)));
+        }
+        let records = [(5, "a"), (6, "b"), (7, "c"), (8, "d"), (9, "t")]
+            .map(|(n, r)| (n, Bytes::from(r)))
+            .to_vec();
+        let ids = [(5, 1), (6, 2), (7, 3), (8, 4), (9, 5)]
+            .map(|(n, id)| (n, MessageId(id)))
+            .to_vec();
+        assert!(outbox.complete_move(ReplayState {
+            next: 10,
+            records,
+            ids,
+            limit: 1000
+        }));
+        let resumed = outbox.resume(&mut rx);
+        assert_eq!(
+            resumed,
+            [
+                "{\"sequenceId\":5,\"type\":9}\x1e",
+                "a",
+                "b",
+                "c",
+                "d",
+                "t",
+                "t",
+                "t"
+            ]
+            .map(Bytes::from),
+            "every message once, equal records of different messages included"
+        );
+        // The ids stay with the records: the next move tells them apart the same way.
+        let exported = outbox.export_replay().expect("stateful");
+        assert_eq!(
+            exported
+                .ids
+                .iter()
+                .map(|(n, id)| (*n, id.0))
+                .collect::<Vec<_>>(),
+            [(5, 1), (6, 2), (7, 3), (8, 4), (9, 5), (10, 6), (11, 7)]
+        );
+        outbox.ack(8);
+        let exported = outbox.export_replay().expect("stateful");
+        assert_eq!(
+            exported.ids.first().map(|(n, _)| *n),
+            Some(9),
+            "trimmed by acks"
+        );
+    }
+
+    #[test]
+    fn records_without_message_ids_are_told_apart_by_bytes() {
         let (outbox, mut rx) = outbox(8);
         outbox.stage();
         for record in [&b"c"[..], b"d", b"e"] {
@@ -522,6 +649,7 @@ pub(crate) mod tests {
         assert!(outbox.complete_move(ReplayState {
             next: 9,
             records,
+            ids: Vec::new(),
             limit: 1000
         }));
         let resumed = outbox.resume(&mut rx);

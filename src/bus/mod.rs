@@ -35,6 +35,7 @@ use futures_util::stream::BoxStream;
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
+pub use crate::outbox::MessageId;
 use crate::protocol::message::Outcome;
 use crate::protocol::token::{ConnectionId, InstanceId};
 pub use claims::Claim;
@@ -230,6 +231,9 @@ pub enum Envelope {
         audience: Audience,
         /// The record, encoded once for every recipient.
         record: Bytes,
+        /// Which message it is, the same on every instance that delivers it (see
+        /// [`MessageId`]); `None` from an instance that sends none.
+        id: Option<MessageId>,
     },
     /// A group change for a connection on whatever instance holds it.
     Group(GroupCommand),

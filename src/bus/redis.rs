@@ -47,8 +47,8 @@ use tokio::sync::mpsc;
 
 use super::claims::{Claim, ClaimStore};
 use super::{
-    Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, Progress, Topic,
-    WireCall, WireReply,
+    Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, MessageId,
+    Progress, Topic, WireCall, WireReply,
 };
 use crate::metrics::Metrics;
 use crate::protocol::token::{ConnectionId, InstanceId};
@@ -135,6 +135,8 @@ enum Wire {
         #[serde(default)]
         except: Vec<String>,
         record: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
     },
     /// A group change for a connection on some instance.
     Group { origin: String, action: WireGroup },
@@ -495,7 +497,9 @@ impl RedisBus {
             {
                 return None
             }
-            Wire::Message { except, record, .. } => {
+            Wire::Message {
+                except, record, id, ..
+            } => {
                 shared.metrics.backplane_received();
                 let audience = shared
                     .channels
@@ -503,6 +507,7 @@ impl RedisBus {
                 Envelope::Message {
                     audience,
                     record: Bytes::from(record),
+                    id: id.map(MessageId),
                 }
             }
             Wire::Group { action, .. } => {
@@ -621,13 +626,18 @@ impl Bus for RedisBus {
         let origin = self.shared.instance.to_string();
         let channels = &self.shared.channels;
         let (channel, wire) = match envelope {
-            Envelope::Message { audience, record } => {
+            Envelope::Message {
+                audience,
+                record,
+                id,
+            } => {
                 let (channel, except) = channels.of(&audience);
                 let wire = Wire::Message {
                     origin,
                     except,
                     // Records are JSON text, so UTF-8; a lossy copy cannot change them.
                     record: String::from_utf8_lossy(&record).into_owned(),
+                    id: id.map(|id| id.0),
                 };
                 (channel, wire)
             }
@@ -752,6 +762,30 @@ impl Bus for RedisBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_keeps_its_id_on_the_wire_and_one_without_reads_as_none() {
+        let wire = Wire::Message {
+            origin: "node-1".into(),
+            except: vec![],
+            record: "{}".into(),
+            id: Some(u64::MAX),
+        };
+        let text = serde_json::to_string(&wire).unwrap();
+        assert!(matches!(
+            serde_json::from_str(&text),
+            Ok(Wire::Message {
+                id: Some(u64::MAX),
+                ..
+            })
+        ));
+        // What an instance that sends no ids publishes.
+        let older = r#"{"kind":"message","origin":"node-2","record":"{}"}"#;
+        assert!(matches!(
+            serde_json::from_str(older),
+            Ok(Wire::Message { id: None, .. })
+        ));
+    }
 
     #[test]
     fn channels_map_back_to_their_audience() {

@@ -58,8 +58,8 @@ use tokio::sync::{mpsc, watch};
 
 use super::claims::{Claim, ClaimStore};
 use super::{
-    Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, Progress, Topic,
-    WireCall, WireReply,
+    Announcement, Audience, Bus, BusError, Envelope, Event, Events, GroupCommand, MessageId,
+    Progress, Topic, WireCall, WireReply,
 };
 use crate::metrics::Metrics;
 use crate::protocol::token::{ConnectionId, InstanceId};
@@ -87,6 +87,8 @@ enum Header {
     Message {
         origin: String,
         audience: WireAudience,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
     },
     /// A group change for a connection on the instance that holds it.
     Group {
@@ -237,10 +239,15 @@ impl Channels {
 fn encode(origin: &InstanceId, envelope: &Envelope) -> Result<Vec<u8>, serde_json::Error> {
     let origin = origin.to_string();
     let (header, record) = match envelope {
-        Envelope::Message { audience, record } => (
+        Envelope::Message {
+            audience,
+            record,
+            id,
+        } => (
             Header::Message {
                 origin,
                 audience: WireAudience::from_audience(audience),
+                id: id.map(|id| id.0),
             },
             Some(record),
         ),
@@ -336,9 +343,10 @@ fn decode(me: &InstanceId, payload: &[u8]) -> Result<Option<Decoded>, DecodeErro
         });
     }
     Ok(Some(Decoded::Envelope(match header {
-        Header::Message { audience, .. } => Envelope::Message {
+        Header::Message { audience, id, .. } => Envelope::Message {
             audience: audience.into_audience(),
             record: Bytes::copy_from_slice(record),
+            id: id.map(MessageId),
         },
         Header::Group {
             connection,
@@ -1034,10 +1042,12 @@ mod tests {
                     except: vec![ConnectionId::from_untrusted("x")],
                 },
                 record: record.clone(),
+                id: Some(MessageId(u64::MAX)),
             },
             Envelope::Message {
                 audience: Audience::All { except: vec![] },
                 record,
+                id: None,
             },
             Envelope::Group(GroupCommand {
                 connection: ConnectionId::from_untrusted("c"),

@@ -396,6 +396,7 @@ impl Moved {
             replay: ReplayState {
                 next: 1,
                 records: Vec::new(),
+                ids: Vec::new(),
                 limit: 0,
             },
             processed: 0,

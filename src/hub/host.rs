@@ -17,7 +17,7 @@ use super::stream::Feed;
 use super::{Hub, HubContext, Method, RequestHead};
 use crate::bus::peers::Peers;
 use crate::bus::{
-    Audience, Bus, ClientReply, Envelope, Event, Events, GroupCommand, InstanceHandler,
+    Audience, Bus, ClientReply, Envelope, Event, Events, GroupCommand, InstanceHandler, MessageId,
 };
 use crate::clients::{
     Answered, ClientResults, Clients, InvokeError, LocalClients, DEFAULT_CLIENT_RESULT_TIMEOUT,
@@ -428,10 +428,11 @@ impl HubHost {
             arguments,
             stream_ids: Vec::new(),
         });
-        if self
-            .local
-            .deliver(&Audience::Connection(connection.clone()), &message)
-            == 0
+        if self.local.deliver(
+            &Audience::Connection(connection.clone()),
+            &message,
+            Some(MessageId::random()),
+        ) == 0
         {
             let gone = InvokeError::Disconnected(connection.clone()).to_string();
             if let Answered::Relay(reply) =
@@ -455,12 +456,16 @@ impl HubHost {
     ) {
         while let Some(event) = events.next().await {
             match event {
-                Event::Received(Envelope::Message { audience, record }) => {
+                Event::Received(Envelope::Message {
+                    audience,
+                    record,
+                    id,
+                }) => {
                     // The bus carries JSON records (see `Clients`): the JSON recipients
                     // get these very bytes, the MessagePack ones one re-encoding.
                     match EncodedMessage::from_record(HubProtocol::Json, record) {
                         Ok(message) => {
-                            self.local.deliver(&audience, &message);
+                            self.local.deliver(&audience, &message, id);
                         }
                         Err(error) => log::warn!("bus: dropped an unreadable message: {error}"),
                     }
