@@ -584,18 +584,10 @@ async fn hub_get(
             // holder fences them and lets go, so a group message cannot miss both.
             let moved = match puller.locate(&hub.path, &token, &claims.owner).await {
                 Some((holder, groups)) => {
-                    let host = hub.connections.host();
-                    host.rejoin(&connection.id, &groups).await;
-                    let moved = puller.pull(&hub.path, &token, &holder).await;
-                    if let Some(moved) = &moved {
-                        // Groups it left in between (server code may change them).
-                        let left: Vec<String> = groups
-                            .into_iter()
-                            .filter(|group| !moved.groups.contains(group))
-                            .collect();
-                        host.leave_groups(&connection.id, &left).await;
-                    }
-                    moved
+                    hub.connections
+                        .receive_for_groups(&connection, &groups)
+                        .await;
+                    puller.pull(&hub.path, &token, &holder).await
                 }
                 None => None,
             };

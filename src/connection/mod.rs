@@ -668,6 +668,12 @@ impl Connections {
         connection
     }
 
+    /// A session moving here is in `groups` where it is now: receive for them too before
+    /// it is asked for, so that nothing published to them meanwhile is missed.
+    pub async fn receive_for_groups(&self, connection: &Connection, groups: &[String]) {
+        self.host.set_groups(&connection.id, groups).await;
+    }
+
     /// The moved session's state arrived: it continues here, its session runs, and its
     /// next WebSocket resumes it. False if its replay does not fit (the move is abandoned).
     pub async fn complete_move(
@@ -681,7 +687,9 @@ impl Connections {
             return false;
         }
         *connection.sequence() = Some(InboundSequence::resume(moved.processed, moved.acked));
-        self.host.rejoin(&connection.id, &moved.groups).await;
+        // Its groups as they were when it left (server code may have changed them since
+        // this instance began receiving for them).
+        self.host.set_groups(&connection.id, &moved.groups).await;
         connection.lock_state().transport = Some(TransportKind::WebSockets);
         let Some(inbound) = connection.take_inbound() else {
             return false;

@@ -22,7 +22,7 @@ pub mod relay;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::http::header::{HeaderName, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use actix_web::http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason};
@@ -190,8 +190,9 @@ pub(crate) fn now_secs() -> u64 {
 #[derive(Default)]
 struct Tally {
     attempts: u64,
-    /// The instances whose answer through the balancer was a miss.
-    missed_by: Vec<String>,
+    /// The instances whose answer through the balancer was a miss (their
+    /// `X-Stickless-Instance`).
+    missed_by: Vec<HeaderValue>,
     /// Misses through the balancer from an instance already in `missed_by`, or from one
     /// that could not be told (they pace the next attempt, [`retry_pause`]).
     repeated_misses: u32,
@@ -222,11 +223,9 @@ impl Tally {
 
     /// An attempt through the balancer reached an instance without the connection: `by`,
     /// if its answer said which (a WebSocket refusal does not).
-    fn missed_through_balancer(&mut self, by: Option<&[u8]>) {
-        match by.map(String::from_utf8_lossy) {
-            Some(by) if !self.missed_by.iter().any(|seen| *seen == by) => {
-                self.missed_by.push(by.into_owned())
-            }
+    fn missed_through_balancer(&mut self, by: Option<&HeaderValue>) {
+        match by {
+            Some(by) if !self.missed_by.contains(by) => self.missed_by.push(by.clone()),
             _ => self.repeated_misses += 1,
         }
     }
@@ -387,12 +386,7 @@ impl Forwarder {
                         tally.owner_said_gone = true;
                         break; // The owner itself says the connection is gone.
                     }
-                    tally.missed_through_balancer(
-                        response
-                            .headers()
-                            .get(INSTANCE_HEADER)
-                            .map(|v| v.as_bytes()),
-                    );
+                    tally.missed_through_balancer(response.headers().get(INSTANCE_HEADER));
                 }
                 Ok(response) => {
                     self.finish(kind, plan, &tally, ForwardOutcome::Served);
@@ -839,11 +833,12 @@ mod tests {
 
     #[test]
     fn only_a_miss_from_an_instance_that_already_missed_counts_as_repeated() {
+        let (b, c) = (HeaderValue::from_static("b"), HeaderValue::from_static("c"));
         let mut tally = Tally::default();
-        tally.missed_through_balancer(Some(b"b"));
-        tally.missed_through_balancer(Some(b"c"));
+        tally.missed_through_balancer(Some(&b));
+        tally.missed_through_balancer(Some(&c));
         assert_eq!(tally.repeated_misses, 0, "a walk round the instances");
-        tally.missed_through_balancer(Some(b"b"));
+        tally.missed_through_balancer(Some(&b));
         assert_eq!(tally.repeated_misses, 1);
         tally.missed_through_balancer(None);
         assert_eq!(

@@ -267,18 +267,16 @@ impl HubHost {
         self.bus.subscribe(topics).await;
     }
 
-    /// Puts a moved connection back into its groups here.
-    pub async fn rejoin(&self, id: &ConnectionId, groups: &[String]) {
+    /// Puts a connection that is moving here into exactly `groups` here: joins those it
+    /// is not in yet, leaves the others (groups it left on its old instance meanwhile).
+    pub async fn set_groups(&self, id: &ConnectionId, groups: &[String]) {
+        for group in self.local.groups_of(id) {
+            if !groups.contains(&group) {
+                let _ = self.local.change_group(&*self.bus, id, &group, false).await;
+            }
+        }
         for group in groups {
             let _ = self.local.change_group(&*self.bus, id, group, true).await;
-        }
-    }
-
-    /// Takes a connection out of groups here (a moving session's groups that it left on
-    /// its old instance before it moved).
-    pub async fn leave_groups(&self, id: &ConnectionId, groups: &[String]) {
-        for group in groups {
-            let _ = self.local.change_group(&*self.bus, id, group, false).await;
         }
     }
 
